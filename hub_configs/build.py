@@ -1,0 +1,68 @@
+"""Writes hub_configs/<name>/{config.json, generation_config.json}. Run it after changing a default:
+    python hub_configs/build.py
+
+Depth of the pooling ablations: the thesis compares models of (nearly) equal size, so the ablations with fewer
+levels keep 4 pairs on each side of every SkipBlock and move the remaining (RG-LRU, MLP) pairs into the innermost
+stack: every sc09 variant has 36 pairs, like the sc09 model (4 SkipBlocks x 8 + 4 innermost).
+"""
+
+import json
+import sys
+from pathlib import Path
+
+from transformers import GenerationConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from modeling_poolformer import PoolformerConfig  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+SC09 = dict(pooling_factors=[2, 4, 4, 5], layers_per_level=4, hidden_size=128, dropout=0.2)
+
+CONFIGS = {
+    # the thesis' SC09 model: 16 kHz, 1 s clips, 8-bit mu-law
+    "sc09": dict(SC09),
+    # same architecture on the piano and YouTubeMix sets (8 s and ~8 s windows); Beethoven is linear 8-bit
+    "beethoven": dict(SC09, quantization="linear"),
+    "youtubemix": dict(SC09),
+    # ablations of the thesis, all on SC09
+    "sc09-no-pooling": dict(SC09, pooling_factors=[], layers_per_level=36),
+    "sc09-pool-2": dict(SC09, pooling_factors=[2], layers_per_level=[4, 28]),
+    "sc09-pool-2-4": dict(SC09, pooling_factors=[2, 4], layers_per_level=[4, 4, 20]),
+    "sc09-real-rglru": dict(SC09, complex_recurrence=False),
+    "sc09-no-gating": dict(SC09, gated=False),
+    "sc09-rmsnorm": dict(SC09, norm="rms"),
+    "sc09-groups-1": dict(SC09, pooling_groups=1),
+    "sc09-long-skips": dict(SC09, skip="long"),
+    "sc09-coarse-shift": dict(SC09, causal_shift="coarse"),
+    # a few-thousand-parameter model for tests and demos (trains on CPU in minutes)
+    "tiny": dict(
+        pooling_factors=[2, 4], layers_per_level=1, hidden_size=32, lru_width=32, num_gate_blocks=4,
+        pooling_groups=32, dropout=0.0,
+    ),
+}
+
+# clip lengths in samples: what generation produces by default
+SECONDS = {"beethoven": 8, "youtubemix": 8}
+
+
+def main():
+    for name, fields in CONFIGS.items():
+        out = HERE / name
+        out.mkdir(exist_ok=True)
+        config = PoolformerConfig(architectures=["PoolformerForCausalLM"], **fields)
+        data = config.to_diff_dict()
+        for key in ("auto_map", "transformers_version"):
+            data.pop(key, None)
+        (out / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        gen = GenerationConfig(
+            do_sample=True, temperature=1.0, top_k=0, top_p=1.0, bos_token_id=config.bos_token_id,
+            max_new_tokens=config.sample_rate * SECONDS.get(name, 1),
+        )
+        gen_data = gen.to_diff_dict()
+        gen_data.pop("transformers_version", None)
+        (out / "generation_config.json").write_text(json.dumps(gen_data, indent=2, sort_keys=True) + "\n")
+        print(f"{name}: wrote {out.relative_to(HERE.parent)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+"""Poolformer for transformers. Importing this package registers the classes with the Auto classes, so a saved
+folder also loads without `trust_remote_code` in a process that imported it."""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from .configuration_poolformer import PoolformerConfig
+from .modeling_poolformer import (
+    PoolformerCache,
+    PoolformerForCausalLM,
+    PoolformerModel,
+    PoolformerPreTrainedModel,
+    linear_scan,
+    sequential_scan,
+)
+
+# `save_pretrained` then writes `auto_map` and copies the modeling files: a saved folder is a complete Hub repo
+PoolformerConfig.register_for_auto_class()
+PoolformerModel.register_for_auto_class("AutoModel")
+PoolformerForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+
+AutoConfig.register(PoolformerConfig.model_type, PoolformerConfig, exist_ok=True)
+AutoModel.register(PoolformerConfig, PoolformerModel, exist_ok=True)
+AutoModelForCausalLM.register(PoolformerConfig, PoolformerForCausalLM, exist_ok=True)
+
+__all__ = [
+    "PoolformerCache",
+    "PoolformerConfig",
+    "PoolformerForCausalLM",
+    "PoolformerModel",
+    "PoolformerPreTrainedModel",
+    "linear_scan",
+    "sequential_scan",
+]

@@ -1,0 +1,235 @@
+"""Poolformer configuration (arXiv 2510.02206): a raw-audio language model built from RG-LRU recurrences
+nested in pooling SkipBlocks."""
+
+from transformers import PretrainedConfig
+
+_NORMS = ("layer", "rms", "none")
+_POOLINGS = ("conv", "linear")
+_SHIFTS = ("fine", "coarse")
+_SKIPS = ("short", "long")
+_EMBEDDINGS = ("sinusoidal", "learned", "mlp")
+_QUANTIZATIONS = ("mu-law", "linear")
+_AUTO_MAP = {
+    "AutoConfig": "configuration_poolformer.PoolformerConfig",
+    "AutoModel": "modeling_poolformer.PoolformerModel",
+    "AutoModelForCausalLM": "modeling_poolformer.PoolformerForCausalLM",
+}
+
+
+class PoolformerConfig(PretrainedConfig):
+    r"""
+    Configuration of a Poolformer model. The defaults build the thesis' SC09 model (about 7.3M parameters).
+
+    Args:
+        vocab_size (`int`, defaults to 256):
+            Number of quantisation levels of the audio; token ids are sample values in `[0, vocab_size)`.
+        hidden_size (`int`, defaults to 128):
+            Width D of the residual stream. It stays D at every pooling level.
+        pooling_factors (`list[int]`, defaults to `[2, 4, 4, 5]`):
+            Pooling factor of each SkipBlock, outermost first. An empty list means no pooling (one flat stack).
+        layers_per_level (`int` or `list[int]`, defaults to 4):
+            Number of (RG-LRU block, MLP block) pairs per level. An int uses the same count everywhere; a list has
+            `len(pooling_factors) + 1` entries, the last one for the innermost stack. A SkipBlock runs this many
+            pairs before pooling and as many again after un-pooling.
+        lru_width (`int`, defaults to 256):
+            Number of real features entering the recurrence. A complex RG-LRU has `lru_width // 2` complex units
+            (first half real parts, second half imaginary parts); a real one has `lru_width` units.
+        complex_recurrence (`bool`, defaults to `True`):
+            Complex-valued (rotating) decay, as in the thesis. `False` gives the real RG-LRU of Griffin (ablation).
+        num_gate_blocks (`int`, defaults to 32):
+            Number of diagonal blocks of the block-diagonal input and recurrence gate projections. Must divide
+            `lru_width` and the number of recurrent units.
+        recurrence_scale (`float`, defaults to 8.0):
+            The constant c in `log|a_t| = -c * r_t * softplus(Lambda)`.
+        r_min (`float`, defaults to 0.9), r_max (`float`, defaults to 0.99):
+            Range of the initial decay root: `r0 ~ sqrt(U[r_min^2, r_max^2])` and `|a| = r0^c` at `r_t = 1`.
+        max_phase (`float`, defaults to 0.1):
+            Initial phases are drawn from `U[0, max_phase * pi]` ("small ring"; ignored by a real recurrence).
+        conv1d_width (`int`, defaults to 0):
+            Kernel size of an optional causal depthwise temporal convolution before the RG-LRU gates, as in
+            Griffin. 0 switches it off (the thesis default).
+        mlp_expansion (`int`, defaults to 2):
+            Width of the MLP block's hidden layer, as a multiple of `hidden_size`.
+        gated (`bool`, defaults to `True`):
+            Multiply each block's output by `GELU(Linear(h))`. Without gating the block applies a plain GELU
+            (ablation).
+        norm (`str`, defaults to `"layer"`):
+            Pre-norm of every residual block and the final norm: `"layer"` (LayerNorm), `"rms"` (RMSNorm) or
+            `"none"`.
+        norm_eps (`float`, defaults to 1e-5):
+            Epsilon of the norms.
+        pooling (`str`, defaults to `"conv"`):
+            `"conv"`: DownPool is a strided Conv1d and UpPool a strided ConvTranspose1d, both with
+            `pooling_groups` groups; `"linear"`: reshape `(L*p, D) -> (L, p*D)` followed by a Linear (and the
+            mirror image for UpPool).
+        pooling_groups (`int`, defaults to 128):
+            Groups G of the pooling convolutions. G = D (depthwise) is stable; G = 1 is a full convolution
+            (ablation). Must divide `hidden_size`.
+        causal_shift (`str`, defaults to `"fine"`):
+            How the up-pooled sequence is delayed to stay causal. `"fine"`: by `p - 1` fine steps, as in the
+            author's code (coarse step j feeds fine outputs `j*p+p-1 .. j*p+2p-2`); `"coarse"`: by one whole
+            coarse step (`p` fine steps), as in SaShiMi.
+        skip (`str`, defaults to `"short"`):
+            `"short"`: one residual connection around the pooled sub-network of each SkipBlock. `"long"`: in
+            addition, U-Net style connections from the input of every down block to the output of its mirror
+            up block (ablation).
+        embedding (`str`, defaults to `"sinusoidal"`):
+            Token embedding. `"sinusoidal"`: fixed Fourier features of the sample value,
+            `[cos(v * w_k), sin(v * w_k)]` with `w_k = 10000^(-k / (D/2))`, no learned weights; `"learned"`: an
+            `nn.Embedding`; `"mlp"`: an MLP on the value scaled to [-1, 1].
+        dropout (`float`, defaults to 0.2):
+            Dropout on the output of every residual block.
+        sqrt_max_gradient (`float`, defaults to 200.0):
+            Bound on the gradient of `sqrt(1 - |a|^2)`, which is infinite at `|a| = 1`.
+        scan_chunk_size (`int`, defaults to 0):
+            Chunk length of the chunked parallel scan used in training; 0 picks about `sqrt(T)` for each call.
+        sample_rate (`int`, defaults to 16000):
+            Audio sample rate in Hz; used when tokens are turned into waveforms and when data is resampled.
+        quantization (`str`, defaults to `"mu-law"`):
+            How waveforms map to tokens: `"mu-law"` (8-bit mu-law, mu = vocab_size - 1) or `"linear"`.
+        bos_token_id (`int`, defaults to 128):
+            The "zero" token (middle of the 8-bit range) that starts every sequence.
+        tie_word_embeddings (`bool`, defaults to `False`):
+            Always `False`: the sinusoidal embedding has no weights to tie.
+    """
+
+    model_type = "poolformer_audio"
+
+    def __init__(
+        self,
+        vocab_size=256,
+        hidden_size=128,
+        pooling_factors=(2, 4, 4, 5),
+        layers_per_level=4,
+        lru_width=256,
+        complex_recurrence=True,
+        num_gate_blocks=32,
+        recurrence_scale=8.0,
+        r_min=0.9,
+        r_max=0.99,
+        max_phase=0.1,
+        conv1d_width=0,
+        mlp_expansion=2,
+        gated=True,
+        norm="layer",
+        norm_eps=1e-5,
+        pooling="conv",
+        pooling_groups=128,
+        causal_shift="fine",
+        skip="short",
+        embedding="sinusoidal",
+        dropout=0.2,
+        sqrt_max_gradient=200.0,
+        scan_chunk_size=0,
+        sample_rate=16000,
+        quantization="mu-law",
+        bos_token_id=128,
+        tie_word_embeddings=False,
+        **kwargs,
+    ):
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.pooling_factors = list(pooling_factors) if isinstance(pooling_factors, (list, tuple)) else pooling_factors
+        self.layers_per_level = list(layers_per_level) if isinstance(layers_per_level, (list, tuple)) else layers_per_level
+        self.lru_width = lru_width
+        self.complex_recurrence = complex_recurrence
+        self.num_gate_blocks = num_gate_blocks
+        self.recurrence_scale = recurrence_scale
+        self.r_min = r_min
+        self.r_max = r_max
+        self.max_phase = max_phase
+        self.conv1d_width = conv1d_width
+        self.mlp_expansion = mlp_expansion
+        self.gated = gated
+        self.norm = norm
+        self.norm_eps = norm_eps
+        self.pooling = pooling
+        self.pooling_groups = pooling_groups
+        self.causal_shift = causal_shift
+        self.skip = skip
+        self.embedding = embedding
+        self.dropout = dropout
+        self.sqrt_max_gradient = sqrt_max_gradient
+        self.scan_chunk_size = scan_chunk_size
+        self.sample_rate = sample_rate
+        self.quantization = quantization
+        if tie_word_embeddings:
+            raise ValueError("tie_word_embeddings: Poolformer's output head is never tied to the embedding; use False.")
+        # a saved folder maps every Auto class to the copied code, whichever class saved it
+        kwargs.setdefault("auto_map", dict(_AUTO_MAP))
+        super().__init__(bos_token_id=bos_token_id, tie_word_embeddings=False, **kwargs)
+        self.validate_poolformer()
+
+    @property
+    def num_levels(self):
+        """Number of pooling levels plus the innermost stack."""
+        return len(self.pooling_factors) + 1
+
+    @property
+    def level_layers(self):
+        """(RG-LRU, MLP) pairs per level, outermost first, as a list of `num_levels` ints."""
+        if isinstance(self.layers_per_level, int):
+            return [self.layers_per_level] * self.num_levels
+        return list(self.layers_per_level)
+
+    @property
+    def num_recurrent_units(self):
+        return self.lru_width // 2 if self.complex_recurrence else self.lru_width
+
+    def validate_poolformer(self):
+        """Raise `ValueError` naming the first invalid field and what it allows."""
+
+        def need(ok, field, allowed):
+            if not ok:
+                raise ValueError(f"PoolformerConfig.{field}={getattr(self, field)!r} is invalid: expected {allowed}.")
+
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_num(v):
+            return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+        def is_bool(v):
+            return isinstance(v, bool)
+
+        need(is_int(self.vocab_size) and 2 <= self.vocab_size, "vocab_size", "an int >= 2")
+        need(is_int(self.hidden_size) and self.hidden_size > 0 and self.hidden_size % 2 == 0,
+             "hidden_size", "a positive even int (the sinusoidal embedding uses D/2 frequencies)")
+        need(isinstance(self.pooling_factors, list) and all(is_int(p) and p >= 2 for p in self.pooling_factors),
+             "pooling_factors", "a list of ints >= 2 (an empty list means no pooling)")
+        lpl = self.layers_per_level
+        need((is_int(lpl) and lpl >= 1)
+             or (isinstance(lpl, list) and len(lpl) == self.num_levels and all(is_int(n) and n >= 1 for n in lpl)),
+             "layers_per_level", f"an int >= 1 or a list of {self.num_levels} ints >= 1 (len(pooling_factors) + 1)")
+        need(is_bool(self.complex_recurrence), "complex_recurrence", "True or False")
+        need(is_int(self.lru_width) and self.lru_width > 0 and (self.lru_width % 2 == 0 or not self.complex_recurrence),
+             "lru_width", "a positive int, even for a complex recurrence")
+        need(is_int(self.num_gate_blocks) and self.num_gate_blocks > 0
+             and self.lru_width % self.num_gate_blocks == 0 and self.num_recurrent_units % self.num_gate_blocks == 0,
+             "num_gate_blocks", f"a positive int dividing lru_width ({self.lru_width}) and the number of recurrent "
+             f"units ({self.num_recurrent_units})")
+        need(is_num(self.recurrence_scale) and self.recurrence_scale > 0, "recurrence_scale", "a number > 0")
+        need(is_num(self.r_min) and 0 < self.r_min < 1, "r_min", "a number in (0, 1)")
+        need(is_num(self.r_max) and self.r_min <= self.r_max < 1, "r_max", f"a number in [r_min={self.r_min}, 1)")
+        need(is_num(self.max_phase) and 0 <= self.max_phase <= 2, "max_phase", "a number in [0, 2] (times pi)")
+        need(is_int(self.conv1d_width) and self.conv1d_width >= 0, "conv1d_width", "an int >= 0 (0 = no conv)")
+        need(is_int(self.mlp_expansion) and self.mlp_expansion >= 1, "mlp_expansion", "an int >= 1")
+        need(is_bool(self.gated), "gated", "True or False")
+        need(self.norm in _NORMS, "norm", f"one of {_NORMS}")
+        need(is_num(self.norm_eps) and self.norm_eps > 0, "norm_eps", "a number > 0")
+        need(self.pooling in _POOLINGS, "pooling", f"one of {_POOLINGS}")
+        need(is_int(self.pooling_groups) and self.pooling_groups > 0 and self.hidden_size % self.pooling_groups == 0,
+             "pooling_groups", f"a positive int dividing hidden_size ({self.hidden_size})")
+        need(self.causal_shift in _SHIFTS, "causal_shift", f"one of {_SHIFTS}")
+        need(self.skip in _SKIPS, "skip", f"one of {_SKIPS}")
+        need(self.embedding in _EMBEDDINGS, "embedding", f"one of {_EMBEDDINGS}")
+        need(is_num(self.dropout) and 0 <= self.dropout < 1, "dropout", "a number in [0, 1)")
+        need(is_num(self.sqrt_max_gradient) and self.sqrt_max_gradient > 0, "sqrt_max_gradient", "a number > 0")
+        need(is_int(self.scan_chunk_size) and self.scan_chunk_size >= 0, "scan_chunk_size", "an int >= 0 (0 = auto)")
+        need(is_int(self.sample_rate) and self.sample_rate > 0, "sample_rate", "a positive int (Hz)")
+        need(self.quantization in _QUANTIZATIONS, "quantization", f"one of {_QUANTIZATIONS}")
+        need(is_int(self.bos_token_id) and 0 <= self.bos_token_id < self.vocab_size,
+             "bos_token_id", f"an int in [0, vocab_size={self.vocab_size})")
+
+
+__all__ = ["PoolformerConfig"]

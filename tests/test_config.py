@@ -1,0 +1,82 @@
+"""Config fields: hub configs load, every invalid value raises a ValueError naming the field."""
+
+import pytest
+
+from conftest import HUB_CONFIG_NAMES, HUB_CONFIGS
+from modeling_poolformer import PoolformerConfig, PoolformerForCausalLM
+
+
+def test_hub_configs_load_and_sc09_size():
+    assert {"sc09", "beethoven", "youtubemix", "tiny", "sc09-no-pooling", "sc09-pool-2", "sc09-pool-2-4",
+            "sc09-real-rglru", "sc09-no-gating", "sc09-rmsnorm", "sc09-groups-1", "sc09-long-skips"} <= set(HUB_CONFIG_NAMES)
+    config = PoolformerConfig.from_pretrained(HUB_CONFIGS / "sc09")
+    assert config.model_type == "poolformer_audio"
+    assert config.pooling_factors == [2, 4, 4, 5] and config.hidden_size == 128
+    model = PoolformerForCausalLM(config)
+    assert sum(p.numel() for p in model.parameters()) == 7_314_176  # the thesis' "~7.3M"
+
+
+def test_model_type_is_not_the_vision_poolformer():
+    assert PoolformerConfig.model_type != "poolformer"
+
+
+INVALID = [
+    ("vocab_size", 1),
+    ("hidden_size", 0),
+    ("hidden_size", 7),
+    ("pooling_factors", [2, 0]),
+    ("pooling_factors", [1]),
+    ("pooling_factors", 4),
+    ("layers_per_level", 0),
+    ("layers_per_level", [4, 4]),
+    ("lru_width", 0),
+    ("lru_width", 255),
+    ("complex_recurrence", "yes"),
+    ("num_gate_blocks", 3),
+    ("num_gate_blocks", 0),
+    ("recurrence_scale", 0),
+    ("r_min", 1.5),
+    ("r_max", 0.5),
+    ("max_phase", -1),
+    ("conv1d_width", -1),
+    ("mlp_expansion", 0),
+    ("gated", 1),
+    ("norm", "batch"),
+    ("norm_eps", 0),
+    ("pooling", "max"),
+    ("pooling_groups", 3),
+    ("pooling_groups", 0),
+    ("causal_shift", "none"),
+    ("skip", "medium"),
+    ("embedding", "onehot"),
+    ("dropout", 1.0),
+    ("sqrt_max_gradient", 0),
+    ("scan_chunk_size", -2),
+    ("sample_rate", 0),
+    ("quantization", "a-law"),
+    ("bos_token_id", 256),
+]
+
+
+@pytest.mark.parametrize("field,value", INVALID, ids=[f"{f}={v!r}" for f, v in INVALID])
+def test_invalid_field_raises_naming_it(field, value):
+    with pytest.raises(ValueError, match=rf"PoolformerConfig\.{field}=.*expected"):
+        PoolformerConfig(**{field: value})
+
+
+def test_every_field_has_an_invalid_case_and_a_docstring_line():
+    fields = set(PoolformerConfig().to_diff_dict()) | {
+        name for name in PoolformerConfig.__init__.__code__.co_varnames if not name.startswith("_")
+    }
+    fields -= {"self", "kwargs", "tie_word_embeddings", "architectures", "transformers_version", "model_type",
+               "auto_map", "is_int", "is_num", "is_bool", "need"}
+    fields &= set(PoolformerConfig.__init__.__code__.co_varnames[1 : PoolformerConfig.__init__.__code__.co_argcount])
+    tested = {f for f, _ in INVALID}
+    assert fields - tested == set(), f"fields without an invalid-value test: {fields - tested}"
+    for field in fields:
+        assert f"{field} (" in PoolformerConfig.__doc__, f"{field} is not documented"
+
+
+def test_tied_embeddings_refused():
+    with pytest.raises(ValueError, match="tie_word_embeddings"):
+        PoolformerConfig(tie_word_embeddings=True)

@@ -1,0 +1,210 @@
+"""The model: remote-code loading, causality, odd lengths, loss conventions, input errors."""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import HUB_CONFIG_NAMES, ROOT, hub_config
+from modeling_poolformer import PoolformerConfig, PoolformerForCausalLM
+
+POOLED = [n for n in HUB_CONFIG_NAMES if PoolformerConfig.from_pretrained(ROOT / "hub_configs" / n).pooling_factors]
+
+
+def _fresh_env(tmp_path):
+    """A subprocess that cannot import the repo's package: the model class must come from the saved folder."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    return env
+
+
+def test_saved_folder_is_a_complete_repo_and_loads_with_remote_code(tmp_path):
+    model = PoolformerForCausalLM(hub_config("sc09", layers_per_level=2)).eval()
+    model.save_pretrained(tmp_path / "saved")
+    files = sorted(os.listdir(tmp_path / "saved"))
+    assert {"config.json", "model.safetensors", "modeling_poolformer.py", "configuration_poolformer.py"} <= set(files)
+    auto_map = json.loads((tmp_path / "saved" / "config.json").read_text())["auto_map"]
+    assert set(auto_map) == {"AutoConfig", "AutoModel", "AutoModelForCausalLM"}
+
+    copy = tmp_path / "elsewhere" / "repo"
+    shutil.copytree(tmp_path / "saved", copy)
+    ids = torch.randint(0, 256, (2, 123))
+    torch.save(ids, tmp_path / "ids.pt")
+    with torch.no_grad():
+        torch.save(model(ids).logits, tmp_path / "want.pt")
+    script = textwrap.dedent(f"""
+        import torch
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(copy)!r}, trust_remote_code=True).eval()
+        assert type(model).__name__ == "PoolformerForCausalLM", type(model)
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        ids = torch.load({str(tmp_path / 'ids.pt')!r})
+        with torch.no_grad():
+            got = model(ids).logits
+        want = torch.load({str(tmp_path / 'want.pt')!r})
+        assert torch.equal(got, want), (got - want).abs().max()
+        print("bit-identical")
+    """)
+    run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=_fresh_env(tmp_path),
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "bit-identical" in run.stdout
+
+
+def test_loading_without_trust_remote_code_fails_clearly(tmp_path):
+    PoolformerForCausalLM(hub_config("tiny")).save_pretrained(tmp_path / "saved")
+    script = textwrap.dedent(f"""
+        from transformers import AutoModelForCausalLM
+        try:
+            AutoModelForCausalLM.from_pretrained({str(tmp_path / 'saved')!r})
+        except ValueError as e:
+            print("ERROR:", e)
+        else:
+            raise SystemExit("loaded some other model instead of failing")
+    """)
+    run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=_fresh_env(tmp_path),
+                         capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert run.returncode == 0, run.stdout + run.stderr[-3000:]
+    assert "trust_remote_code" in run.stdout
+
+
+def test_in_process_auto_classes_after_import(tmp_path):
+    model = PoolformerForCausalLM(hub_config("tiny")).eval()
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.randint(0, 256, (1, 40))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+
+
+def _probe_positions(config):
+    period = math.prod(config.pooling_factors) if config.pooling_factors else 1
+    firsts = [math.prod(config.pooling_factors[: i + 1]) for i in range(len(config.pooling_factors))]
+    picks = {0, 1, period - 1, period, period + 1, 2 * period - 2}
+    picks |= {f - 1 for f in firsts} | {f - 2 for f in firsts if f >= 2} | set(firsts)
+    return sorted(p for p in picks if p >= 0)
+
+
+@pytest.mark.parametrize("shift", ["fine", "coarse"])
+@pytest.mark.parametrize("name", POOLED + ["sc09-no-pooling"])
+def test_causality(name, shift):
+    config = hub_config(name, causal_shift=shift)
+    model = PoolformerForCausalLM(config).eval()
+    period = math.prod(config.pooling_factors) if config.pooling_factors else 1
+    length = 2 * period + 3
+    ids = torch.randint(0, 256, (2, length))
+    with torch.no_grad():
+        base = model(ids).logits
+        for t in _probe_positions(config):
+            changed = ids.clone()
+            changed[:, t] = (changed[:, t] + 101) % 256
+            diff = (model(changed).logits - base).abs().amax(dim=(0, 2))
+            if t:
+                assert diff[:t].max().item() <= 1e-6, f"logits before {t} changed by {diff[:t].max().item()}"
+            assert diff[t:].max().item() > 1e-4, f"changing input {t} changed no later logit"
+            assert diff[t].item() > 1e-4, f"logit {t} does not see input {t}"
+
+
+@pytest.mark.parametrize("name", ["sc09", "sc09-long-skips", "sc09-coarse-shift", "tiny"])
+def test_odd_lengths_match_prefix_of_longer_run(name):
+    config = hub_config(name, conv1d_width=3)
+    model = PoolformerForCausalLM(config).eval()
+    period = math.prod(config.pooling_factors)
+    ids = torch.randint(0, 256, (2, 3 * period + 5))
+    with torch.no_grad():
+        full = model(ids).logits
+        for length in (1, period - 1, period, period + 1, 2 * period + 3):
+            torch.testing.assert_close(model(ids[:, :length]).logits, full[:, :length], rtol=1e-5, atol=1e-5)
+
+
+def test_all_option_combinations_run_and_train():
+    """Every ablation switch builds, runs forward and backward and produces finite gradients."""
+    for overrides in [
+        dict(embedding="learned"), dict(embedding="mlp"), dict(pooling="linear"), dict(norm="rms"),
+        dict(norm="none"), dict(gated=False), dict(complex_recurrence=False), dict(conv1d_width=4),
+        dict(skip="long"), dict(pooling_groups=1), dict(pooling_factors=[]),
+    ]:
+        model = PoolformerForCausalLM(hub_config("tiny", **overrides)).train()
+        ids = torch.randint(0, 256, (2, 37))
+        out = model(ids, labels=ids)
+        out.loss.backward()
+        assert torch.isfinite(out.loss), overrides
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None), overrides
+
+
+def test_loss_is_masked_mean_nll_in_nats_and_bits():
+    model = PoolformerForCausalLM(hub_config("tiny")).eval()
+    ids = torch.randint(0, 256, (3, 30))
+    mask = torch.ones_like(ids)
+    mask[1, 20:] = 0
+    mask[2, 11:] = 0
+    labels = ids.clone()
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, labels=labels)
+        logp = torch.log_softmax(out.logits[:, :-1].double(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        valid = mask[:, 1:].bool()
+        want = -(logp[valid]).mean()
+    torch.testing.assert_close(out.loss.double(), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.bits_per_sample, out.loss / math.log(2))
+    # -100 labels are ignored like in every transformers causal LM
+    labels2 = labels.masked_fill(mask == 0, -100)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, labels=labels2).loss, out.loss)
+    # right padding does not change the valid positions' logits
+    padded = ids.clone()
+    padded[1, 20:] = 0
+    with torch.no_grad():
+        torch.testing.assert_close(model(padded, attention_mask=mask).logits[1, :20], out.logits[1, :20])
+
+
+def test_logits_to_keep():
+    model = PoolformerForCausalLM(hub_config("tiny")).eval()
+    ids = torch.randint(0, 256, (2, 21))
+    with torch.no_grad():
+        full = model(ids).logits
+        last = model(ids, logits_to_keep=1).logits
+    assert last.shape == (2, 1, 256)
+    torch.testing.assert_close(last, full[:, -1:])
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(input_ids=torch.rand(2, 5)), "integer tensor"),
+        (dict(input_ids=torch.tensor([[1, 256]])), r"\[0, 256\)"),
+        (dict(input_ids=torch.tensor([[-1, 3]])), r"\[0, 256\)"),
+        (dict(input_ids=torch.tensor([1, 2, 3])), r"shape \(batch, length >= 1\)"),
+        (dict(input_ids=torch.zeros(2, 0, dtype=torch.long)), r"shape \(batch, length >= 1\)"),
+        (dict(), "exactly one of input_ids"),
+        (dict(input_ids=torch.ones(2, 4, dtype=torch.long), attention_mask=torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])),
+         "right-padded"),
+        (dict(input_ids=torch.ones(2, 4, dtype=torch.long), attention_mask=torch.ones(2, 5)), "attention_mask must have shape"),
+        (dict(input_ids=torch.ones(2, 4, dtype=torch.long), labels=torch.ones(2, 3, dtype=torch.long)), "labels must have"),
+        (dict(input_ids=torch.ones(2, 4, dtype=torch.long), past_key_values=object()), "PoolformerCache"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(kwargs, match):
+    model = PoolformerForCausalLM(hub_config("tiny"))
+    with pytest.raises(ValueError, match=match):
+        model(**kwargs)
+
+
+def test_thesis_init():
+    config = PoolformerConfig.from_pretrained(ROOT / "hub_configs" / "sc09")
+    model = PoolformerForCausalLM(config)
+    lru = model.model.body.down[0].layer
+    magnitude = torch.exp(-config.recurrence_scale * torch.nn.functional.softplus(lru.recurrence_param))
+    r0 = magnitude ** (1 / config.recurrence_scale)
+    assert r0.min() >= 0.9 - 1e-4 and r0.max() <= 0.99 + 1e-4
+    assert lru.phase_param.min() >= 0 and lru.phase_param.max() <= 0.1 * math.pi
+    out = model.model.body.down[0].out_proj.weight  # variance 1 / (17 * fan_in) in a 4-pair SkipBlock
+    assert abs(out.std().item() - math.sqrt(1 / (17 * out.shape[1]))) < 0.1 * math.sqrt(1 / (17 * out.shape[1]))
+    inner = model.model.body.inner.inner.inner.inner.blocks[0].out_proj.weight  # innermost stack: 1 / 8
+    assert abs(inner.std().item() - math.sqrt(1 / (8 * inner.shape[1]))) < 0.1 * math.sqrt(1 / (8 * inner.shape[1]))
