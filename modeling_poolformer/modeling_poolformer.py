@@ -70,6 +70,16 @@ def sequential_scan(a: torch.Tensor, u: torch.Tensor, h0: Optional[torch.Tensor]
     return torch.stack(out, dim=1)
 
 
+def _loop_scan(a: torch.Tensor, u: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
+    """One fused multiply-add per step into a preallocated output: on CPU, where per-op overhead rather than
+    parallelism bounds pure-torch code, this beats the chunked scan below."""
+    out = torch.empty_like(u)
+    h = h0
+    for t, (a_t, u_t) in enumerate(zip(a.unbind(1), u.unbind(1))):
+        h = torch.addcmul(u_t, a_t, h, out=out[:, t])
+    return out
+
+
 def _chunked_scan(a: torch.Tensor, u: torch.Tensor, h0: torch.Tensor, chunk: int) -> torch.Tensor:
     """`sequential_scan` in O(chunk + T/chunk) Python steps: every chunk is scanned from zero at once (vectorised
     over chunks), then the chunk carries are scanned, then each chunk adds its carry times the running product of
@@ -99,13 +109,21 @@ def _chunked_scan(a: torch.Tensor, u: torch.Tensor, h0: torch.Tensor, chunk: int
     return h.permute(1, 2, 0, 3).reshape(batch, num_chunks * chunk, units)[:, :length]
 
 
+def _scan(a, u, h0, chunk):
+    if chunk > 0:
+        return _chunked_scan(a, u, h0, chunk)
+    if a.device.type == "cpu":
+        return _loop_scan(a, u, h0)
+    return _chunked_scan(a, u, h0, max(8, int(math.sqrt(u.shape[1]))))
+
+
 class _LinearScan(torch.autograd.Function):
     """Autograd for the scan. Backward is the same recurrence run backwards in time with conjugated decays:
     `g_t = dL/dh_t + conj(a_{t+1}) g_{t+1}`, then `dL/du_t = g_t`, `dL/da_t = g_t conj(h_{t-1})`."""
 
     @staticmethod
     def forward(ctx, a, u, h0, chunk):
-        h = _chunked_scan(a, u, h0, chunk)
+        h = _scan(a, u, h0, chunk)
         ctx.save_for_backward(a, h, h0)
         ctx.chunk = chunk
         return h
@@ -115,7 +133,7 @@ class _LinearScan(torch.autograd.Function):
         a, h, h0 = ctx.saved_tensors
         # reverse-time coefficients: step s of the reversed scan multiplies by conj(a_{T-s}); its first one is unused
         a_next = torch.cat([a[:, 1:], torch.zeros_like(a[:, :1])], dim=1).conj().flip(1)
-        g = _chunked_scan(a_next, grad_h.flip(1), torch.zeros_like(h0), ctx.chunk).flip(1)
+        g = _scan(a_next, grad_h.flip(1), torch.zeros_like(h0), ctx.chunk).flip(1)
         h_prev = torch.cat([h0.unsqueeze(1), h[:, :-1]], dim=1)
         grad_a = g * h_prev.conj()
         grad_h0 = a[:, 0].conj() * g[:, 0]
@@ -123,14 +141,15 @@ class _LinearScan(torch.autograd.Function):
 
 
 def linear_scan(a: torch.Tensor, u: torch.Tensor, h0: Optional[torch.Tensor] = None, chunk: int = 0) -> torch.Tensor:
-    """`h_t = a_t * h_{t-1} + u_t` over dim 1 for (B, T, N) real or complex tensors; `chunk=0` picks ~sqrt(T)."""
+    """`h_t = a_t * h_{t-1} + u_t` over dim 1 for (B, T, N) real or complex tensors, differentiable.
+
+    `chunk > 0` runs the chunked scan with that chunk length; `chunk = 0` picks the step loop on CPU and chunks of
+    ~sqrt(T) elsewhere."""
     if a.shape != u.shape or a.dim() != 3:
         raise ValueError(f"linear_scan: a and u must both be (B, T, N); got {tuple(a.shape)} and {tuple(u.shape)}")
     if h0 is None:
         h0 = torch.zeros_like(u[:, 0])
-    if chunk <= 0:
-        chunk = max(8, int(math.sqrt(u.shape[1])))
-    return _LinearScan.apply(a, u, h0, chunk)
+    return _LinearScan.apply(a, u, h0, max(chunk, 0))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
