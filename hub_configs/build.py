@@ -55,7 +55,7 @@ def main():
             data.pop(key, None)
         (out / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
         gen = GenerationConfig(
-            do_sample=True, temperature=1.0, top_k=0, top_p=1.0, bos_token_id=config.bos_token_id,
+            do_sample=True, temperature=1.0, top_k=0, bos_token_id=config.bos_token_id,
             max_new_tokens=config.sample_rate * SECONDS.get(name, 1),
         )
         gen_data = gen.to_diff_dict()

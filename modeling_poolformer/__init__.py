@@ -9,6 +9,8 @@ from .modeling_poolformer import (
     PoolformerForCausalLM,
     PoolformerModel,
     PoolformerPreTrainedModel,
+    decode_audio,
+    encode_audio,
     linear_scan,
     sequential_scan,
 )
@@ -28,6 +30,8 @@ __all__ = [
     "PoolformerForCausalLM",
     "PoolformerModel",
     "PoolformerPreTrainedModel",
+    "decode_audio",
+    "encode_audio",
     "linear_scan",
     "sequential_scan",
 ]

@@ -1,6 +1,6 @@
 """Poolformer (arXiv 2510.02206): RG-LRU recurrences nested in pooling SkipBlocks, for raw audio.
 
-The file reads top to bottom: value embedding, the linear-recurrence scan, the RG-LRU, residual blocks, pooling,
+The file reads top to bottom: the audio codec, value embedding, the linear-recurrence scan, the RG-LRU, residual blocks, pooling,
 the SkipBlock, the model, the LM head, and the recurrent + pooling cache that generation carries.
 
 Every module runs in "streaming" form: it takes a chunk of new time steps and a dict of states (RG-LRU states,
@@ -11,17 +11,48 @@ one code path and agree to float tolerance.
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from transformers.generation.utils import GenerateDecoderOnlyOutput
 from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
 
 from .configuration_poolformer import PoolformerConfig
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Audio codec: waveforms in [-1, 1] <-> 8-bit tokens (mu-law or linear), as in SaShiMi
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def encode_audio(waveform: torch.Tensor, quantization: str = "mu-law", levels: int = 256) -> torch.Tensor:
+    """Float waveform in [-1, 1] -> token ids in [0, levels). mu-law: `F = sgn(x) ln(1 + mu|x|) / ln(1 + mu)`,
+    mu = levels - 1; linear: `F = x`. Then `q = floor((levels - 0.01) * (F + 1) / 2 + 0.005)`."""
+    x = waveform.double().clamp(-1.0, 1.0)
+    if quantization == "mu-law":
+        mu = levels - 1
+        x = torch.sign(x) * torch.log1p(mu * x.abs()) / math.log1p(mu)
+    elif quantization != "linear":
+        raise ValueError(f"quantization must be 'mu-law' or 'linear', got {quantization!r}")
+    return torch.floor((levels - 0.01) * (x + 1) / 2 + 0.005).long().clamp(0, levels - 1)
+
+
+def decode_audio(tokens: torch.Tensor, quantization: str = "mu-law", levels: int = 256) -> torch.Tensor:
+    """Token ids -> float32 waveform in [-1, 1]: `y = q / (levels / 2) - 1`, then the inverse mu-law."""
+    y = tokens.double() / (levels / 2) - 1
+    if quantization == "mu-law":
+        mu = levels - 1
+        y = torch.sign(y) * (torch.pow(1.0 + mu, y.abs()) - 1) / mu
+    elif quantization != "linear":
+        raise ValueError(f"quantization must be 'mu-law' or 'linear', got {quantization!r}")
+    return y.float()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -567,6 +598,13 @@ class PoolformerForCausalLM(PoolformerPreTrainedModel, GenerationMixin):
         self.model = PoolformerModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size)
         self.post_init()
+        # audio defaults: sample at temperature 1 from the full distribution, one second per call;
+        # a generation_config.json saved with the model replaces them on load
+        self.generation_config.do_sample = True
+        self.generation_config.temperature = 1.0
+        self.generation_config.top_k = 0  # transformers would otherwise default to top-k 50
+        self.generation_config.max_new_tokens = config.sample_rate
+        self.generation_config._from_model_config = False
 
     def forward(
         self,
@@ -617,6 +655,163 @@ class PoolformerForCausalLM(PoolformerPreTrainedModel, GenerationMixin):
             bits_per_sample=bits,
         )
         return out if return_dict is not False else out.to_tuple()
+
+    # -----------------------------------------------------------------------------------------------------------------
+    # Generation: a fast loop for plain sampling / greedy decoding, transformers' generate for everything else
+    # -----------------------------------------------------------------------------------------------------------------
+
+    # generation-config fields the fast loop implements; any other non-default field falls back to transformers
+    _FAST_GENERATION_FIELDS = {
+        "do_sample", "temperature", "top_k", "top_p", "max_new_tokens", "min_new_tokens", "max_length",
+        "num_return_sequences", "return_dict_in_generate", "output_scores", "output_logits", "bos_token_id",
+        "pad_token_id", "num_beams", "use_cache", "transformers_version", "_from_model_config",
+    }
+
+    def generate(self, inputs=None, generation_config=None, streamer=None, progress=False, generator=None, **kwargs):
+        """transformers' `generate`, with a fast path for sampling and greedy decoding.
+
+        The fast path (taken when no option beyond sampling/greedy, temperature, top-k, top-p, lengths,
+        `num_return_sequences`, scores/logits outputs and a streamer is asked for) prefills the prompt with the
+        parallel scan, then runs one step per sample straight through the model's streaming modules into a
+        preallocated output, without transformers' per-step bookkeeping. It draws samples exactly as transformers
+        does (same warpers, `torch.multinomial` on the same probabilities), so for the same seed both paths give
+        the same tokens. Everything else (beam search, repetition penalties, custom processors, ...) goes to
+        `GenerationMixin.generate`.
+
+        Extra arguments: `progress=True` shows a tqdm bar; `generator` (a `torch.Generator`) seeds the fast path
+        without touching the global RNG. `inputs=None` starts from the zero token (`bos_token_id`, 128).
+        """
+        # the same merge as transformers (call arguments > model's generation config > library defaults)
+        config, model_kwargs = self._prepare_generation_config(generation_config, **kwargs)
+        if not self._can_use_fast_generate(config, model_kwargs):
+            if generator is not None:
+                raise ValueError(
+                    "generate(generator=...) is only supported by the fast sampling path; these options need "
+                    "transformers' generic generate: seed it with torch.manual_seed instead."
+                )
+            return super().generate(inputs, generation_config=config, streamer=streamer, **model_kwargs)
+        return self._fast_generate(inputs, config, model_kwargs.get("attention_mask"), streamer, progress, generator)
+
+    def _can_use_fast_generate(self, config: GenerationConfig, model_kwargs: dict) -> bool:
+        extra = {k for k, v in model_kwargs.items() if k != "attention_mask" and v is not None and v is not False}
+        mask = model_kwargs.get("attention_mask")
+        defaults = GenerationConfig()
+        defaults.update(**self.generation_config._get_default_generation_params(), defaults_only=True)
+        defaults = defaults.to_dict()
+        unset = (None, False, 0)  # "off" values: output_attentions=False is as unset as None
+        changed = {
+            k for k, v in config.to_dict().items()
+            if v is not None and v != defaults.get(k, v) and not (v in unset and defaults.get(k) in unset)
+        }
+        return (
+            not extra
+            and (mask is None or bool(mask.all()))
+            and (config.num_beams or 1) == 1
+            and config.eos_token_id is None
+            and not changed - self._FAST_GENERATION_FIELDS
+        )
+
+    @torch.no_grad()
+    def _fast_generate(self, input_ids, config, attention_mask, streamer, progress, generator):
+        if input_ids is None:
+            bos = config.bos_token_id if config.bos_token_id is not None else self.config.bos_token_id
+            input_ids = torch.full((1, 1), bos, dtype=torch.long, device=self.device)
+        input_ids = input_ids.to(self.device)
+        if (config.num_return_sequences or 1) > 1:
+            input_ids = input_ids.repeat_interleave(config.num_return_sequences, dim=0)
+        batch, prompt_len = input_ids.shape
+        new_tokens = config.max_new_tokens
+        if new_tokens is None:
+            new_tokens = (config.max_length or 20) - prompt_len
+        if new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1 (got {new_tokens}; max_length={config.max_length}).")
+
+        warpers = []
+        if config.do_sample:
+            if config.temperature is not None and config.temperature != 1.0:
+                warpers.append(TemperatureLogitsWarper(config.temperature))
+            if config.top_k:
+                warpers.append(TopKLogitsWarper(config.top_k))
+            if config.top_p is not None and config.top_p < 1.0:
+                warpers.append(TopPLogitsWarper(config.top_p))
+
+        sequences = torch.empty(batch, prompt_len + new_tokens, dtype=torch.long, device=self.device)
+        sequences[:, :prompt_len] = input_ids
+        scores, raw_logits = [], []
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+
+        cache = PoolformerCache(self.config)
+        logits = self(input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
+        steps = range(new_tokens)
+        if progress:
+            from tqdm.auto import tqdm
+
+            steps = tqdm(steps, desc="generating", unit="sample", total=new_tokens)
+        for i in steps:
+            position = prompt_len + i
+            if config.output_logits:
+                raw_logits.append(logits.clone())
+            for warp in warpers:
+                logits = warp(sequences[:, :position], logits)
+            if config.output_scores:
+                scores.append(logits)
+            if config.do_sample:
+                probs = torch.softmax(logits, dim=-1)
+                token = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+            else:
+                token = logits.argmax(dim=-1)
+            sequences[:, position] = token
+            if streamer is not None:
+                streamer.put(token.cpu())
+            if i + 1 < new_tokens:
+                logits = self._decode_step(token, cache)
+        if streamer is not None:
+            streamer.end()
+        if not config.return_dict_in_generate:
+            return sequences
+        return GenerateDecoderOnlyOutput(
+            sequences=sequences,
+            scores=tuple(scores) if config.output_scores else None,
+            logits=tuple(raw_logits) if config.output_logits else None,
+            past_key_values=cache,
+        )
+
+    def _decode_step(self, token: torch.LongTensor, cache: "PoolformerCache") -> torch.Tensor:
+        """One sample through the streaming modules (no input checks): (B,) ids -> (B, vocab) float32 logits."""
+        model = self.model
+        x = model.embed_tokens(token.unsqueeze(1), self.dtype)
+        x = model.norm_f(model.body(x, cache.states))
+        cache.seen_tokens += 1
+        return self.lm_head(x[:, -1]).float()
+
+    # -----------------------------------------------------------------------------------------------------------------
+    # Audio out
+    # -----------------------------------------------------------------------------------------------------------------
+
+    def tokens_to_waveform(self, tokens: torch.Tensor, drop_bos: bool = True) -> torch.Tensor:
+        """(B, T) or (T,) token ids -> float32 waveforms in [-1, 1] with this model's quantisation. The leading zero
+        token that `generate` starts from is dropped when `drop_bos`."""
+        if drop_bos and tokens.shape[-1] > 1:
+            tokens = tokens[..., 1:]
+        return decode_audio(tokens.cpu(), self.config.quantization, self.config.vocab_size)
+
+    def save_wav(self, tokens: torch.Tensor, path: Union[str, Path], drop_bos: bool = True) -> list:
+        """Writes generated tokens as 16-bit WAV at `config.sample_rate`: one file for (T,) tokens or a (1, T)
+        batch, `path` stem + `_{i}.wav` per row otherwise. Returns the written paths."""
+        import soundfile
+
+        waves = self.tokens_to_waveform(tokens, drop_bos)
+        waves = waves.unsqueeze(0) if waves.dim() == 1 else waves
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if len(waves) == 1:
+            paths = [path]
+        else:
+            paths = [path.with_name(f"{path.stem}_{i}{path.suffix or '.wav'}") for i in range(len(waves))]
+        for wave, target in zip(waves, paths):
+            soundfile.write(str(target), wave.numpy(), self.config.sample_rate, subtype="PCM_16")
+        return paths
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -691,4 +886,13 @@ class PoolformerCache(Cache):
         raise NotImplementedError("PoolformerCache cannot be cropped: a recurrent state cannot forget steps.")
 
 
-__all__ = ["PoolformerPreTrainedModel", "PoolformerModel", "PoolformerForCausalLM", "PoolformerCache"]
+__all__ = [
+    "PoolformerPreTrainedModel",
+    "PoolformerModel",
+    "PoolformerForCausalLM",
+    "PoolformerCache",
+    "encode_audio",
+    "decode_audio",
+    "linear_scan",
+    "sequential_scan",
+]
