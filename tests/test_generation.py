@@ -181,8 +181,9 @@ def test_codec_round_trip_within_one_bin(quantization):
     def compand(v):
         return torch.sign(v) * torch.log1p(255 * v.abs()) / math.log1p(255) if quantization == "mu-law" else v
 
-    # a bin is 2 / 255.99 wide in the companded domain (SaShiMi's binning); decoding returns a bin edge
-    assert (compand(x) - compand(y)).abs().max() <= 2 / 255.99 + 1e-9
+    # a bin is 2/256 wide in the companded domain; SaShiMi's encode scale (255.99) and decode scale (1/128)
+    # differ by 0.4%, so the worst case sits just above one bin
+    assert (compand(x) - compand(y)).abs().max() <= 1.01 * 2 / 256
     assert (encode_audio(y, quantization) - q).abs().max() <= 1
 
 
