@@ -1,0 +1,329 @@
+"""Audio data for Poolformer: Hugging Face `datasets` in, fixed-length token sequences out.
+
+Sources: a Hub dataset repo id, a local folder of audio files (wav/flac/ogg, zips are unpacked), a local folder
+that `datasets.load_dataset` understands (parquet/arrow), or nothing: a small spoken-digit set rendered offline
+with espeak-ng. Protocols fix the split and the quantisation of the thesis' data sets:
+
+| protocol   | split                                                      | quantisation | items                         |
+|------------|------------------------------------------------------------|--------------|-------------------------------|
+| sc09       | `validation_list.txt` / `testing_list.txt`, rest is train  | mu-law       | one clip per file, padded     |
+| beethoven  | file index 0-3807 / 3808-4067 / 4068-4327                  | linear       | one clip per file, padded     |
+| youtubemix | files in name order: first 88% / next 6% / last 6%         | mu-law       | fixed windows cut from files  |
+| generic    | the dataset's own splits, else train/validation/test       | the model's  | windows (or padded clips)     |
+|            | subfolders, else a stable 5% of files for validation       |              |                               |
+
+Audio is decoded with soundfile (no FFmpeg), mixed to mono, resampled to the model's rate with soxr, optionally
+min-max scaled per clip, quantised, and prefixed with the zero token. Padding is masked out of the loss
+(`labels = -100`). Files that cannot be read or are empty are skipped and counted, never a crash mid-epoch.
+"""
+
+import hashlib
+import io
+import logging
+import re
+import shutil
+import subprocess
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import soundfile
+import torch
+from datasets import Audio, Dataset, DatasetDict, load_dataset
+
+from modeling_poolformer.audio import resample
+from modeling_poolformer.modeling_poolformer import encode_audio
+
+logger = logging.getLogger(__name__)
+
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".aiff", ".aif", ".mp3")
+PROTOCOLS = ("auto", "sc09", "beethoven", "youtubemix", "generic")
+SPLITS = ("train", "validation", "test")
+# the protocol's own settings; None means "take the model config's"
+PROTOCOL_DEFAULTS = {
+    "sc09": dict(quantization="mu-law", mode="pad", seq_len=16000),
+    "beethoven": dict(quantization="linear", mode="pad", seq_len=128000),
+    "youtubemix": dict(quantization="mu-law", mode="window", seq_len=131072),
+    "generic": dict(quantization=None, mode="window", seq_len=16000),
+}
+KNOWN_REPOS = {"krandiash/sc09": "sc09", "krandiash/beethoven": "beethoven", "krandiash/youtubemix": "youtubemix"}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The embedded default: spoken digits rendered with espeak-ng, laid out like SC09
+# ---------------------------------------------------------------------------------------------------------------------
+
+DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+VOICES = ("en-us", "en-gb", "en-gb-scotland", "en-029", "en-us+f3", "en-gb+m3", "en-gb-x-rp", "en-us+f2")
+VARIANTS = ((120, 40), (150, 50), (180, 60), (140, 70), (165, 35), (130, 55))  # (words per minute, pitch)
+
+
+def make_spoken_digits(root: Path, voices=VOICES, variants=VARIANTS, sample_rate: int = 16000) -> Path:
+    """Renders `len(voices) * len(variants)` clips per digit into `root` (once), SC09-style: `<digit>/<id>.wav`,
+    at most 1 s, with the last voice as the test speakers and the one before as validation speakers."""
+    root = Path(root)
+    if (root / "testing_list.txt").exists():
+        return root
+    if shutil.which("espeak-ng") is None:
+        raise RuntimeError(
+            "The built-in spoken-digit set is rendered with espeak-ng, which is not installed "
+            "(Debian/Ubuntu: apt-get install espeak-ng). Or pass --dataset."
+        )
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=root.name + ".tmp"))
+    lists = {"validation": [], "test": []}
+    for digit in DIGITS:
+        (tmp / digit).mkdir()
+        for v, voice in enumerate(voices):
+            for k, (speed, pitch) in enumerate(variants):
+                wav = subprocess.run(
+                    ["espeak-ng", "-v", voice, "-s", str(speed), "-p", str(pitch), "--stdout", digit],
+                    capture_output=True, check=True,
+                ).stdout
+                wave, rate = soundfile.read(io.BytesIO(wav), dtype="float32")
+                wave = resample(wave, rate, sample_rate)[:sample_rate]
+                name = f"{digit}/v{v}_{k}.wav"
+                soundfile.write(tmp / name, wave, sample_rate, subtype="PCM_16")
+                if v == len(voices) - 2:
+                    lists["validation"].append(name)
+                elif v == len(voices) - 1:
+                    lists["test"].append(name)
+    (tmp / "validation_list.txt").write_text("\n".join(lists["validation"]) + "\n")
+    (tmp / "testing_list.txt").write_text("\n".join(lists["test"]) + "\n")
+    try:
+        tmp.rename(root)  # atomic: a half-rendered set is never seen
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)  # another process finished first
+    return root
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Sources and split protocols
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _unpack_zips(root: Path) -> None:
+    """Hub repos like krandiash/sc09 ship a zip: unpack each once, next to it."""
+    for archive in sorted(root.rglob("*.zip")):
+        target = archive.with_suffix("")
+        done = target / ".unpacked"
+        if done.exists():
+            continue
+        with zipfile.ZipFile(archive) as z:
+            z.extractall(target)
+        done.touch()
+
+
+def _audio_files(root: Path) -> list:
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file())
+
+
+def _find(root: Path, name: str) -> Optional[Path]:
+    hits = sorted(root.rglob(name))
+    return hits[0] if hits else None
+
+
+def split_sc09(root: Path, files: list) -> dict:
+    val_list, test_list = _find(root, "validation_list.txt"), _find(root, "testing_list.txt")
+    if val_list is None or test_list is None:
+        raise ValueError(f"protocol 'sc09' needs validation_list.txt and testing_list.txt under {root}")
+    base = val_list.parent
+    held = {s: set(filter(None, f.read_text().split())) for s, f in (("validation", val_list), ("test", test_list))}
+    splits = {s: [] for s in SPLITS}
+    for f in files:
+        try:
+            rel = f.relative_to(base).as_posix()
+        except ValueError:
+            continue
+        if rel.split("/")[0] not in DIGITS:  # SC09 keeps the ten digit words only
+            continue
+        split = "validation" if rel in held["validation"] else "test" if rel in held["test"] else "train"
+        splits[split].append(f)
+    return splits
+
+
+def split_beethoven(root: Path, files: list) -> dict:
+    splits = {s: [] for s in SPLITS}
+    for f in files:
+        numbers = re.findall(r"\d+", f.stem)
+        if not numbers:
+            raise ValueError(f"protocol 'beethoven' expects files named by index (e.g. 123.wav), got {f.name}")
+        index = int(numbers[-1])
+        splits["train" if index < 3808 else "validation" if index < 4068 else "test"].append(f)
+    return splits
+
+
+def split_youtubemix(root: Path, files: list) -> dict:
+    n = len(files)
+    n_train, n_val = int(round(0.88 * n)), int(round(0.06 * n))
+    if n >= 3:  # keep every split non-empty on small folders
+        n_val = max(n_val, 1)
+        n_train = min(n_train, n - n_val - 1)
+    return {"train": files[:n_train], "validation": files[n_train : n_train + n_val], "test": files[n_train + n_val :]}
+
+
+def split_generic(root: Path, files: list, validation_fraction: float = 0.05) -> dict:
+    aliases = {"train": "train", "validation": "validation", "valid": "validation", "val": "validation",
+               "dev": "validation", "test": "test"}
+    splits = {s: [] for s in SPLITS}
+    top = {f.relative_to(root).parts[0].lower() for f in files if len(f.relative_to(root).parts) > 1}
+    if top and top <= set(aliases):
+        for f in files:
+            splits[aliases[f.relative_to(root).parts[0].lower()]].append(f)
+        return splits
+    for f in files:  # stable: the same file always lands in the same split
+        h = int(hashlib.sha1(f.relative_to(root).as_posix().encode()).hexdigest()[:8], 16) / 2**32
+        splits["validation" if h < validation_fraction else "train"].append(f)
+    return splits
+
+
+SPLITTERS = {"sc09": split_sc09, "beethoven": split_beethoven, "youtubemix": split_youtubemix, "generic": split_generic}
+
+
+def load_splits(dataset: Optional[str], protocol: str = "auto", audio_column: str = "audio",
+                cache_dir: Optional[str] = None, sample_rate: int = 16000) -> tuple:
+    """Returns (protocol, {split: datasets.Dataset with an undecoded `audio` column}). Errors are raised here,
+    before any training starts."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"--protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    cache = Path(cache_dir or Path.home() / ".cache" / "poolformer-hf")
+    if dataset is None:
+        root, protocol = make_spoken_digits(cache / "spoken_digits_v1", sample_rate=sample_rate), "sc09"
+    elif Path(dataset).is_dir():
+        root = Path(dataset)
+    else:
+        if protocol == "auto":
+            protocol = KNOWN_REPOS.get(dataset, "generic")
+        if protocol == "generic":
+            return protocol, _hub_splits(load_dataset(dataset, cache_dir=cache_dir), audio_column)
+        from huggingface_hub import snapshot_download  # file-based repos (zips, lists) come down as a folder
+
+        root = Path(snapshot_download(dataset, repo_type="dataset", cache_dir=cache_dir))
+    _unpack_zips(root)
+    files = _audio_files(root)
+    if not files:
+        if protocol in ("auto", "generic"):  # a folder of parquet/arrow files: let datasets read it
+            return "generic", _hub_splits(load_dataset(str(root), cache_dir=cache_dir), audio_column)
+        raise ValueError(f"no audio files ({', '.join(AUDIO_EXTENSIONS)}) under {root}")
+    if protocol == "auto":
+        protocol = "sc09" if _find(root, "testing_list.txt") else "generic"
+    splits = SPLITTERS[protocol](root, files)
+    out = {}
+    for name, paths in splits.items():
+        if paths:
+            ds = Dataset.from_dict({"audio": [str(p) for p in paths], "path": [str(p) for p in paths]})
+            out[name] = ds.cast_column("audio", Audio(decode=False))
+    if "train" not in out:
+        raise ValueError(f"protocol {protocol!r} found no training files under {root}")
+    return protocol, out
+
+
+def _hub_splits(data, audio_column: str) -> dict:
+    if not isinstance(data, DatasetDict):
+        data = DatasetDict({"train": data})
+    columns = next(iter(data.values())).column_names
+    if audio_column not in columns:
+        raise ValueError(f"--audio_column {audio_column!r} is not a column of the dataset; it has {columns}")
+    names = {"valid": "validation", "val": "validation", "dev": "validation"}
+    out = {}
+    for split, ds in data.items():
+        ds = ds.cast_column(audio_column, Audio(decode=False))
+        if audio_column != "audio":
+            ds = ds.rename_column(audio_column, "audio")
+        out[names.get(split, split)] = ds
+    if "validation" not in out and "train" in out and len(out["train"]) > 1:
+        parts = out["train"].train_test_split(test_size=max(1, len(out["train"]) // 20), seed=0, shuffle=True)
+        out["train"], out["validation"] = parts["train"], parts["test"]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Token sequences
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AudioSpec:
+    sample_rate: int = 16000
+    quantization: str = "mu-law"
+    levels: int = 256
+    bos: int = 128
+    seq_len: int = 16000  # samples per item, not counting the zero token
+    mode: str = "pad"  # "pad": one clip per file, padded and masked; "window": fixed windows cut from files
+    minmax: bool = True  # per-clip min-max scaling to [-1, 1] before quantisation
+
+
+def _source(audio: dict):
+    return io.BytesIO(audio["bytes"]) if audio.get("bytes") else audio["path"]
+
+
+class AudioTokenDataset(torch.utils.data.Dataset):
+    """Items are dicts of `input_ids`, `attention_mask`, `labels`, each `(seq_len + 1,)`, the first token the zero
+    token. Unreadable or empty files are dropped when the dataset is built (`self.skipped` counts them)."""
+
+    def __init__(self, data: Dataset, spec: AudioSpec, name: str = "train"):
+        self.data, self.spec, self.name = data, spec, name
+        self.index, self.skipped = [], []
+        for row, audio in enumerate(data["audio"]):
+            try:
+                info = soundfile.info(_source(audio))
+                frames = int(info.frames * spec.sample_rate / info.samplerate)
+            except Exception as err:  # noqa: BLE001 - any unreadable file is skipped, whatever the reason
+                self.skipped.append(f"{audio.get('path')}: {err}")
+                continue
+            if frames <= 0:
+                self.skipped.append(f"{audio.get('path')}: empty")
+                continue
+            if spec.mode == "pad":
+                self.index.append((row, 0))
+            else:  # every full window; a file shorter than one window gives one padded item
+                starts = range(0, max(frames - spec.seq_len, 0) + 1, spec.seq_len)
+                self.index.extend((row, s) for s in starts)
+        if self.skipped:
+            logger.warning("%s: skipped %d unreadable or empty files, e.g. %s", name, len(self.skipped), self.skipped[0])
+
+    def __len__(self):
+        return len(self.index)
+
+    def __getitem__(self, i):
+        row, start = self.index[i]
+        spec = self.spec
+        try:
+            wave, rate = soundfile.read(_source(self.data[row]["audio"]), dtype="float32", always_2d=True)
+            wave = resample(wave.mean(axis=1), rate, spec.sample_rate)[start : start + spec.seq_len]
+        except Exception as err:  # noqa: BLE001 - a file that breaks after its header was read: a masked item
+            logger.warning("%s: could not decode item %d (%s); it is masked out", self.name, i, err)
+            wave = np.zeros(0, dtype=np.float32)
+        return self.tokenize(wave)
+
+    def tokenize(self, wave: np.ndarray) -> dict:
+        spec = self.spec
+        wave = torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32))
+        if spec.minmax and wave.numel() and wave.max() > wave.min():
+            wave = (wave - wave.min()) / (wave.max() - wave.min()) * 2 - 1
+        tokens = encode_audio(wave, spec.quantization, spec.levels)
+        input_ids = torch.full((spec.seq_len + 1,), spec.bos, dtype=torch.long)
+        input_ids[1 : 1 + len(tokens)] = tokens
+        attention_mask = torch.zeros(spec.seq_len + 1, dtype=torch.long)
+        attention_mask[: 1 + len(tokens)] = 1
+        labels = input_ids.masked_fill(attention_mask == 0, -100)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def build_datasets(args, config) -> tuple:
+    """(protocol, {split: AudioTokenDataset}) from the script's arguments and the model config."""
+    protocol, splits = load_splits(args.dataset, args.protocol, args.audio_column, args.cache_dir, config.sample_rate)
+    defaults = PROTOCOL_DEFAULTS[protocol]
+    quantization = defaults["quantization"] or config.quantization
+    if quantization != config.quantization:
+        logger.warning("protocol %s quantises with %s but the model config says %s: using %s and updating the config",
+                       protocol, quantization, config.quantization, quantization)
+        config.quantization = quantization
+    spec = AudioSpec(
+        sample_rate=config.sample_rate, quantization=quantization, levels=config.vocab_size, bos=config.bos_token_id,
+        seq_len=args.seq_len or defaults["seq_len"], mode=args.mode or defaults["mode"], minmax=not args.no_minmax,
+    )
+    return protocol, spec, {name: AudioTokenDataset(ds, spec, name) for name, ds in splits.items()}
