@@ -5,8 +5,8 @@
         --batch_size 32 --max_steps 300000 --mixed_precision bf16 --output_dir runs/sc09
 
 The thesis recipe: AdamW (0.9, 0.999, wd 1e-4), lr 2e-3 with 1000 warm-up steps then constant or cosine, grad-norm
-clip 200, updates skipped when the grad norm is >= 1000 or not finite, an EMA of the weights (0.999) used for
-validation, samples and export. Checkpoints are written atomically every --save_every steps and on SIGTERM/SIGINT;
+clip 200, updates skipped when the grad norm is >= 1000 or not finite, an EMA of the weights (0.999, warmed up as
+min(0.999, (1 + n) / (10 + n)) after n updates) used for validation, samples and export. Checkpoints are written atomically every --save_every steps and on SIGTERM/SIGINT;
 `--resume_from_checkpoint latest` continues exactly. The final EMA model is exported with `save_pretrained`
 (safetensors + modeling code + generation config + model card) and optionally pushed to the Hub.
 """
@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, get_scheduler
 
@@ -217,12 +217,20 @@ def main(argv=None):
     generation_config = Path(args.model_config) / "generation_config.json"
     if generation_config.exists():
         model.generation_config = GenerationConfig.from_pretrained(args.model_config)
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema_decay), use_buffers=True)
+    def ema_update(ema_params, params, num_averaged):
+        # the usual EMA warm-up: the decay grows to --ema_decay, so short runs are not stuck near the init
+        decay = min(args.ema_decay, (1.0 + float(num_averaged)) / (10.0 + float(num_averaged)))
+        torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+
+    ema = AveragedModel(model, multi_avg_fn=ema_update, use_buffers=True)
     num_params = sum(p.numel() for p in model.parameters())
 
     def loader(split, shuffle):
+        # a private generator: iterating a loader must not draw from the global RNG, or dropout after a resume
+        # would differ from an uninterrupted run
         return torch.utils.data.DataLoader(datasets[split], batch_size=args.batch_size, shuffle=shuffle,
-                                           drop_last=shuffle, num_workers=args.num_workers)
+                                           drop_last=shuffle, num_workers=args.num_workers,
+                                           generator=torch.Generator().manual_seed(args.seed))
 
     train_dl, val_dl = loader("train", True), loader("validation", False)
     if len(train_dl) == 0:
@@ -339,7 +347,6 @@ def main(argv=None):
         if max(checksums) - min(checksums) > 1e-6 * max(1.0, abs(checksums[0])):
             raise RuntimeError(f"replicas diverged: parameter checksums {checksums}")
         final = ema.module
-        final.config.dropout = config.dropout
         final.save_pretrained(export, safe_serialization=True)
         samples = write_samples(final, args, export / "samples", args.seed)
         (export / "README.md").write_text(

@@ -1,0 +1,157 @@
+"""training/train.py end to end: the embedded default set, exact resume, 2-process data parallel, Hub push."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import ROOT
+from hub_server import HubServer
+
+sys.path.insert(0, str(ROOT / "training"))
+from data import make_spoken_digits  # noqa: E402
+
+TRAIN = str(ROOT / "training" / "train.py")
+FAST = ["--seq_len", "1200", "--batch_size", "4", "--num_samples", "1", "--sample_seconds", "0.02",
+        "--log_with", "none", "--warmup_steps", "2"]
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    """The built-in spoken-digit set, rendered once (espeak-ng) where train.py's --cache_dir finds it."""
+    cache = tmp_path_factory.mktemp("cache")
+    make_spoken_digits(cache / "spoken_digits_v1")
+    return cache
+
+
+def env(**extra):
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "HF_ENDPOINT"))}
+    e.update(HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    e.update(extra)
+    return e
+
+
+def run(args, timeout=600, **extra_env):
+    proc = subprocess.run([sys.executable, TRAIN, *args], capture_output=True, text=True, timeout=timeout,
+                          env=env(**extra_env))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def summary(out):
+    return json.loads((Path(out) / "train_summary.json").read_text())
+
+
+def test_embedded_default_loss_goes_down_and_exports(cache_dir, tmp_path):
+    out = tmp_path / "run"
+    run(["--cache_dir", str(cache_dir), "--output_dir", str(out), "--max_steps", "40", "--eval_every", "40",
+         "--learning_rate", "3e-3", *FAST, "--batch_size", "8", "--max_eval_batches", "4"])
+    s = summary(out)
+    (step0, start), (step40, end) = s["val_history"][0], s["val_history"][-1]
+    assert (step0, step40) == (0, 40) and s["protocol"] == "sc09" and s["items"]["train"] == 360
+    assert end < start - 1.0, f"validation bits/sample only went from {start:.3f} to {end:.3f}"
+    model = out / "model"
+    assert {"model.safetensors", "config.json", "generation_config.json", "modeling_poolformer.py",
+            "configuration_poolformer.py", "README.md"} <= {p.name for p in model.iterdir()}
+    assert (model / "samples" / "sample_0.wav").exists()
+    card = (model / "README.md").read_text()
+    assert "validation NLL" in card and "sample_0.wav" in card and "optimizer steps: 40" in card
+
+
+def test_kill_and_resume_equals_uninterrupted(cache_dir, tmp_path):
+    common = ["--dataset", str(cache_dir / "spoken_digits_v1"), *FAST, "--max_steps", "8", "--save_every", "100",
+              "--eval_every", "100", "--max_eval_batches", "1", "--dropout", "0.1", "--lr_schedule", "cosine",
+              "--gradient_accumulation_steps", "2", "--seed", "3"]
+    run([*common, "--output_dir", str(tmp_path / "straight")])
+    run([*common, "--output_dir", str(tmp_path / "split"), "--stop_after_steps", "3"])
+    ckpts = sorted(p.name for p in (tmp_path / "split" / "checkpoints").iterdir())
+    assert ckpts == ["step_00000003"] and not (tmp_path / "split" / "model").exists()
+    run([*common, "--output_dir", str(tmp_path / "split"), "--resume_from_checkpoint", "latest"])
+    for rel in ("checkpoints/step_00000008/model.safetensors", "model/model.safetensors"):
+        a, b = load_file(tmp_path / "straight" / rel), load_file(tmp_path / "split" / rel)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert (a[k] - b[k]).abs().max() <= 1e-6, (rel, k)
+    assert summary(tmp_path / "split")["steps"] == 8
+
+
+def test_sigterm_checkpoints_and_resumes(cache_dir, tmp_path):
+    out = tmp_path / "run"
+    args = ["--dataset", str(cache_dir / "spoken_digits_v1"), *FAST, "--max_steps", "10000", "--save_every", "2",
+            "--eval_every", "100000", "--max_eval_batches", "1", "--output_dir", str(out)]
+    proc = subprocess.Popen([sys.executable, TRAIN, *args], env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while not list((out / "checkpoints").glob("step_*")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output[-3000:]
+    assert "resume with --resume_from_checkpoint latest" in output
+    steps = sorted(int(p.name.split("_")[1]) for p in (out / "checkpoints").glob("step_*"))
+    assert steps and not list((out / "checkpoints").glob(".tmp*"))
+    run([*args[:-2], "--output_dir", str(out), "--resume_from_checkpoint", "latest", "--max_steps", str(steps[-1] + 2)])
+    assert summary(out)["steps"] == steps[-1] + 2
+
+
+def test_two_process_data_parallel_on_cpu(cache_dir, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", TRAIN,
+           "--dataset", str(cache_dir / "spoken_digits_v1"), *FAST, "--max_steps", "4", "--eval_every", "4",
+           "--max_eval_batches", "2", "--output_dir", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env())
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    s = summary(out)
+    assert len(s["replica_checksums"]) == 2 and s["replica_checksums"][0] == s["replica_checksums"][1]
+    load = textwrap.dedent(f"""
+        import torch
+        from transformers import AutoModelForCausalLM
+        m = AutoModelForCausalLM.from_pretrained({str(out / 'model')!r}, trust_remote_code=True)
+        print(type(m).__name__, m(torch.full((1, 5), 128)).logits.shape)
+    """)
+    loaded = subprocess.run([sys.executable, "-c", load], capture_output=True, text=True, env=env(), cwd=tmp_path)
+    assert "PoolformerForCausalLM torch.Size([1, 5, 256])" in loaded.stdout, loaded.stderr[-3000:]
+
+
+def test_push_to_hub_and_load_back(cache_dir, tmp_path):
+    server = HubServer().start()
+    try:
+        hub_env = dict(HF_ENDPOINT=server.url, HF_HUB_DISABLE_XET="1", HF_TOKEN="hf_test_token", HF_HUB_OFFLINE="0",
+                       HF_HOME=str(tmp_path / "hf_home"))
+        run(["--dataset", str(cache_dir / "spoken_digits_v1"), *FAST, "--max_steps", "2", "--eval_every", "2",
+             "--max_eval_batches", "1", "--output_dir", str(tmp_path / "run"), "--push_to_hub",
+             "--hub_model_id", "tester/poolformer-digits"], **hub_env)
+        assert "model.safetensors" in server.repos["tester/poolformer-digits"].files
+        pull = textwrap.dedent("""
+            import torch
+            from huggingface_hub import snapshot_download
+            from transformers import AutoModelForCausalLM
+            files = sorted(p.name for p in __import__("pathlib").Path(snapshot_download("tester/poolformer-digits")).iterdir())
+            print("FILES", files)
+            m = AutoModelForCausalLM.from_pretrained("tester/poolformer-digits", trust_remote_code=True)
+            print("CLASS", type(m).__module__, type(m).__name__)
+        """)
+        proc = subprocess.run([sys.executable, "-c", pull], capture_output=True, text=True, cwd=tmp_path,
+                              env=env(**hub_env))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "'model.safetensors'" in proc.stdout and "'modeling_poolformer.py'" in proc.stdout
+        assert "CLASS transformers_modules" in proc.stdout and "PoolformerForCausalLM" in proc.stdout
+    finally:
+        server.stop()
+
+
+def test_bad_arguments_fail_before_training(tmp_path):
+    proc = subprocess.run([sys.executable, TRAIN, "--dataset", str(tmp_path), "--protocol", "nope"],
+                          capture_output=True, text=True, env=env())
+    assert proc.returncode == 2 and "--protocol" in proc.stderr
+    proc = subprocess.run([sys.executable, TRAIN, "--model_config", str(tmp_path)], capture_output=True, text=True,
+                          env=env())
+    assert proc.returncode == 2 and "no config.json" in proc.stderr
