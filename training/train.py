@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "training"))
 from data import PROTOCOLS, build_datasets  # noqa: E402
+from metrics import nll_bits  # noqa: E402
 
 from modeling_poolformer import PoolformerConfig, PoolformerForCausalLM  # noqa: E402
 from modeling_poolformer.audio import save_spectrogram, write_wav  # noqa: E402
@@ -131,24 +132,9 @@ def latest_checkpoint(output_dir):
     return found[-1] if found else None
 
 
-@torch.no_grad()
 def evaluate(model, dataloader, accelerator, max_batches=None):
-    """Validation NLL in bits per sample: total NLL over every unmasked predicted sample / their count."""
-    model.eval()
-    total = torch.zeros((), device=accelerator.device, dtype=torch.float64)
-    count = torch.zeros((), device=accelerator.device, dtype=torch.float64)
-    for i, batch in enumerate(dataloader):
-        if max_batches is not None and i >= max_batches:
-            break
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        labels = batch["labels"][:, 1:]
-        nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].float().transpose(1, 2), labels, ignore_index=-100, reduction="sum"
-        )
-        total += nll.double()
-        count += (labels != -100).sum().double()
-    total, count = accelerator.reduce(total, "sum"), accelerator.reduce(count, "sum")
-    return (total / count.clamp_min(1) / math.log(2)).item()
+    """Validation NLL in bits per sample (metrics.nll_bits: total NLL over unmasked samples / their count)."""
+    return nll_bits(model, dataloader, accelerator, max_batches)[0]
 
 
 def write_samples(model, args, folder, seed):

@@ -1,0 +1,141 @@
+"""Evaluation: NLL convention shared with training, the digit classifier, sample-quality metric sanity, the
+depth analysis."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT
+from test_train import FAST, env, run, summary
+
+sys.path.insert(0, str(ROOT / "training"))
+from data import load_splits, make_spoken_digits  # noqa: E402
+from metrics import DigitClassifier, am_score, modified_inception_score, sample_quality  # noqa: E402
+from train_classifier import DigitClips  # noqa: E402
+from train_classifier import main as train_classifier  # noqa: E402
+
+SCRIPTS = ROOT / "training"
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    return make_spoken_digits(tmp_path_factory.mktemp("data") / "spoken_digits_v1")
+
+
+@pytest.fixture(scope="module")
+def trained(digits, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    run(["--dataset", str(digits), *FAST, "--max_steps", "3", "--eval_every", "3", "--output_dir", str(out)])
+    return out
+
+
+@pytest.fixture(scope="module")
+def classifier(digits, tmp_path_factory):
+    path = tmp_path_factory.mktemp("clf") / "classifier.safetensors"
+    accuracy = train_classifier(["--dataset", str(digits), "--out", str(path), "--epochs", "16"])
+    return path, accuracy
+
+
+def evaluate(args):
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "evaluate.py"), *args], capture_output=True, text=True,
+                          env=env(), timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_evaluate_nll_equals_training_validation_and_ignores_batch_size(trained, digits, tmp_path):
+    val_bits = summary(trained)["val_bits_per_sample"]
+    results = []
+    for batch_size in ("1", "7"):
+        out = tmp_path / f"eval{batch_size}.json"
+        evaluate(["--model", str(trained / "model"), "--dataset", str(digits), "--split", "validation",
+                  "--seq_len", "1200", "--batch_size", batch_size, "--out", str(out)])
+        results.append(json.loads(out.read_text()))
+    for r in results:
+        assert r["nll_bits_per_sample"] == pytest.approx(val_bits, rel=1e-6)
+        assert r["split"] == "validation" and "unmasked" in r["nll_convention"]
+    assert results[0]["predicted_samples"] == results[1]["predicted_samples"] > 0
+
+
+def test_classifier_beats_chance_and_reloads(classifier, tmp_path):
+    path, accuracy = classifier
+    assert accuracy["validation"] >= 0.5 and accuracy["test"] >= 0.3  # chance is 0.1
+    model = DigitClassifier.load(path)
+    state = {k: v for k, v in model.state_dict().items()}
+    state["__config__"] = json.dumps(model.config)
+    torch.save(state, tmp_path / "classifier.pt")  # a torch file, loaded with weights_only=True
+    again = DigitClassifier.load(tmp_path / "classifier.pt")
+    wave = torch.randn(2, 16000) * 0.1
+    torch.testing.assert_close(again(wave), model(wave))
+    with pytest.raises(ValueError, match="not a DigitClassifier"):
+        torch.save({"weight": torch.zeros(3)}, tmp_path / "other.pt")
+        DigitClassifier.load(tmp_path / "other.pt")
+
+
+def test_metric_sanity_on_real_audio(classifier, digits):
+    model = DigitClassifier.load(classifier[0])
+    _, splits = load_splits(str(digits), "sc09")
+    clips = DigitClips(splits["train"])
+    waves = torch.stack([clips[i][0] for i in range(len(clips))])
+    labels = torch.tensor(clips.labels)
+    same = sample_quality(model, waves, waves)
+    noise = sample_quality(model, torch.randn(len(waves), 16000) * 0.3, waves)
+    assert abs(same["fid"]) < 1e-3 * max(1.0, noise["fid"])
+    assert noise["fid"] > 100 * max(same["fid"], 1e-3)
+
+    one_class = waves[labels == 3]
+    single = sample_quality(model, one_class, waves)
+    assert single["is"] < 1.5
+
+    # a balanced set of confidently and correctly classified clips: IS close to the 10 classes
+    with torch.no_grad():
+        probs = model(waves).softmax(-1)
+    sure = (probs.max(-1).values > 0.95) & (probs.argmax(-1) == labels)
+    per_class = min(int((sure & (labels == c)).sum()) for c in range(10))
+    assert per_class >= 3, "the classifier is not confident enough on its own training clips"
+    balanced = torch.cat([waves[sure & (labels == c)][:per_class] for c in range(10)])
+    good = sample_quality(model, balanced, waves)
+    assert good["is"] > 8.0, good
+    assert good["mis"] > single["mis"] * 5
+    assert good["am"] < single["am"]  # AM: the class balance of the train set is matched
+    assert sum(same["class_histogram"]) == len(waves)
+
+
+def test_mis_and_am_by_hand():
+    confident = torch.eye(4).repeat(5, 1).double()
+    uniform = torch.full((20, 4), 0.25, dtype=torch.float64)
+    assert modified_inception_score(uniform) == pytest.approx(1.0)
+    assert modified_inception_score(confident) > 1e3
+    assert am_score(confident, confident) == pytest.approx(0.0, abs=1e-6)
+    assert am_score(confident, uniform) == pytest.approx(torch.log(torch.tensor(4.0)).item(), rel=1e-6)
+
+
+def test_evaluate_quality_protocol_end_to_end(trained, digits, classifier, tmp_path):
+    out = tmp_path / "quality.json"
+    evaluate(["--model", str(trained / "model"), "--dataset", str(digits), "--no_nll", "--quality",
+              "--classifier", str(classifier[0]), "--num_generate", "10", "--seconds", "0.05", "--trim",
+              "--num_reference", "40", "--out", str(out)])
+    q = json.loads(out.read_text())["quality"]
+    assert {"fid", "is", "mis", "am", "generation"} <= set(q)
+    assert "temperature 1" in q["generation"] and "ranks 40%-95% (5 clips)" in q["generation"]
+    assert sum(q["class_histogram"]) == 5
+
+
+def test_analyze_writes_stats_and_png(trained, digits, tmp_path):
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "analyze.py"), "--model", str(trained / "model"),
+                           "--dataset", str(digits), "--num_clips", "4", "--seq_len", "1200",
+                           "--out", str(tmp_path / "decay.png"), "--json", str(tmp_path / "decay.json")],
+                          capture_output=True, text=True, env=env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stats = json.loads((tmp_path / "decay.json").read_text())
+    assert len(stats) == 5 and {s["level"] for s in stats} == {0, 1, 2}
+    for s in stats:
+        for key in ("at_r1", "on_data"):
+            assert 0 < s[key]["q1"] <= s[key]["median"] <= s[key]["q3"] < 1
+    png = (tmp_path / "decay.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert "|a| at r=1" in proc.stdout

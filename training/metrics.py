@@ -1,0 +1,219 @@
+"""Metrics: NLL in bits per sample (the training convention) and SaShiMi's SC09 sample-quality metrics.
+
+NLL: total NLL over every unmasked predicted sample / their count, in bits. It does not depend on the batch size.
+
+Sample quality (SaShiMi's definitions) from a digit classifier on 32-bin log-mel spectrograms of 1 s clips:
+- FID: Frechet distance between the classifier's penultimate features of generated clips and of training clips
+  (torchmetrics' FrechetInceptionDistance with the classifier as its feature extractor);
+- IS = exp(mean_i KL(p_i || p_mean)) over generated clips (torchmetrics' InceptionScore, one split);
+- mIS = exp(mean over random pairs KL(p_i || p_j));
+- AM = KL(p_train_mean || p_gen_mean) + mean_i H(p_i).
+"""
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+N_MELS = 32
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# NLL
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def nll_bits(model, dataloader, accelerator=None, max_batches=None, progress=False):
+    """(bits per sample, total NLL in nats, number of predicted samples). Batches are dicts with `input_ids`,
+    `attention_mask`, `labels` (-100 where masked); logits[t] predicts input_ids[t + 1]."""
+    model.eval()
+    device = accelerator.device if accelerator is not None else next(model.parameters()).device
+    total = torch.zeros((), device=device, dtype=torch.float64)
+    count = torch.zeros((), device=device, dtype=torch.float64)
+    batches = dataloader
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(dataloader, desc="nll", total=len(dataloader))
+    for i, batch in enumerate(batches):
+        if max_batches is not None and i >= max_batches:
+            break
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = batch["labels"][:, 1:]
+        nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels, ignore_index=-100, reduction="sum")
+        total += nll.double()
+        count += (labels != -100).sum().double()
+    if accelerator is not None:
+        total, count = accelerator.reduce(total, "sum"), accelerator.reduce(count, "sum")
+    return (total / count.clamp_min(1) / math.log(2)).item(), total.item(), int(count.item())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The SC09 digit classifier
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def mel_filterbank(n_freqs, n_mels, sample_rate, f_min=20.0, f_max=None):
+    """Triangular filters on the HTK mel scale: (n_freqs, n_mels)."""
+    f_max = f_max or sample_rate / 2
+
+    def to_mel(f):
+        return 2595.0 * torch.log10(1.0 + f / 700.0)
+
+    def to_hz(m):
+        return 700.0 * (10 ** (m / 2595.0) - 1.0)
+
+    freqs = torch.linspace(0, sample_rate / 2, n_freqs)
+    edges = to_hz(torch.linspace(to_mel(torch.tensor(f_min)), to_mel(torch.tensor(f_max)), n_mels + 2))
+    lower, center, upper = edges[:-2], edges[1:-1], edges[2:]
+    up = (freqs[:, None] - lower) / (center - lower)
+    down = (upper - freqs[:, None]) / (upper - center)
+    return torch.clamp(torch.minimum(up, down), min=0.0)
+
+
+class LogMel(nn.Module):
+    """(B, T) waveforms -> (B, 1, n_mels, frames) log-mel spectrograms (25 ms windows, 10 ms hop at 16 kHz)."""
+
+    def __init__(self, sample_rate=16000, n_mels=N_MELS, n_fft=400, hop=160):
+        super().__init__()
+        self.n_fft, self.hop = n_fft, hop
+        self.register_buffer("window", torch.hann_window(n_fft), persistent=False)
+        self.register_buffer("mel", mel_filterbank(n_fft // 2 + 1, n_mels, sample_rate), persistent=False)
+
+    def forward(self, wave):
+        spec = torch.stft(wave.float(), self.n_fft, self.hop, window=self.window, return_complex=True).abs() ** 2
+        return torch.log(spec.transpose(1, 2) @ self.mel + 1e-6).transpose(1, 2).unsqueeze(1)
+
+
+class DigitClassifier(nn.Module):
+    """A small CNN on log-mel spectrograms of 1 s clips. `features` is the penultimate layer used for FID."""
+
+    def __init__(self, num_classes=10, sample_rate=16000, width=32, feature_dim=128):
+        super().__init__()
+        self.config = dict(num_classes=num_classes, sample_rate=sample_rate, width=width, feature_dim=feature_dim)
+        self.logmel = LogMel(sample_rate)
+        self.norm = nn.BatchNorm2d(1)
+        layers, channels = [], 1
+        for out in (width, 2 * width, 4 * width):
+            layers += [nn.Conv2d(channels, out, 3, padding=1), nn.BatchNorm2d(out), nn.ReLU(), nn.MaxPool2d(2)]
+            channels = out
+        self.conv = nn.Sequential(*layers)
+        self.fc = nn.Linear(channels, feature_dim)
+        self.head = nn.Linear(feature_dim, num_classes)
+        self.dropout = nn.Dropout(0.1)
+
+    def features(self, wave):
+        x = self.conv(self.norm(self.logmel(wave)))
+        return F.relu(self.fc(x.mean(dim=(2, 3))))
+
+    def forward(self, wave):
+        return self.head(self.dropout(self.features(wave)))
+
+    def save(self, path):
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {k: v.contiguous() for k, v in self.state_dict().items()}
+        tmp = path.with_suffix(".tmp")
+        save_file(state, str(tmp), metadata={"config": json.dumps(self.config)})
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path):
+        """A safetensors file written by `save`, or a torch file (state dict, loaded with weights_only=True)."""
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"classifier checkpoint {path} does not exist")
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+            from safetensors.torch import load_file
+
+            with safe_open(str(path), "pt") as f:
+                config = json.loads((f.metadata() or {}).get("config", "{}"))
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            config = state.pop("__config__", {}) if isinstance(state, dict) else {}
+            if isinstance(config, str):
+                config = json.loads(config)
+        model = cls(**config)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{path} is not a DigitClassifier checkpoint: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        return model.eval()
+
+
+class _Features(nn.Module):
+    """Adapter for torchmetrics: waveforms in, penultimate features (FID) or logits (IS) out."""
+
+    def __init__(self, classifier, logits=False):
+        super().__init__()
+        self.classifier, self.logits = classifier, logits
+        self.num_features = classifier.config["num_classes"] if logits else classifier.config["feature_dim"]
+
+    def forward(self, wave):
+        return self.classifier(wave) if self.logits else self.classifier.features(wave)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Sample quality
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def modified_inception_score(probs, num_pairs=None, generator=None):
+    """mIS = exp(mean over random pairs (i, j), i != j, of KL(p_i || p_j))."""
+    n = len(probs)
+    num_pairs = num_pairs or 10 * n
+    i = torch.randint(0, n, (num_pairs,), generator=generator)
+    j = (i + torch.randint(1, n, (num_pairs,), generator=generator)) % n
+    log_p = probs.clamp_min(1e-12).log()
+    kl = (probs[i] * (log_p[i] - log_p[j])).sum(-1)
+    return kl.mean().exp().item()
+
+
+def am_score(train_probs, gen_probs):
+    """AM = KL(p_train_mean || p_gen_mean) + mean entropy of the generated p_i."""
+    p, q = train_probs.mean(0).clamp_min(1e-12), gen_probs.mean(0).clamp_min(1e-12)
+    kl = (p * (p.log() - q.log())).sum()
+    entropy = -(gen_probs * gen_probs.clamp_min(1e-12).log()).sum(-1).mean()
+    return (kl + entropy).item()
+
+
+@torch.no_grad()
+def sample_quality(classifier, generated, reference, batch_size=64, seed=0):
+    """FID, IS, mIS, AM of `generated` waveforms (N, T) against `reference` (training) waveforms, plus the
+    classifier's predicted class histogram of the generated set."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.inception import InceptionScore
+
+    classifier = classifier.eval()
+    fid = FrechetInceptionDistance(feature=_Features(classifier), reset_real_features=True)
+    fid.set_dtype(torch.float64)
+
+    def probs_of(waves, real):
+        out = []
+        for start in range(0, len(waves), batch_size):
+            batch = waves[start : start + batch_size].float()
+            fid.update(batch, real=real)
+            out.append(classifier(batch).softmax(-1).double())
+        return torch.cat(out)
+
+    gen_probs, ref_probs = probs_of(generated, False), probs_of(reference, True)
+    inception = InceptionScore(feature=_Features(classifier, logits=True), splits=1)
+    for start in range(0, len(generated), batch_size):
+        inception.update(generated[start : start + batch_size].float())
+    torch.manual_seed(seed)  # InceptionScore shuffles before splitting
+    is_mean, _ = inception.compute()
+    return {
+        "fid": fid.compute().item(),
+        "is": is_mean.item(),
+        "mis": modified_inception_score(gen_probs, generator=torch.Generator().manual_seed(seed)),
+        "am": am_score(ref_probs, gen_probs),
+        "class_histogram": torch.bincount(gen_probs.argmax(-1), minlength=gen_probs.shape[1]).tolist(),
+    }
