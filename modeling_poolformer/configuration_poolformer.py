@@ -9,6 +9,7 @@ _SHIFTS = ("fine", "coarse")
 _SKIPS = ("short", "long")
 _EMBEDDINGS = ("sinusoidal", "learned", "mlp")
 _QUANTIZATIONS = ("mu-law", "linear")
+_SCAN_IMPLEMENTATIONS = ("auto", "numba", "loop", "chunked")
 _AUTO_MAP = {
     "AutoConfig": "configuration_poolformer.PoolformerConfig",
     "AutoModel": "modeling_poolformer.PoolformerModel",
@@ -81,9 +82,12 @@ class PoolformerConfig(PretrainedConfig):
             Dropout on the output of every residual block.
         sqrt_max_gradient (`float`, defaults to 200.0):
             Bound on the gradient of `sqrt(1 - |a|^2)`, which is infinite at `|a| = 1`.
+        scan_implementation (`str`, defaults to `"auto"`):
+            How the recurrence runs over a sequence: `"numba"` (compiled CPU kernels, the fastest on CPU),
+            `"loop"` (one fused torch op per step), `"chunked"` (a chunked parallel scan, for GPUs) or `"auto"`
+            (numba on CPU when it is installed, else the loop; chunked on accelerators). All give the same result.
         scan_chunk_size (`int`, defaults to 0):
-            Chunk length of the chunked parallel scan used for sequences. 0 picks per device: a fused step loop on
-            CPU (fastest there in pure torch), chunks of about `sqrt(T)` on GPU.
+            Chunk length of the chunked scan; 0 picks about `sqrt(T)` per call.
         sample_rate (`int`, defaults to 16000):
             Audio sample rate in Hz; used when tokens are turned into waveforms and when data is resampled.
         quantization (`str`, defaults to `"mu-law"`):
@@ -121,6 +125,7 @@ class PoolformerConfig(PretrainedConfig):
         embedding="sinusoidal",
         dropout=0.2,
         sqrt_max_gradient=200.0,
+        scan_implementation="auto",
         scan_chunk_size=0,
         sample_rate=16000,
         quantization="mu-law",
@@ -151,6 +156,7 @@ class PoolformerConfig(PretrainedConfig):
         self.embedding = embedding
         self.dropout = dropout
         self.sqrt_max_gradient = sqrt_max_gradient
+        self.scan_implementation = scan_implementation
         self.scan_chunk_size = scan_chunk_size
         self.sample_rate = sample_rate
         self.quantization = quantization
@@ -226,6 +232,7 @@ class PoolformerConfig(PretrainedConfig):
         need(self.embedding in _EMBEDDINGS, "embedding", f"one of {_EMBEDDINGS}")
         need(is_num(self.dropout) and 0 <= self.dropout < 1, "dropout", "a number in [0, 1)")
         need(is_num(self.sqrt_max_gradient) and self.sqrt_max_gradient > 0, "sqrt_max_gradient", "a number > 0")
+        need(self.scan_implementation in _SCAN_IMPLEMENTATIONS, "scan_implementation", f"one of {_SCAN_IMPLEMENTATIONS}")
         need(is_int(self.scan_chunk_size) and self.scan_chunk_size >= 0, "scan_chunk_size", "an int >= 0 (0 = auto)")
         need(is_int(self.sample_rate) and self.sample_rate > 0, "sample_rate", "a positive int (Hz)")
         need(self.quantization in _QUANTIZATIONS, "quantization", f"one of {_QUANTIZATIONS}")

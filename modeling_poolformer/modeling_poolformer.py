@@ -9,6 +9,7 @@ dict, prefill is a chunk with the cache's dict, and a generation step is a chunk
 one code path and agree to float tolerance.
 """
 
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,12 +141,73 @@ def _chunked_scan(a: torch.Tensor, u: torch.Tensor, h0: torch.Tensor, chunk: int
     return h.permute(1, 2, 0, 3).reshape(batch, num_chunks * chunk, units)[:, :length]
 
 
-def _scan(a, u, h0, chunk):
-    if chunk > 0:
-        return _chunked_scan(a, u, h0, chunk)
-    if a.device.type == "cpu":
+@functools.lru_cache(maxsize=None)
+def _numba_kernels():
+    """Compiled CPU kernels (numba, built on first use and cached on disk), or None when numba is missing. They
+    parallelise over batch x blocks of 32 units and run time sequentially, touching each byte once per pass."""
+    try:
+        import numba
+        import numpy as np
+    except ImportError:
+        return None
+
+    @numba.njit(parallel=True, cache=True)
+    def forward(a, u, h0, out):
+        batch, steps, units = u.shape
+        blocks = (units + 31) // 32
+        for job in numba.prange(batch * blocks):
+            b, lo = job // blocks, (job % blocks) * 32
+            hi = min(units, lo + 32)
+            h = h0[b, lo:hi].copy()
+            for t in range(steps):
+                for n in range(hi - lo):
+                    h[n] = a[b, t, lo + n] * h[n] + u[b, t, lo + n]
+                    out[b, t, lo + n] = h[n]
+
+    @numba.njit(parallel=True, cache=True)
+    def backward(a, h, h0, grad_h, grad_a, grad_u, grad_h0):
+        batch, steps, units = grad_h.shape
+        blocks = (units + 31) // 32
+        for job in numba.prange(batch * blocks):
+            b, lo = job // blocks, (job % blocks) * 32
+            hi = min(units, lo + 32)
+            g = np.zeros(hi - lo, dtype=grad_h.dtype)
+            for t in range(steps - 1, -1, -1):
+                for n in range(hi - lo):
+                    g[n] = grad_h[b, t, lo + n] + (np.conj(a[b, t + 1, lo + n]) * g[n] if t + 1 < steps else 0)
+                    grad_u[b, t, lo + n] = g[n]
+                    grad_a[b, t, lo + n] = g[n] * np.conj(h[b, t - 1, lo + n] if t > 0 else h0[b, lo + n])
+            for n in range(hi - lo):
+                grad_h0[b, lo + n] = np.conj(a[b, 0, lo + n]) * g[n]
+
+    return forward, backward
+
+
+SCAN_IMPLEMENTATIONS = ("auto", "numba", "loop", "chunked")
+
+
+def _resolve_scan(implementation: str, a: torch.Tensor) -> str:
+    if implementation == "auto":
+        if a.device.type != "cpu":
+            return "chunked"
+        return "numba" if _numba_kernels() is not None else "loop"
+    if implementation == "numba" and (a.device.type != "cpu" or _numba_kernels() is None):
+        raise RuntimeError("scan_implementation='numba' needs numba installed and tensors on the CPU")
+    return implementation
+
+
+def _numpy(x: torch.Tensor):
+    return x.detach().contiguous().numpy()
+
+
+def _scan(a, u, h0, implementation, chunk):
+    if implementation == "numba":
+        out = torch.empty_like(u, memory_format=torch.contiguous_format)
+        _numba_kernels()[0](_numpy(a), _numpy(u), _numpy(h0), out.numpy())
+        return out
+    if implementation == "loop":
         return _loop_scan(a, u, h0)
-    return _chunked_scan(a, u, h0, max(8, int(math.sqrt(u.shape[1]))))
+    return _chunked_scan(a, u, h0, chunk if chunk > 0 else max(8, int(math.sqrt(u.shape[1]))))
 
 
 class _LinearScan(torch.autograd.Function):
@@ -153,34 +215,46 @@ class _LinearScan(torch.autograd.Function):
     `g_t = dL/dh_t + conj(a_{t+1}) g_{t+1}`, then `dL/du_t = g_t`, `dL/da_t = g_t conj(h_{t-1})`."""
 
     @staticmethod
-    def forward(ctx, a, u, h0, chunk):
-        h = _scan(a, u, h0, chunk)
+    def forward(ctx, a, u, h0, implementation, chunk):
+        h = _scan(a, u, h0, implementation, chunk)
         ctx.save_for_backward(a, h, h0)
-        ctx.chunk = chunk
+        ctx.implementation, ctx.chunk = implementation, chunk
         return h
 
     @staticmethod
     def backward(ctx, grad_h):
         a, h, h0 = ctx.saved_tensors
+        if ctx.implementation == "numba":
+            grad_a, grad_u, grad_h0 = torch.empty_like(h), torch.empty_like(h), torch.empty_like(h0)
+            _numba_kernels()[1](_numpy(a), _numpy(h), _numpy(h0), _numpy(grad_h), grad_a.numpy(), grad_u.numpy(),
+                                grad_h0.numpy())
+            return grad_a, grad_u, grad_h0, None, None
         # reverse-time coefficients: step s of the reversed scan multiplies by conj(a_{T-s}); its first one is unused
         a_next = torch.cat([a[:, 1:], torch.zeros_like(a[:, :1])], dim=1).conj().flip(1)
-        g = _scan(a_next, grad_h.flip(1), torch.zeros_like(h0), ctx.chunk).flip(1)
+        g = _scan(a_next, grad_h.flip(1), torch.zeros_like(h0), ctx.implementation, ctx.chunk).flip(1)
         h_prev = torch.cat([h0.unsqueeze(1), h[:, :-1]], dim=1)
         grad_a = g * h_prev.conj()
         grad_h0 = a[:, 0].conj() * g[:, 0]
-        return grad_a, g, grad_h0, None
+        return grad_a, g, grad_h0, None, None
 
 
-def linear_scan(a: torch.Tensor, u: torch.Tensor, h0: Optional[torch.Tensor] = None, chunk: int = 0) -> torch.Tensor:
+def linear_scan(
+    a: torch.Tensor, u: torch.Tensor, h0: Optional[torch.Tensor] = None, implementation: str = "auto", chunk: int = 0
+) -> torch.Tensor:
     """`h_t = a_t * h_{t-1} + u_t` over dim 1 for (B, T, N) real or complex tensors, differentiable.
 
-    `chunk > 0` runs the chunked scan with that chunk length; `chunk = 0` picks the step loop on CPU and chunks of
-    ~sqrt(T) elsewhere."""
+    `implementation`: "numba" (compiled CPU kernels), "loop" (one fused torch op per step), "chunked" (a chunked
+    parallel scan, chunks of `chunk` steps or ~sqrt(T)), or "auto": numba on CPU when installed, else the loop;
+    chunked on accelerators. All agree with `sequential_scan` to float tolerance."""
     if a.shape != u.shape or a.dim() != 3:
         raise ValueError(f"linear_scan: a and u must both be (B, T, N); got {tuple(a.shape)} and {tuple(u.shape)}")
+    if implementation not in SCAN_IMPLEMENTATIONS:
+        raise ValueError(f"linear_scan: implementation must be one of {SCAN_IMPLEMENTATIONS}, got {implementation!r}")
     if h0 is None:
         h0 = torch.zeros_like(u[:, 0])
-    return _LinearScan.apply(a, u, h0, max(chunk, 0))
+    if u.shape[1] == 1 and not torch.is_grad_enabled():  # a generation step
+        return (a[:, 0] * h0 + u[:, 0]).unsqueeze(1)
+    return _LinearScan.apply(a, u, h0, _resolve_scan(implementation, a), max(chunk, 0))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -229,6 +303,7 @@ class PoolformerRGLRU(nn.Module):
         self.scale = config.recurrence_scale
         self.max_grad = config.sqrt_max_gradient
         self.chunk = config.scan_chunk_size
+        self.scan_implementation = config.scan_implementation
         self.conv_width = config.conv1d_width
         width = config.lru_width
         self.input_proj = nn.Linear(config.hidden_size, width)
@@ -266,7 +341,8 @@ class PoolformerRGLRU(nn.Module):
                 a, u = torch.exp(log_a), multiplier * x
             key = self.state_key + ".h"
             h_last = state.get(key)
-            h_all = linear_scan(a, u, None if h_last is None else h_last.to(u.dtype), self.chunk)
+            h0 = None if h_last is None else h_last.to(u.dtype)
+            h_all = linear_scan(a, u, h0, self.scan_implementation, self.chunk)
             state[key] = h_all[:, -1]
             out = torch.cat([h_all.real, h_all.imag], dim=-1) if self.is_complex else h_all
         return out.to(h.dtype)
@@ -640,10 +716,10 @@ class PoolformerForCausalLM(PoolformerPreTrainedModel, GenerationMixin):
             labels = labels.to(all_logits.device)
             if attention_mask is not None:
                 labels = labels.masked_fill(attention_mask[:, -labels.shape[1] :] == 0, -100)
+            # shift the labels, not the logits: slicing (B, T, vocab) logits would copy them
+            targets = F.pad(labels[:, 1:], (0, 1), value=-100)
             loss = F.cross_entropy(
-                all_logits[:, :-1].float().reshape(-1, self.config.vocab_size),
-                labels[:, 1:].reshape(-1),
-                ignore_index=-100,
+                all_logits.float().reshape(-1, self.config.vocab_size), targets.reshape(-1), ignore_index=-100
             )
             bits = loss / math.log(2.0)
 

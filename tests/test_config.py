@@ -51,6 +51,7 @@ INVALID = [
     ("embedding", "onehot"),
     ("dropout", 1.0),
     ("sqrt_max_gradient", 0),
+    ("scan_implementation", "cuda"),
     ("scan_chunk_size", -2),
     ("sample_rate", 0),
     ("quantization", "a-law"),

@@ -41,6 +41,19 @@ from modeling_poolformer.audio import save_spectrogram, write_wav  # noqa: E402
 logger = logging.getLogger("train")
 
 
+def keep_freed_memory_in_heap():
+    """On CPU, glibc hands every freed tensor above 32 MB back to the OS, and the next step page-faults it in
+    again; keeping freed memory in the heap makes CPU training steps ~1.5x faster. No-op outside glibc."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 2**31 - 1)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
@@ -181,6 +194,8 @@ def model_card(args, config, protocol, spec, progress, val_bits, sample_names, n
 def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if not torch.cuda.is_available():
+        keep_freed_memory_in_heap()
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
         mixed_precision=args.mixed_precision,
