@@ -88,6 +88,10 @@ class PoolformerConfig(PretrainedConfig):
             (numba on CPU when it is installed, else the loop; chunked on accelerators). All give the same result.
         scan_chunk_size (`int`, defaults to 0):
             Chunk length of the chunked scan; 0 picks about `sqrt(T)` per call.
+        activation_checkpointing (`bool`, defaults to `False`):
+            Recompute each residual block in the backward pass instead of storing its activations (only its input
+            is kept), so training steps on very long sequences fit in memory; `model.activation_checkpointing_enable()`
+            switches it on too.
         sample_rate (`int`, defaults to 16000):
             Audio sample rate in Hz; used when tokens are turned into waveforms and when data is resampled.
         quantization (`str`, defaults to `"mu-law"`):
@@ -127,6 +131,7 @@ class PoolformerConfig(PretrainedConfig):
         sqrt_max_gradient=200.0,
         scan_implementation="auto",
         scan_chunk_size=0,
+        activation_checkpointing=False,
         sample_rate=16000,
         quantization="mu-law",
         bos_token_id=128,
@@ -158,6 +163,7 @@ class PoolformerConfig(PretrainedConfig):
         self.sqrt_max_gradient = sqrt_max_gradient
         self.scan_implementation = scan_implementation
         self.scan_chunk_size = scan_chunk_size
+        self.activation_checkpointing = activation_checkpointing
         self.sample_rate = sample_rate
         self.quantization = quantization
         if tie_word_embeddings:
@@ -234,6 +240,7 @@ class PoolformerConfig(PretrainedConfig):
         need(is_num(self.sqrt_max_gradient) and self.sqrt_max_gradient > 0, "sqrt_max_gradient", "a number > 0")
         need(self.scan_implementation in _SCAN_IMPLEMENTATIONS, "scan_implementation", f"one of {_SCAN_IMPLEMENTATIONS}")
         need(is_int(self.scan_chunk_size) and self.scan_chunk_size >= 0, "scan_chunk_size", "an int >= 0 (0 = auto)")
+        need(is_bool(self.activation_checkpointing), "activation_checkpointing", "True or False")
         need(is_int(self.sample_rate) and self.sample_rate > 0, "sample_rate", "a positive int (Hz)")
         need(self.quantization in _QUANTIZATIONS, "quantization", f"one of {_QUANTIZATIONS}")
         need(is_int(self.bos_token_id) and 0 <= self.bos_token_id < self.vocab_size,

@@ -17,6 +17,7 @@ from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
@@ -353,6 +354,9 @@ class PoolformerRGLRU(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+_TRANSIENT = "_transient"  # marks the state dict of a forward without cache: nothing reads it afterwards
+
+
 def _make_norm(config: PoolformerConfig) -> nn.Module:
     if config.norm == "layer":
         return nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
@@ -374,8 +378,20 @@ class PoolformerResidualBlock(nn.Module):
         self.out_proj = nn.Linear(width, config.hidden_size)
         self.out_proj.init_num_blocks = num_blocks  # thesis init: variance 1 / (num_blocks * fan_in)
         self.dropout = nn.Dropout(config.dropout)
+        # activation checkpointing (config.activation_checkpointing or model.activation_checkpointing_enable())
+        self.gradient_checkpointing = config.activation_checkpointing
 
     def forward(self, x: torch.Tensor, state: dict) -> torch.Tensor:
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and _TRANSIENT in state:
+            # the recomputation must start from the same (empty) state as the first pass, so the block gets a
+            # private dict; a full forward without cache never reads a block's state back
+            run = getattr(self, "_gradient_checkpointing_func", None) or functools.partial(
+                torch.utils.checkpoint.checkpoint, use_reentrant=False
+            )
+            return run(lambda inputs: self._forward(inputs, {}), x)
+        return self._forward(x, state)
+
+    def _forward(self, x: torch.Tensor, state: dict) -> torch.Tensor:
         h = self.norm(x)
         b = self.layer(h, state) if isinstance(self.layer, PoolformerRGLRU) else self.layer(h)
         b = b * F.gelu(self.gate_proj(h)) if self.gate_proj is not None else F.gelu(b)
@@ -513,6 +529,7 @@ class PoolformerPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     main_input_name = "input_ids"
     _no_split_modules = ["PoolformerResidualBlock"]
+    supports_gradient_checkpointing = True
     _is_stateful = True  # the cache cannot be cropped, so assisted decoding is refused
 
     @classmethod
@@ -632,7 +649,7 @@ class PoolformerModel(PoolformerPreTrainedModel):
         self._check_inputs(input_ids, inputs_embeds, attention_mask, past_seen)
         if use_cache and past_key_values is None:
             past_key_values = PoolformerCache(self.config)
-        state = past_key_values.states if use_cache else {}
+        state = past_key_values.states if use_cache else {_TRANSIENT: True}
 
         x = self.embed_tokens(input_ids, self.dtype) if inputs_embeds is None else inputs_embeds
         embeddings = x

@@ -53,6 +53,7 @@ INVALID = [
     ("sqrt_max_gradient", 0),
     ("scan_implementation", "cuda"),
     ("scan_chunk_size", -2),
+    ("activation_checkpointing", "yes"),
     ("sample_rate", 0),
     ("quantization", "a-law"),
     ("bos_token_id", 256),

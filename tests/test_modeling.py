@@ -208,3 +208,21 @@ def test_thesis_init():
     assert abs(out.std().item() - math.sqrt(1 / (17 * out.shape[1]))) < 0.1 * math.sqrt(1 / (17 * out.shape[1]))
     inner = model.model.body.inner.inner.inner.inner.blocks[0].out_proj.weight  # innermost stack: 1 / 8
     assert abs(inner.std().item() - math.sqrt(1 / (8 * inner.shape[1]))) < 0.1 * math.sqrt(1 / (8 * inner.shape[1]))
+
+
+@pytest.mark.parametrize("use_api", [False, True])
+def test_activation_checkpointing_gives_the_same_gradients(use_api):
+    config = hub_config("sc09", conv1d_width=3)
+    plain = PoolformerForCausalLM(config).train()
+    if use_api:
+        ckpt = PoolformerForCausalLM(config).train()
+        ckpt.activation_checkpointing_enable()
+    else:
+        ckpt = PoolformerForCausalLM(hub_config("sc09", conv1d_width=3, activation_checkpointing=True)).train()
+    ckpt.load_state_dict(plain.state_dict())
+    assert all(b.gradient_checkpointing for b in ckpt.modules() if hasattr(b, "gradient_checkpointing"))
+    ids = torch.randint(0, 256, (2, 333))
+    for model in (plain, ckpt):
+        model(ids, labels=ids).loss.backward()
+    for (name, a), (_, b) in zip(plain.named_parameters(), ckpt.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=name)

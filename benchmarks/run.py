@@ -1,0 +1,377 @@
+"""Poolformer benchmarks, every comparison measured side by side in one run on this machine.
+
+    python benchmarks/run.py [--quick] [--out benchmarks/results] [--only scan,train,peers,generate,length]
+
+Writes `<out>/results.md` (the tables) and `<out>/results.json`. Sections:
+1. scan: RG-LRU scan forward + backward (B=4, T=16000, 128 complex units) per implementation, against a memcpy of
+   the bytes the scan must move (read a, u, write h; read dL/dh, a, h, write dL/da, dL/du);
+2. train: training tokens/s of the SC09 config vs its no-pooling ablation (T=16000);
+3. peers: training tokens/s vs transformers' MambaForCausalLM, RecurrentGemmaForCausalLM and a GPT-2, parameter
+   counts matched within 10%, same T and batch;
+4. generate: generation tokens/s, fast path vs transformers' generic generate vs the peers' generate, batch 1, 16;
+5. length: time and peak memory of one training step as T grows (B=1, activation checkpointing on), with the
+   transformer beside it until it runs out of memory or time;
+6. on a GPU (when present) the same sections run on it.
+"""
+
+import argparse
+import ctypes
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from modeling_poolformer import PoolformerConfig, PoolformerForCausalLM, linear_scan, sequential_scan  # noqa: E402
+from modeling_poolformer.modeling_poolformer import _numba_kernels  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SC09 = ROOT / "hub_configs" / "sc09"
+
+
+def keep_freed_memory_in_heap():
+    """The same allocator setting train.py uses on CPU (see there), applied to every model alike."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 2**31 - 1)
+        libc.mallopt(-1, 2**31 - 1)
+    except (OSError, AttributeError):
+        pass
+
+
+def sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def best_of(fn, repeats=3, warmup=1):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 1. scan
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def bench_scan(quick):
+    batch, length, units = 4, 4000 if quick else 16000, 128
+    g = torch.Generator().manual_seed(0)
+    a = torch.polar(torch.rand(batch, length, units, generator=g) * 0.98, torch.rand(batch, length, units, generator=g))
+    u = torch.randn(batch, length, units, dtype=torch.complex64, generator=g)
+    a, u = a.to(DEVICE), u.to(DEVICE)
+    grad = torch.randn_like(u)
+
+    def fwd_bwd(fn):
+        def run():
+            x, y = a.detach().requires_grad_(), u.detach().requires_grad_()
+            h = fn(x, y)
+            torch.autograd.backward(h, grad)
+        return run
+
+    dst = torch.empty_like(a)
+    copy = best_of(lambda: dst.copy_(a), repeats=5)
+    bound = 4 * copy  # 8 passes over an array of this size; one copy is 2 (read + write)
+    rows = []
+    impls = ["numba", "loop", "chunked"] if DEVICE == "cpu" else ["chunked"]
+    impls = [i for i in impls if i != "numba" or _numba_kernels() is not None]
+    for impl in impls:
+        t = best_of(fwd_bwd(lambda x, y, impl=impl: linear_scan(x, y, implementation=impl)))
+        rows.append({"implementation": impl, "seconds": t, "over_bound": t / bound})
+    t = best_of(fwd_bwd(sequential_scan), repeats=1)
+    rows.append({"implementation": "autograd loop (reference)", "seconds": t, "over_bound": t / bound})
+    mb = a.numel() * a.element_size() / 1e6
+    return {"batch": batch, "length": length, "units": units, "array_mb": mb, "memcpy_s": copy, "bound_s": bound,
+            "rows": rows}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 2-3. training throughput
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def train_tokens_per_s(model, batch, length, repeats=2):
+    model.to(DEVICE).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ids = torch.randint(0, 256, (batch, length), device=DEVICE)
+
+    def step():
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    t = best_of(step, repeats=repeats)
+    model.to("cpu")
+    return batch * length / t, t
+
+
+def poolformer(path=SC09, **overrides):
+    config = PoolformerConfig.from_pretrained(path, **overrides)
+    return PoolformerForCausalLM(config)
+
+
+def bench_train(quick):
+    batch, length = (1, 4000) if quick else (2, 16000)
+    rows = []
+    for name, path in (("sc09 (pooling [2,4,4,5])", SC09), ("sc09-no-pooling", ROOT / "hub_configs" / "sc09-no-pooling")):
+        model = poolformer(path, dropout=0.0)
+        tps, t = train_tokens_per_s(model, batch, length)
+        rows.append({"model": name, "params": params(model), "tokens_per_s": tps, "step_s": t})
+    rows[0]["speedup_vs_no_pooling"] = rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"]
+    return {"batch": batch, "length": length, "rows": rows}
+
+
+def matched(build, target, choices):
+    """The layer count in `choices` whose model size is closest to `target`."""
+    best = min(choices, key=lambda n: abs(params(build(n)) - target))
+    model = build(best)
+    return model, best
+
+
+def peers(target, length):
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        MambaConfig,
+        MambaForCausalLM,
+        RecurrentGemmaConfig,
+        RecurrentGemmaForCausalLM,
+    )
+
+    common = dict(vocab_size=256, bos_token_id=128, eos_token_id=None, pad_token_id=0)
+    return {
+        "MambaForCausalLM": lambda n: MambaForCausalLM(MambaConfig(hidden_size=256, num_hidden_layers=n, state_size=16,
+                                                                   expand=2, **common)),
+        "RecurrentGemmaForCausalLM": lambda n: RecurrentGemmaForCausalLM(RecurrentGemmaConfig(
+            hidden_size=256, lru_width=256, intermediate_size=1536, num_hidden_layers=n, num_attention_heads=4,
+            attention_window_size=1024, **common)),
+        "GPT-2": lambda n: GPT2LMHeadModel(GPT2Config(n_embd=256, n_layer=n, n_head=8, n_positions=max(length, 1024),
+                                                      **common)),
+    }
+
+
+def bench_peers(quick):
+    batch, length = (1, 2048) if quick else (2, 4096)
+    ours = poolformer(dropout=0.0)
+    target = params(ours)
+    tps, t = train_tokens_per_s(ours, batch, length)
+    rows = [{"model": "Poolformer sc09", "params": target, "tokens_per_s": tps, "step_s": t}]
+    for name, build in peers(target, length).items():
+        model, layers = matched(build, target, range(2, 25))
+        assert abs(params(model) - target) <= 0.1 * target, (name, params(model))
+        tps, t = train_tokens_per_s(model, batch, length, repeats=1)
+        rows.append({"model": f"{name} ({layers} layers)", "params": params(model), "tokens_per_s": tps, "step_s": t})
+    for row in rows[1:]:
+        row["poolformer_speedup"] = rows[0]["tokens_per_s"] / row["tokens_per_s"]
+    return {"batch": batch, "length": length, "rows": rows}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 4. generation
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def generate_tokens_per_s(generate, batch, new_tokens):
+    t = best_of(lambda: generate(batch, new_tokens), repeats=1, warmup=0)
+    return batch * new_tokens / t
+
+
+def bench_generate(quick):
+    new_tokens = 160 if quick else 640
+    ours = poolformer().to(DEVICE).eval()
+    target = params(ours)
+    bos = torch.full((1, 1), 128, device=DEVICE)
+    generators = {
+        "Poolformer fast generate": lambda b, n: ours.generate(bos, max_new_tokens=n, num_return_sequences=b),
+        "Poolformer generic generate": lambda b, n: super(PoolformerForCausalLM, ours).generate(
+            bos, max_new_tokens=n, num_return_sequences=b, do_sample=True, top_k=0),
+    }
+    for name, build in peers(target, new_tokens + 1).items():
+        model, _ = matched(build, target, range(2, 25))
+        model = model.to(DEVICE).eval()
+        generators[name] = lambda b, n, m=model: m.generate(bos, max_new_tokens=n, min_new_tokens=n,
+                                                            num_return_sequences=b, do_sample=True, top_k=0)
+    ours.generate(bos, max_new_tokens=8)  # warm-up
+    rows = []
+    for batch in (1, 16):
+        row = {"batch": batch}
+        for name, gen in generators.items():
+            row[name] = generate_tokens_per_s(gen, batch, new_tokens)
+        row["fast_over_generic"] = row["Poolformer fast generate"] / row["Poolformer generic generate"]
+        rows.append(row)
+    return {"new_tokens": new_tokens, "rows": rows, "realtime_rate": 16000}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 5. length scaling (each point in a fresh process, for its peak memory)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def one_step(kind, length):
+    """Child process: one training step (after a warm-up step) of `kind` at B=1, prints its time."""
+    keep_freed_memory_in_heap()
+    if kind == "poolformer":
+        model = poolformer(dropout=0.0, activation_checkpointing=True)
+    else:
+        build = peers(7_314_176, length)["GPT-2"]
+        model, _ = matched(build, 7_314_176, range(2, 25))
+        model.activation_checkpointing_enable()
+    model.train()
+    ids = torch.randint(0, 256, (1, length))
+    times = []
+    for _ in range(2 if length <= 2**16 else 1):
+        start = time.perf_counter()
+        model(input_ids=ids, labels=ids).loss.backward()
+        times.append(time.perf_counter() - start)
+    print(json.dumps({"step_s": min(times)}))
+
+
+def measure_step(kind, length, timeout):
+    """Runs `one_step` in a child and reads its peak RSS from wait4 (ru_maxrss is in KB on Linux)."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([sys.executable, __file__, "--child", kind, str(length)], stdout=out, stderr=err)
+        deadline = time.time() + timeout
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.time() > deadline:
+                proc.kill()
+                _, _, usage = os.wait4(proc.pid, 0)
+                proc.returncode = -9
+                return {"status": f"over {timeout} s", "peak_gb": usage.ru_maxrss / 1e6}
+            time.sleep(0.2)
+        proc.returncode = code = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    peak = usage.ru_maxrss / 1e6
+    if code != 0:
+        oom = code == -9 or "memory" in stderr.lower()
+        return {"status": "out of memory" if oom else stderr.strip()[-200:], "peak_gb": peak}
+    return {"status": "ok", "peak_gb": peak, **json.loads(stdout.strip().splitlines()[-1])}
+
+
+def bench_length(quick):
+    top = 16 if quick else 20
+    rows, transformer_alive = [], True
+    for exp in range(12, top + 1):
+        length = 2**exp
+        row = {"length": length, "poolformer": measure_step("poolformer", length, timeout=600)}
+        if transformer_alive:
+            row["gpt2"] = measure_step("gpt2", length, timeout=300)
+            transformer_alive = row["gpt2"]["status"] == "ok"
+        rows.append(row)
+        print(f"  T=2^{exp}: {row}", flush=True)
+    return {"rows": rows}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# report
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def markdown(results):
+    m = results["machine"]
+    lines = [f"Machine: {m['device']}, {m['threads']} threads, torch {m['torch']}, {m['when']}.", ""]
+    if "scan" in results:
+        s = results["scan"]
+        lines += [f"**1. RG-LRU scan, forward + backward** (B={s['batch']}, T={s['length']}, {s['units']} complex units, "
+                  f"{s['array_mb']:.0f} MB per array; bound = memcpy of the 8 array passes = {s['bound_s'] * 1e3:.1f} ms)", "",
+                  "| implementation | time (ms) | x bound |", "|---|---|---|"]
+        lines += [f"| {r['implementation']} | {r['seconds'] * 1e3:.1f} | {r['over_bound']:.2f} |" for r in s["rows"]]
+        lines.append("")
+    if "train" in results:
+        t = results["train"]
+        lines += [f"**2. Training throughput, pooling vs none** (B={t['batch']}, T={t['length']})", "",
+                  "| model | params | tokens/s | step (s) |", "|---|---|---|---|"]
+        lines += [f"| {r['model']} | {r['params']:,} | {r['tokens_per_s']:.0f} | {r['step_s']:.2f} |" for r in t["rows"]]
+        lines += ["", f"Pooling speed-up: **{t['rows'][0]['speedup_vs_no_pooling']:.2f}x** (thesis: 1.87x)", ""]
+    if "peers" in results:
+        p = results["peers"]
+        lines += [f"**3. Training throughput vs peers** (B={p['batch']}, T={p['length']}, sizes matched within 10%)", "",
+                  "| model | params | tokens/s | step (s) | Poolformer speed-up |", "|---|---|---|---|---|"]
+        for r in p["rows"]:
+            speed = f"{r['poolformer_speedup']:.2f}x" if "poolformer_speedup" in r else "-"
+            lines.append(f"| {r['model']} | {r['params']:,} | {r['tokens_per_s']:.0f} | {r['step_s']:.2f} | {speed} |")
+        lines.append("")
+    if "generate" in results:
+        g = results["generate"]
+        names = [k for k in g["rows"][0] if k not in ("batch", "fast_over_generic")]
+        lines += [f"**4. Generation tokens/s** ({g['new_tokens']} new tokens, sampling; real time = "
+                  f"{g['realtime_rate']} samples/s)", "",
+                  "| batch | " + " | ".join(names) + " | fast / generic |", "|---" * (len(names) + 2) + "|"]
+        for r in g["rows"]:
+            lines.append(f"| {r['batch']} | " + " | ".join(f"{r[n]:.0f}" for n in names)
+                         + f" | {r['fast_over_generic']:.2f}x |")
+        lines.append("")
+    if "length" in results:
+        lines += ["**5. One training step vs sequence length** (B=1, activation checkpointing, fresh process per point)",
+                  "", "| T | Poolformer step (s) | Poolformer peak RSS (GB) | GPT-2 step (s) | GPT-2 peak RSS (GB) |",
+                  "|---|---|---|---|---|"]
+        for r in results["length"]["rows"]:
+            def cell(x):
+                if x is None:
+                    return "-", "-"
+                if x["status"] != "ok":
+                    return x["status"], f"{x.get('peak_gb', float('nan')):.1f}"
+                return f"{x['step_s']:.2f}", f"{x['peak_gb']:.1f}"
+            p, q = cell(r["poolformer"]), cell(r.get("gpt2"))
+            lines.append(f"| 2^{int(math.log2(r['length']))} | {p[0]} | {p[1]} | {q[0]} | {q[1]} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="smaller sizes: minutes instead of an hour on 2 CPU cores")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--only", default="scan,train,peers,generate,length")
+    p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        return one_step(args.child[0], int(args.child[1]))
+    keep_freed_memory_in_heap()
+    torch.manual_seed(0)
+    device = torch.cuda.get_device_name() if DEVICE == "cuda" else f"CPU {platform.processor() or platform.machine()}"
+    results = {"machine": {"device": device, "threads": torch.get_num_threads(), "torch": torch.__version__,
+                           "when": time.strftime("%Y-%m-%d"), "quick": args.quick}}
+    sections = {"scan": bench_scan, "train": bench_train, "peers": bench_peers, "generate": bench_generate,
+                "length": bench_length}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in args.only.split(","):
+        print(f"[{name}]", flush=True)
+        start = time.time()
+        results[name] = sections[name](args.quick)
+        results[name]["wall_s"] = time.time() - start
+        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")  # keep finished sections
+        (out / "results.md").write_text(markdown(results) + "\n")
+        print(markdown({"machine": results["machine"], name: results[name]}).split("\n", 2)[2], flush=True)
+    print(f"wrote {out / 'results.md'}")
+
+
+if __name__ == "__main__":
+    main()
