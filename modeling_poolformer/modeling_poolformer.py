@@ -1,7 +1,8 @@
 """Poolformer (arXiv 2510.02206): RG-LRU recurrences nested in pooling SkipBlocks, for raw audio.
 
-The file reads top to bottom: the audio codec, value embedding, the linear-recurrence scan, the RG-LRU, residual blocks, pooling,
-the SkipBlock, the model, the LM head, and the recurrent + pooling cache that generation carries.
+The file reads top to bottom: the audio codec, value embedding, the linear-recurrence scan, the RG-LRU, residual
+blocks, pooling, the SkipBlock, the model, the LM head (with generation), and the recurrent + pooling cache that
+generation carries.
 
 Every module runs in "streaming" form: it takes a chunk of new time steps and a dict of states (RG-LRU states,
 DownPool buffers, queues of UpPool outputs) that it reads and updates. A full forward is one chunk with an empty
@@ -144,8 +145,9 @@ def _chunked_scan(a: torch.Tensor, u: torch.Tensor, h0: torch.Tensor, chunk: int
 
 @functools.lru_cache(maxsize=None)
 def _numba_kernels():
-    """Compiled CPU kernels (numba, built on first use and cached on disk), or None when numba is missing. They
-    parallelise over batch x blocks of 32 units and run time sequentially, touching each byte once per pass."""
+    """Compiled CPU kernels (numba, built on first use and cached on disk), or None when numba is missing. Each
+    parallel job scans a block of units of one batch row through time, a whole time row at a time: every byte is
+    touched once per pass and the inner loop runs over contiguous memory."""
     try:
         import numba
         import numpy as np
@@ -153,35 +155,49 @@ def _numba_kernels():
         return None
 
     @numba.njit(parallel=True, cache=True)
-    def forward(a, u, h0, out):
+    def forward(a, u, h0, out, block):
         batch, steps, units = u.shape
-        blocks = (units + 31) // 32
+        blocks = (units + block - 1) // block
         for job in numba.prange(batch * blocks):
-            b, lo = job // blocks, (job % blocks) * 32
-            hi = min(units, lo + 32)
+            b, lo = job // blocks, (job % blocks) * block
+            hi = min(units, lo + block)
             h = h0[b, lo:hi].copy()
             for t in range(steps):
+                a_t, u_t, out_t = a[b, t, lo:hi], u[b, t, lo:hi], out[b, t, lo:hi]
                 for n in range(hi - lo):
-                    h[n] = a[b, t, lo + n] * h[n] + u[b, t, lo + n]
-                    out[b, t, lo + n] = h[n]
+                    h[n] = a_t[n] * h[n] + u_t[n]
+                    out_t[n] = h[n]
 
     @numba.njit(parallel=True, cache=True)
-    def backward(a, h, h0, grad_h, grad_a, grad_u, grad_h0):
+    def backward(a, h, h0, grad_h, grad_a, grad_u, grad_h0, block):
         batch, steps, units = grad_h.shape
-        blocks = (units + 31) // 32
+        blocks = (units + block - 1) // block
         for job in numba.prange(batch * blocks):
-            b, lo = job // blocks, (job % blocks) * 32
-            hi = min(units, lo + 32)
+            b, lo = job // blocks, (job % blocks) * block
+            hi = min(units, lo + block)
             g = np.zeros(hi - lo, dtype=grad_h.dtype)
             for t in range(steps - 1, -1, -1):
+                gh_t, gu_t, ga_t = grad_h[b, t, lo:hi], grad_u[b, t, lo:hi], grad_a[b, t, lo:hi]
+                h_prev = h[b, t - 1, lo:hi] if t > 0 else h0[b, lo:hi]
+                if t + 1 < steps:
+                    a_next = a[b, t + 1, lo:hi]
+                    for n in range(hi - lo):
+                        g[n] = gh_t[n] + np.conj(a_next[n]) * g[n]
+                else:
+                    for n in range(hi - lo):
+                        g[n] = gh_t[n]
                 for n in range(hi - lo):
-                    g[n] = grad_h[b, t, lo + n] + (np.conj(a[b, t + 1, lo + n]) * g[n] if t + 1 < steps else 0)
-                    grad_u[b, t, lo + n] = g[n]
-                    grad_a[b, t, lo + n] = g[n] * np.conj(h[b, t - 1, lo + n] if t > 0 else h0[b, lo + n])
+                    gu_t[n] = g[n]
+                    ga_t[n] = g[n] * np.conj(h_prev[n])
             for n in range(hi - lo):
                 grad_h0[b, lo + n] = np.conj(a[b, 0, lo + n]) * g[n]
 
-    return forward, backward
+    def block_size(batch, units):
+        """Whole rows when the batch alone keeps every thread busy, else split rows across the idle threads."""
+        per_row = max(1, numba.get_num_threads() // batch)
+        return max(16, -(-units // per_row))
+
+    return forward, backward, block_size
 
 
 SCAN_IMPLEMENTATIONS = ("auto", "numba", "loop", "chunked")
@@ -203,8 +219,9 @@ def _numpy(x: torch.Tensor):
 
 def _scan(a, u, h0, implementation, chunk):
     if implementation == "numba":
+        forward, _, block_size = _numba_kernels()
         out = torch.empty_like(u, memory_format=torch.contiguous_format)
-        _numba_kernels()[0](_numpy(a), _numpy(u), _numpy(h0), out.numpy())
+        forward(_numpy(a), _numpy(u), _numpy(h0), out.numpy(), block_size(u.shape[0], u.shape[2]))
         return out
     if implementation == "loop":
         return _loop_scan(a, u, h0)
@@ -226,9 +243,10 @@ class _LinearScan(torch.autograd.Function):
     def backward(ctx, grad_h):
         a, h, h0 = ctx.saved_tensors
         if ctx.implementation == "numba":
+            _, backward, block_size = _numba_kernels()
             grad_a, grad_u, grad_h0 = torch.empty_like(h), torch.empty_like(h), torch.empty_like(h0)
-            _numba_kernels()[1](_numpy(a), _numpy(h), _numpy(h0), _numpy(grad_h), grad_a.numpy(), grad_u.numpy(),
-                                grad_h0.numpy())
+            backward(_numpy(a), _numpy(h), _numpy(h0), _numpy(grad_h), grad_a.numpy(), grad_u.numpy(),
+                     grad_h0.numpy(), block_size(h.shape[0], h.shape[2]))
             return grad_a, grad_u, grad_h0, None, None
         # reverse-time coefficients: step s of the reversed scan multiplies by conj(a_{T-s}); its first one is unused
         a_next = torch.cat([a[:, 1:], torch.zeros_like(a[:, :1])], dim=1).conj().flip(1)
