@@ -171,19 +171,44 @@ def peers(target, length):
     }
 
 
+def build_model(name, length):
+    """A model by name, peers matched in size to the SC09 Poolformer (within 10%)."""
+    if name == "Poolformer sc09":
+        return poolformer(dropout=0.0), None
+    target = params(poolformer())
+    model, layers = matched(peers(target, length)[name], target, range(2, 25))
+    assert abs(params(model) - target) <= 0.1 * target, (name, params(model))
+    return model, layers
+
+
+def child_train(name, length, batch):
+    """Child process: training tokens/s of one model (a fresh process per model keeps memory apart)."""
+    keep_freed_memory_in_heap()
+    model, layers = build_model(name, length)
+    tps, t = train_tokens_per_s(model, batch, length, repeats=2 if name == "Poolformer sc09" else 1)
+    label = name if layers is None else f"{name} ({layers} layers)"
+    print(json.dumps({"model": label, "params": params(model), "tokens_per_s": tps, "step_s": t}))
+
+
+def run_child(args, timeout):
+    proc = subprocess.run([sys.executable, __file__, "--child", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or ["killed (out of memory?)"])[-1][-200:]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def bench_peers(quick):
-    batch, length = (1, 2048) if quick else (2, 4096)
-    ours = poolformer(dropout=0.0)
-    target = params(ours)
-    tps, t = train_tokens_per_s(ours, batch, length)
-    rows = [{"model": "Poolformer sc09", "params": target, "tokens_per_s": tps, "step_s": t}]
-    for name, build in peers(target, length).items():
-        model, layers = matched(build, target, range(2, 25))
-        assert abs(params(model) - target) <= 0.1 * target, (name, params(model))
-        tps, t = train_tokens_per_s(model, batch, length, repeats=1)
-        rows.append({"model": f"{name} ({layers} layers)", "params": params(model), "tokens_per_s": tps, "step_s": t})
+    batch, length = (1, 1024) if quick else (1, 2048)
+    rows = []
+    for name in ("Poolformer sc09", "MambaForCausalLM", "RecurrentGemmaForCausalLM", "GPT-2"):
+        row = run_child(["train", name, length, batch], timeout=1800)
+        row.setdefault("model", name)
+        rows.append(row)
+        print(f"  {row}", flush=True)
     for row in rows[1:]:
-        row["poolformer_speedup"] = rows[0]["tokens_per_s"] / row["tokens_per_s"]
+        if "tokens_per_s" in row and "tokens_per_s" in rows[0]:
+            row["poolformer_speedup"] = rows[0]["tokens_per_s"] / row["tokens_per_s"]
     return {"batch": batch, "length": length, "rows": rows}
 
 
@@ -193,34 +218,43 @@ def bench_peers(quick):
 
 
 @torch.no_grad()
-def generate_tokens_per_s(generate, batch, new_tokens):
-    t = best_of(lambda: generate(batch, new_tokens), repeats=1, warmup=0)
-    return batch * new_tokens / t
+def child_generate(name, new_tokens, batch):
+    """Child process: generation tokens/s of one model and path, sampling from token 128."""
+    keep_freed_memory_in_heap()
+    torch.manual_seed(0)
+    model, _ = build_model("Poolformer sc09" if name.startswith("Poolformer") else name, new_tokens + 1)
+    model = model.to(DEVICE).eval()
+    bos = torch.full((1, 1), 128, device=DEVICE)
+    if name == "Poolformer fast generate":
+        def gen(n):
+            return model.generate(bos, max_new_tokens=n, num_return_sequences=batch)
+    elif name == "Poolformer generic generate":
+        def gen(n):
+            return super(PoolformerForCausalLM, model).generate(bos, max_new_tokens=n, num_return_sequences=batch,
+                                                                do_sample=True, top_k=0)
+    else:
+        def gen(n):
+            return model.generate(bos, max_new_tokens=n, min_new_tokens=n, num_return_sequences=batch,
+                                  do_sample=True, top_k=0)
+    gen(4)  # warm-up
+    t = best_of(lambda: gen(new_tokens), repeats=1, warmup=0)
+    print(json.dumps({"tokens_per_s": batch * new_tokens / t}))
+
+
+GENERATORS = ("Poolformer fast generate", "Poolformer generic generate", "MambaForCausalLM",
+              "RecurrentGemmaForCausalLM", "GPT-2")
 
 
 def bench_generate(quick):
     new_tokens = 160 if quick else 640
-    ours = poolformer().to(DEVICE).eval()
-    target = params(ours)
-    bos = torch.full((1, 1), 128, device=DEVICE)
-    generators = {
-        "Poolformer fast generate": lambda b, n: ours.generate(bos, max_new_tokens=n, num_return_sequences=b),
-        "Poolformer generic generate": lambda b, n: super(PoolformerForCausalLM, ours).generate(
-            bos, max_new_tokens=n, num_return_sequences=b, do_sample=True, top_k=0),
-    }
-    for name, build in peers(target, new_tokens + 1).items():
-        model, _ = matched(build, target, range(2, 25))
-        model = model.to(DEVICE).eval()
-        generators[name] = lambda b, n, m=model: m.generate(bos, max_new_tokens=n, min_new_tokens=n,
-                                                            num_return_sequences=b, do_sample=True, top_k=0)
-    ours.generate(bos, max_new_tokens=8)  # warm-up
     rows = []
     for batch in (1, 16):
         row = {"batch": batch}
-        for name, gen in generators.items():
-            row[name] = generate_tokens_per_s(gen, batch, new_tokens)
+        for name in GENERATORS:
+            row[name] = run_child(["generate", name, new_tokens, batch], timeout=1800).get("tokens_per_s", float("nan"))
         row["fast_over_generic"] = row["Poolformer fast generate"] / row["Poolformer generic generate"]
         rows.append(row)
+        print(f"  {row}", flush=True)
     return {"new_tokens": new_tokens, "rows": rows, "realtime_rate": 16000}
 
 
@@ -235,8 +269,7 @@ def one_step(kind, length):
     if kind == "poolformer":
         model = poolformer(dropout=0.0, activation_checkpointing=True)
     else:
-        build = peers(7_314_176, length)["GPT-2"]
-        model, _ = matched(build, 7_314_176, range(2, 25))
+        model, _ = build_model("GPT-2", length)
         model.activation_checkpointing_enable()
     model.train()
     ids = torch.randint(0, 256, (1, length))
@@ -251,7 +284,8 @@ def one_step(kind, length):
 def measure_step(kind, length, timeout):
     """Runs `one_step` in a child and reads its peak RSS from wait4 (ru_maxrss is in KB on Linux)."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen([sys.executable, __file__, "--child", kind, str(length)], stdout=out, stderr=err)
+        proc = subprocess.Popen([sys.executable, __file__, "--child", "step", kind, str(length)], stdout=out,
+                                stderr=err)
         deadline = time.time() + timeout
         while True:
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
@@ -314,12 +348,15 @@ def markdown(results):
         lines += [f"**3. Training throughput vs peers** (B={p['batch']}, T={p['length']}, sizes matched within 10%)", "",
                   "| model | params | tokens/s | step (s) | Poolformer speed-up |", "|---|---|---|---|---|"]
         for r in p["rows"]:
+            if "error" in r:
+                lines.append(f"| {r['model']} | - | {r['error']} | - | - |")
+                continue
             speed = f"{r['poolformer_speedup']:.2f}x" if "poolformer_speedup" in r else "-"
             lines.append(f"| {r['model']} | {r['params']:,} | {r['tokens_per_s']:.0f} | {r['step_s']:.2f} | {speed} |")
         lines.append("")
     if "generate" in results:
         g = results["generate"]
-        names = [k for k in g["rows"][0] if k not in ("batch", "fast_over_generic")]
+        names = list(GENERATORS)
         lines += [f"**4. Generation tokens/s** ({g['new_tokens']} new tokens, sampling; real time = "
                   f"{g['realtime_rate']} samples/s)", "",
                   "| batch | " + " | ".join(names) + " | fast / generic |", "|---" * (len(names) + 2) + "|"]
@@ -349,10 +386,15 @@ def main():
     p.add_argument("--quick", action="store_true", help="smaller sizes: minutes instead of an hour on 2 CPU cores")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--only", default="scan,train,peers,generate,length")
-    p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        return one_step(args.child[0], int(args.child[1]))
+        mode, *rest = args.child
+        if mode == "train":
+            return child_train(rest[0], int(rest[1]), int(rest[2]))
+        if mode == "generate":
+            return child_generate(rest[0], int(rest[1]), int(rest[2]))
+        return one_step(rest[0], int(rest[1]))
     keep_freed_memory_in_heap()
     torch.manual_seed(0)
     device = torch.cuda.get_device_name() if DEVICE == "cuda" else f"CPU {platform.processor() or platform.machine()}"
