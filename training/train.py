@@ -218,6 +218,7 @@ def main(argv=None):
     generation_config = Path(args.model_config) / "generation_config.json"
     if generation_config.exists():
         model.generation_config = GenerationConfig.from_pretrained(args.model_config)
+
     def ema_update(ema_params, params, num_averaged):
         # the usual EMA warm-up: the decay grows to --ema_decay, so short runs are not stuck near the init
         decay = min(args.ema_decay, (1.0 + float(num_averaged)) / (10.0 + float(num_averaged)))
