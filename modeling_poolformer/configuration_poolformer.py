@@ -92,6 +92,13 @@ class PoolformerConfig(PretrainedConfig):
             Recompute each residual block in the backward pass instead of storing its activations (only its input
             is kept), so training steps on very long sequences fit in memory; `model.activation_checkpointing_enable()`
             switches it on too.
+        checkpoint_chunk_size (`int`, defaults to 0):
+            Activation checkpointing in time, for sequences too long for the per-block kind: a training forward
+            (gradients on, no cache) longer than this many steps runs in chunks of this length, carrying the
+            recurrent and pooling state from chunk to chunk, and each chunk is recomputed in the backward pass from
+            the state that entered it. Gradients are exact; activation memory is one chunk's plus a few values per
+            step (hidden state, logits). A multiple of prod(pooling_factors) keeps every chunk's pooled levels full.
+            0 = off. Inside a chunk, blocks are not checkpointed again.
         sample_rate (`int`, defaults to 16000):
             Audio sample rate in Hz; used when tokens are turned into waveforms and when data is resampled.
         quantization (`str`, defaults to `"mu-law"`):
@@ -132,6 +139,7 @@ class PoolformerConfig(PretrainedConfig):
         scan_implementation="auto",
         scan_chunk_size=0,
         activation_checkpointing=False,
+        checkpoint_chunk_size=0,
         sample_rate=16000,
         quantization="mu-law",
         bos_token_id=128,
@@ -164,6 +172,7 @@ class PoolformerConfig(PretrainedConfig):
         self.scan_implementation = scan_implementation
         self.scan_chunk_size = scan_chunk_size
         self.activation_checkpointing = activation_checkpointing
+        self.checkpoint_chunk_size = checkpoint_chunk_size
         self.sample_rate = sample_rate
         self.quantization = quantization
         if tie_word_embeddings:
@@ -241,6 +250,8 @@ class PoolformerConfig(PretrainedConfig):
         need(self.scan_implementation in _SCAN_IMPLEMENTATIONS, "scan_implementation", f"one of {_SCAN_IMPLEMENTATIONS}")
         need(is_int(self.scan_chunk_size) and self.scan_chunk_size >= 0, "scan_chunk_size", "an int >= 0 (0 = auto)")
         need(is_bool(self.activation_checkpointing), "activation_checkpointing", "True or False")
+        need(is_int(self.checkpoint_chunk_size) and self.checkpoint_chunk_size >= 0, "checkpoint_chunk_size",
+             "an int >= 0 (0 = off)")
         need(is_int(self.sample_rate) and self.sample_rate > 0, "sample_rate", "a positive int (Hz)")
         need(self.quantization in _QUANTIZATIONS, "quantization", f"one of {_QUANTIZATIONS}")
         need(is_int(self.bos_token_id) and 0 <= self.bos_token_id < self.vocab_size,

@@ -594,6 +594,15 @@ class PoolformerPreTrainedModel(PreTrainedModel):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def _compact(state: dict) -> dict:
+    """The state with copies of the tensors that are views into whole-sequence activations (the last step of a
+    scan, the tail of a pooling group), so holding the state does not keep those activations alive."""
+    return {
+        k: v.clone() if torch.is_tensor(v) and v.untyped_storage().nbytes() > v.numel() * v.element_size() else v
+        for k, v in state.items()
+    }
+
+
 class PoolformerModel(PoolformerPreTrainedModel):
     """Embedding, the nested SkipBlocks (or a flat stack without pooling), final norm."""
 
@@ -647,6 +656,23 @@ class PoolformerModel(PoolformerPreTrainedModel):
                     "Pad batches of different lengths on the right."
                 )
 
+    def _checkpointed_in_time(self, x: torch.Tensor, chunk: int) -> torch.Tensor:
+        """The body over `x` in time chunks, each recomputed in backward from the state that entered it (only that
+        small state and the chunk's output outlive the chunk). The streaming state makes chunking exact, and
+        gradients reach earlier chunks through it."""
+
+        def run(x_chunk, carried):
+            state = dict(carried)  # the recomputation must start from the same state as the first pass
+            return self.body(x_chunk, state), _compact(state)
+
+        # one buffer for the output: a list of chunk outputs and their concatenation would hold it twice
+        hidden, state = torch.empty_like(x), {}
+        for start in range(0, x.shape[1], chunk):
+            hidden[:, start : start + chunk], state = torch.utils.checkpoint.checkpoint(
+                run, x[:, start : start + chunk], state, use_reentrant=False
+            )
+        return hidden
+
     def forward(
         self,
         input_ids: Optional[torch.LongTensor] = None,
@@ -671,9 +697,15 @@ class PoolformerModel(PoolformerPreTrainedModel):
 
         x = self.embed_tokens(input_ids, self.dtype) if inputs_embeds is None else inputs_embeds
         embeddings = x
-        x = self.body(x, state)
+        chunk = self.config.checkpoint_chunk_size
+        if chunk and not use_cache and self.training and torch.is_grad_enabled() and x.shape[1] > chunk:
+            x = self._checkpointed_in_time(x, chunk)
+        else:
+            x = self.body(x, state)
         hidden = self.norm_f(x)
         if use_cache:
+            if x.shape[1] > 1:
+                state.update(_compact(state))
             past_key_values.seen_tokens += x.shape[1]
 
         out = BaseModelOutputWithPast(

@@ -54,6 +54,8 @@ INVALID = [
     ("scan_implementation", "cuda"),
     ("scan_chunk_size", -2),
     ("activation_checkpointing", "yes"),
+    ("checkpoint_chunk_size", -1),
+    ("checkpoint_chunk_size", 16.5),
     ("sample_rate", 0),
     ("quantization", "a-law"),
     ("bos_token_id", 256),

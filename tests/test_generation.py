@@ -59,6 +59,9 @@ def test_cache_size_is_constant_in_generated_length():
     small, _ = state_numel(3 * period)
     large, cache = state_numel(12 * period)
     assert small == large
+    # and the cache of a long prefill holds no views into the prompt's activations (which would keep them alive)
+    held = sum(v.untyped_storage().nbytes() for v in cache.states.values())
+    assert held == sum(v.numel() * v.element_size() for v in cache.states.values())
     assert "PoolformerCache(seen_tokens=" in repr(cache)
 
 

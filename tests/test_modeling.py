@@ -226,3 +226,46 @@ def test_activation_checkpointing_gives_the_same_gradients(use_api):
         model(ids, labels=ids).loss.backward()
     for (name, a), (_, b) in zip(plain.named_parameters(), ckpt.named_parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("name,chunk", [("sc09", 160), ("sc09", 37), ("sc09-coarse-shift", 100), ("sc09-no-pooling", 50)])
+def test_checkpointing_in_time_gives_the_same_loss_and_gradients(name, chunk):
+    # chunks that cut pooling groups (37), end mid-group, and a flat stack: all exact, gradients included
+    plain = PoolformerForCausalLM(hub_config(name, conv1d_width=3)).train()
+    chunked = PoolformerForCausalLM(hub_config(name, conv1d_width=3, checkpoint_chunk_size=chunk)).train()
+    chunked.load_state_dict(plain.state_dict())
+    ids = torch.randint(0, 256, (2, 3 * 160 + 7))
+    mask = torch.ones_like(ids)
+    mask[1, 400:] = 0
+    outputs = [model(ids, attention_mask=mask, labels=ids) for model in (plain, chunked)]
+    torch.testing.assert_close(outputs[1].logits, outputs[0].logits, rtol=1e-5, atol=1e-5)
+    for model, out in zip((plain, chunked), outputs):
+        out.loss.backward()
+    for (name_, a), (_, b) in zip(plain.named_parameters(), chunked.named_parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name_)
+    with torch.no_grad():  # without gradients there is nothing to save, so no chunking
+        torch.testing.assert_close(chunked(ids).logits, outputs[0].logits, rtol=1e-5, atol=1e-5)
+
+
+def test_checkpointing_in_time_keeps_only_a_few_values_per_step():
+    # outside the chunks, the autograd graph holds O(T) memory only in the hidden states and logits: count the
+    # distinct storages saved for backward, against the plain forward's (the full sc09 widths)
+    def saved_bytes(model, ids):
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(ids, labels=ids)
+        return sum(storages.values())
+
+    config = PoolformerConfig.from_pretrained(ROOT / "hub_configs" / "sc09", dropout=0.0)
+    plain = PoolformerForCausalLM(config).train()
+    chunked = PoolformerForCausalLM(PoolformerConfig(**{**config.to_dict(), "checkpoint_chunk_size": 320})).train()
+    ids = torch.randint(0, 256, (1, 3200))
+    plain_bytes, chunked_bytes = saved_bytes(plain, ids), saved_bytes(chunked, ids)
+    per_step = chunked_bytes / ids.shape[1]
+    assert per_step < 4 * (config.vocab_size + 4 * config.hidden_size), (per_step, plain_bytes / ids.shape[1])
+    assert chunked_bytes < plain_bytes / 20

@@ -33,10 +33,13 @@ def test_full_size_training_step_with_checkpointing_matches_plain():
     config = PoolformerConfig.from_pretrained(HUB_CONFIGS / "sc09", dropout=0.0)
     plain = PoolformerForCausalLM(config).train()
     ckpt = PoolformerForCausalLM(config).train()
-    ckpt.load_state_dict(plain.state_dict())
     ckpt.activation_checkpointing_enable()
+    in_time = PoolformerForCausalLM(PoolformerConfig.from_pretrained(HUB_CONFIGS / "sc09", dropout=0.0,
+                                                                     checkpoint_chunk_size=4000)).train()
     ids = torch.randint(0, 256, (1, 16001))
-    for model in (plain, ckpt):
+    for model in (plain, ckpt, in_time):
+        model.load_state_dict(plain.state_dict())
         model(ids, labels=ids).loss.backward()
-    for a, b in zip(plain.parameters(), ckpt.parameters()):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6)
+    for a, b, c in zip(plain.parameters(), ckpt.parameters(), in_time.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(c.grad, a.grad, rtol=1e-4, atol=1e-6)
