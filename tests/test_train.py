@@ -106,9 +106,11 @@ def test_two_process_data_parallel_on_cpu(cache_dir, tmp_path):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", TRAIN,
            "--dataset", str(cache_dir / "spoken_digits_v1"), *FAST, "--max_steps", "4", "--eval_every", "4",
-           "--max_eval_batches", "2", "--output_dir", str(out)]
+           "--max_eval_batches", "2", "--checkpoint_chunk_size", "500", "--output_dir", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env())
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    # the 1201-step items ran in time chunks under DDP (checkpointing in time composes with gradient all-reduce)
+    assert json.loads((out / "model" / "config.json").read_text())["checkpoint_chunk_size"] == 500
     s = summary(out)
     assert len(s["replica_checksums"]) == 2 and s["replica_checksums"][0] == s["replica_checksums"][1]
     load = textwrap.dedent(f"""
@@ -155,3 +157,6 @@ def test_bad_arguments_fail_before_training(tmp_path):
     proc = subprocess.run([sys.executable, TRAIN, "--model_config", str(tmp_path)], capture_output=True, text=True,
                           env=env())
     assert proc.returncode == 2 and "no config.json" in proc.stderr
+    proc = subprocess.run([sys.executable, TRAIN, "--checkpoint_chunk_size", "-1"], capture_output=True, text=True,
+                          env=env())
+    assert proc.returncode == 2 and "--checkpoint_chunk_size" in proc.stderr
