@@ -15,7 +15,7 @@ from datasets import Audio, Dataset
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "training"))
-from data import AudioSpec, AudioTokenDataset, build_datasets, load_splits  # noqa: E402
+from data import AudioSpec, AudioTokenDataset, build_datasets, espeak_renderer, load_splits, make_spoken_digits  # noqa: E402,E501
 
 from modeling_poolformer import PoolformerConfig  # noqa: E402
 
@@ -159,3 +159,19 @@ def test_linear_protocol_overrides_model_quantization(tmp_path):
     _, spec, sets = build_datasets(args, config)
     assert spec.quantization == "linear" and config.quantization == "linear" and spec.mode == "pad"
     assert set(sets) == {"train", "validation", "test"}
+
+
+@pytest.mark.parametrize("prefer_library", [False, True])
+def test_spoken_digits_render_with_the_tool_or_the_pip_library(tmp_path, prefer_library):
+    # the espeakng-loader wheel makes the built-in set without a system package; the tool is used when installed
+    if not prefer_library and shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng tool not installed")
+    render = espeak_renderer(prefer_library=prefer_library)
+    root = make_spoken_digits(tmp_path / "digits", voices=("en-us", "en+m3", "en-us+f3"), variants=((150, 50),),
+                              render=render)
+    assert [len((root / f).read_text().split()) for f in ("validation_list.txt", "testing_list.txt")] == [10, 10]
+    assert len(list(root.glob("*/*.wav"))) == 30
+    wave, rate = soundfile.read(root / "seven" / "v0_0.wav")
+    assert rate == 16000 and 0.2 * rate < len(wave) <= rate and np.abs(wave).max() > 0.1
+    with pytest.raises(RuntimeError, match="voice 'xx-nonexistent'"):
+        render("one", "xx-nonexistent", 150, 50)
