@@ -2,6 +2,7 @@
 nested in pooling SkipBlocks."""
 
 from transformers import PretrainedConfig
+from transformers.activations import ACT2CLS
 
 _NORMS = ("layer", "rms", "none")
 _POOLINGS = ("conv", "linear")
@@ -19,7 +20,9 @@ _AUTO_MAP = {
 
 class PoolformerConfig(PretrainedConfig):
     r"""
-    Configuration of a Poolformer model. The defaults build the thesis' SC09 model (about 7.3M parameters).
+    Configuration of a Poolformer model. The defaults build the thesis' SC09 model (7,272,704 parameters), the same
+    function as the thesis author's JAX code (`PatchARModel`); `python -m modeling_poolformer.convert_flax_checkpoint`
+    converts that code's checkpoints. Options marked *extension* are ours: the author's code has no equivalent.
 
     Args:
         vocab_size (`int`, defaults to 256):
@@ -33,13 +36,15 @@ class PoolformerConfig(PretrainedConfig):
             `len(pooling_factors) + 1` entries, the last one for the innermost stack. A SkipBlock runs this many
             pairs before pooling and as many again after un-pooling.
         lru_width (`int`, defaults to 256):
-            Number of real features entering the recurrence. A complex RG-LRU has `lru_width // 2` complex units
-            (first half real parts, second half imaginary parts); a real one has `lru_width` units.
+            Width of the RG-LRU: it projects the block input `hidden_size -> lru_width`, runs the recurrence and
+            projects back `lru_width -> hidden_size`. A complex RG-LRU has `lru_width // 2` complex units (first half
+            of the features real parts, second half imaginary parts); a real one has `lru_width` units.
         complex_recurrence (`bool`, defaults to `True`):
             Complex-valued (rotating) decay, as in the thesis. `False` gives the real RG-LRU of Griffin (ablation).
         num_gate_blocks (`int`, defaults to 32):
-            Number of diagonal blocks of the block-diagonal input and recurrence gate projections. Must divide
-            `lru_width` and the number of recurrent units.
+            Number of diagonal blocks of the block-diagonal gate projections `lru_width -> units`: one input gate and
+            one recurrence gate per recurrent unit (a complex unit's real and imaginary parts share them). Must
+            divide `lru_width` and the number of recurrent units.
         recurrence_scale (`float`, defaults to 8.0):
             The constant c in `log|a_t| = -c * r_t * softplus(Lambda)`.
         r_min (`float`, defaults to 0.9), r_max (`float`, defaults to 0.99):
@@ -47,37 +52,45 @@ class PoolformerConfig(PretrainedConfig):
         max_phase (`float`, defaults to 0.1):
             Initial phases are drawn from `U[0, max_phase * pi]` ("small ring"; ignored by a real recurrence).
         conv1d_width (`int`, defaults to 0):
-            Kernel size of an optional causal depthwise temporal convolution before the RG-LRU gates, as in
-            Griffin. 0 switches it off (the thesis default).
+            Kernel size of an optional causal temporal convolution in front of every RG-LRU, followed by a LayerNorm
+            (the author's `use_temporal_cnn`). 0 switches it off (the thesis' SC09 model).
+        conv1d_groups (`int`, defaults to 1):
+            Groups of that convolution (the author's `conv_feature_group_count`; `hidden_size` makes it depthwise).
+            Must divide `hidden_size`.
         mlp_expansion (`int`, defaults to 2):
             Width of the MLP block's hidden layer, as a multiple of `hidden_size`.
         gated (`bool`, defaults to `True`):
-            Multiply each block's output by `GELU(Linear(h))`. Without gating the block applies a plain GELU
-            (ablation).
+            Multiply each block's output by `act(Linear(h))`, at the block's inner width (`hidden_size` for an RG-LRU
+            block, `mlp_expansion * hidden_size` for an MLP block). Without gating the block applies a plain
+            `act` (ablation: 5,489,408 parameters at SC09 size).
+        hidden_act (`str`, defaults to `"gelu_pytorch_tanh"`):
+            The activation of the gates, a name from transformers' `ACT2FN`. The default is the tanh approximation
+            of GELU, which flax's `nn.gelu` (the author's code) computes; `"gelu"` is the exact erf form.
         norm (`str`, defaults to `"layer"`):
-            Pre-norm of every residual block and the final norm: `"layer"` (LayerNorm), `"rms"` (RMSNorm) or
-            `"none"`.
-        norm_eps (`float`, defaults to 1e-5):
-            Epsilon of the norms.
+            Pre-norm of every residual block: `"layer"` (LayerNorm), `"rms"` (RMSNorm) or `"none"`. The final norm
+            before the head is a LayerNorm whatever this says, as in the author's code.
+        norm_eps (`float`, defaults to 1e-6):
+            Epsilon of the norms (flax's default, which the author's code uses).
         pooling (`str`, defaults to `"conv"`):
             `"conv"`: DownPool is a strided Conv1d and UpPool a strided ConvTranspose1d, both with
             `pooling_groups` groups; `"linear"`: reshape `(L*p, D) -> (L, p*D)` followed by a Linear (and the
             mirror image for UpPool).
         pooling_groups (`int`, defaults to 128):
-            Groups G of the pooling convolutions. G = D (depthwise) is stable; G = 1 is a full convolution
-            (ablation). Must divide `hidden_size`.
+            Groups G of the pooling convolutions. G = D (depthwise, the author's code) is stable; other values are an
+            *extension* (G = 1, a full convolution, is the thesis' unstable ablation). Must divide `hidden_size`.
         causal_shift (`str`, defaults to `"fine"`):
             How the up-pooled sequence is delayed to stay causal. `"fine"`: by `p - 1` fine steps, as in the
-            author's code (coarse step j feeds fine outputs `j*p+p-1 .. j*p+2p-2`); `"coarse"`: by one whole
-            coarse step (`p` fine steps), as in SaShiMi.
+            author's code (coarse step j feeds fine outputs `j*p+p-1 .. j*p+2p-2`); `"coarse"` (*extension*): by one
+            whole coarse step (`p` fine steps), as in SaShiMi.
         skip (`str`, defaults to `"short"`):
-            `"short"`: one residual connection around the pooled sub-network of each SkipBlock. `"long"`: in
-            addition, U-Net style connections from the input of every down block to the output of its mirror
-            up block (ablation).
+            `"short"`: one residual connection around the pooled sub-network of each SkipBlock. `"long"`
+            (*extension*): in addition, U-Net style connections from the input of every down block to the output
+            of its mirror up block.
         embedding (`str`, defaults to `"sinusoidal"`):
-            Token embedding. `"sinusoidal"`: fixed Fourier features of the sample value,
-            `[cos(v * w_k), sin(v * w_k)]` with `w_k = 10000^(-k / (D/2))`, no learned weights; `"learned"`: an
-            `nn.Embedding`; `"mlp"`: an MLP on the value scaled to [-1, 1].
+            Token embedding (the author's `input_transform`). `"sinusoidal"` (`"sine"`): fixed Fourier features of
+            the sample value, `[cos(v * w_k), sin(v * w_k)]` with `w_k = 10000^(-k / (D/2))`, no learned weights;
+            `"learned"` (`"embed"`): an `nn.Embedding`; `"mlp"`: a Linear(1 -> D) of the value scaled to
+            `2 v / vocab_size - 1`.
         dropout (`float`, defaults to 0.2):
             Dropout on the output of every residual block.
         sqrt_max_gradient (`float`, defaults to 200.0):
@@ -125,10 +138,12 @@ class PoolformerConfig(PretrainedConfig):
         r_max=0.99,
         max_phase=0.1,
         conv1d_width=0,
+        conv1d_groups=1,
         mlp_expansion=2,
         gated=True,
+        hidden_act="gelu_pytorch_tanh",
         norm="layer",
-        norm_eps=1e-5,
+        norm_eps=1e-6,
         pooling="conv",
         pooling_groups=128,
         causal_shift="fine",
@@ -158,8 +173,10 @@ class PoolformerConfig(PretrainedConfig):
         self.r_max = r_max
         self.max_phase = max_phase
         self.conv1d_width = conv1d_width
+        self.conv1d_groups = conv1d_groups
         self.mlp_expansion = mlp_expansion
         self.gated = gated
+        self.hidden_act = hidden_act
         self.norm = norm
         self.norm_eps = norm_eps
         self.pooling = pooling
@@ -235,8 +252,11 @@ class PoolformerConfig(PretrainedConfig):
         need(is_num(self.r_max) and self.r_min <= self.r_max < 1, "r_max", f"a number in [r_min={self.r_min}, 1)")
         need(is_num(self.max_phase) and 0 <= self.max_phase <= 2, "max_phase", "a number in [0, 2] (times pi)")
         need(is_int(self.conv1d_width) and self.conv1d_width >= 0, "conv1d_width", "an int >= 0 (0 = no conv)")
+        need(is_int(self.conv1d_groups) and self.conv1d_groups > 0 and self.hidden_size % self.conv1d_groups == 0,
+             "conv1d_groups", f"a positive int dividing hidden_size ({self.hidden_size})")
         need(is_int(self.mlp_expansion) and self.mlp_expansion >= 1, "mlp_expansion", "an int >= 1")
         need(is_bool(self.gated), "gated", "True or False")
+        need(self.hidden_act in ACT2CLS, "hidden_act", f"an activation name of transformers' ACT2FN: {sorted(ACT2CLS)}")
         need(self.norm in _NORMS, "norm", f"one of {_NORMS}")
         need(is_num(self.norm_eps) and self.norm_eps > 0, "norm_eps", "a number > 0")
         need(self.pooling in _POOLINGS, "pooling", f"one of {_POOLINGS}")

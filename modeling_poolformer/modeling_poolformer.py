@@ -22,6 +22,7 @@ import torch.utils.checkpoint
 from torch import nn
 from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
+from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 from transformers.generation.utils import GenerateDecoderOnlyOutput
@@ -64,7 +65,8 @@ def decode_audio(tokens: torch.Tensor, quantization: str = "mu-law", levels: int
 
 
 class PoolformerEmbedding(nn.Module):
-    """Maps sample values to vectors. The thesis default is a fixed Fourier embedding *of the value* (no weights)."""
+    """Maps sample values to vectors. The thesis default is a fixed Fourier embedding *of the value* (no weights);
+    `"learned"` is a lookup table and `"mlp"` a Linear(1 -> D) of the value scaled to `2 v / vocab_size - 1`."""
 
     def __init__(self, config: PoolformerConfig):
         super().__init__()
@@ -74,15 +76,14 @@ class PoolformerEmbedding(nn.Module):
         if self.kind == "learned":
             self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
         elif self.kind == "mlp":
-            self.fc_in = nn.Linear(1, config.hidden_size)
-            self.fc_out = nn.Linear(config.hidden_size, config.hidden_size)
+            self.value_proj = nn.Linear(1, config.hidden_size)
+            self.value_proj.init_bias_std = 0.5  # the author's bias init for this layer
 
     def forward(self, input_ids: torch.LongTensor, dtype: torch.dtype) -> torch.Tensor:
         if self.kind == "learned":
             return self.embed(input_ids).to(dtype)
         if self.kind == "mlp":
-            v = input_ids.to(dtype).unsqueeze(-1) * (2.0 / (self.vocab_size - 1)) - 1.0
-            return self.fc_out(F.gelu(self.fc_in(v)))
+            return self.value_proj(input_ids.to(dtype).unsqueeze(-1) * (2.0 / self.vocab_size) - 1.0)
         half = self.hidden_size // 2
         freqs = torch.pow(10000.0, -torch.arange(half, device=input_ids.device, dtype=torch.float32) / half)
         angles = input_ids.unsqueeze(-1).float() * freqs
@@ -312,8 +313,12 @@ class PoolformerBlockDiagonalLinear(nn.Module):
 
 
 class PoolformerRGLRU(nn.Module):
-    """x = Linear(h); i_t, r_t = sigmoid(BD(x_t)); log|a_t| = -c r_t softplus(Lambda), arg a_t = r_t theta;
-    h_t = a_t h_{t-1} + sqrt(1 - |a_t|^2) (i_t x_t). Output: real and imaginary parts of h, concatenated."""
+    """x = Linear(h) (D -> W); i_t, r_t = sigmoid(BD(x_t)), one of each per recurrent unit;
+    log|a_t| = -c r_t softplus(Lambda), arg a_t = r_t theta; h_t = a_t h_{t-1} + sqrt(1 - |a_t|^2) (i_t x_t);
+    output Linear(W -> D) of the real and imaginary parts of h, concatenated. A complex unit k takes features k
+    (real part) and k + W/2 (imaginary part) of x, and both parts share its gates.
+
+    With `conv1d_width`, a causal Conv1d + LayerNorm runs on h first (the author's temporal CNN)."""
 
     def __init__(self, config: PoolformerConfig):
         super().__init__()
@@ -324,27 +329,29 @@ class PoolformerRGLRU(nn.Module):
         self.chunk = config.scan_chunk_size
         self.scan_implementation = config.scan_implementation
         self.conv_width = config.conv1d_width
-        width = config.lru_width
-        self.input_proj = nn.Linear(config.hidden_size, width)
+        d, width = config.hidden_size, config.lru_width
         if self.conv_width:
-            self.conv1d = nn.Conv1d(width, width, self.conv_width, groups=width)
-        self.input_gate = PoolformerBlockDiagonalLinear(width, width, config.num_gate_blocks)
+            self.conv1d = nn.Conv1d(d, d, self.conv_width, groups=config.conv1d_groups)
+            self.conv_norm = nn.LayerNorm(d, eps=config.norm_eps)
+        self.input_proj = nn.Linear(d, width)
+        self.input_gate = PoolformerBlockDiagonalLinear(width, self.units, config.num_gate_blocks)
         self.recurrence_gate = PoolformerBlockDiagonalLinear(width, self.units, config.num_gate_blocks)
         self.recurrence_param = nn.Parameter(torch.empty(self.units))  # Lambda
         if self.is_complex:
             self.phase_param = nn.Parameter(torch.empty(self.units))  # theta
+        self.out_proj = nn.Linear(width, d)
         self.state_key = None  # set by PoolformerModel: where this block's state lives in the state dict
 
     def forward(self, h: torch.Tensor, state: dict) -> torch.Tensor:
-        x = self.input_proj(h)
-        if self.conv_width:  # causal depthwise conv; its last inputs are state for the next chunk
+        if self.conv_width:  # causal conv; its last inputs are state for the next chunk
             key = self.state_key + ".conv"
             past = state.get(key)
             if past is None:
-                past = x.new_zeros(x.shape[0], self.conv_width - 1, x.shape[2])
-            x = torch.cat([past.to(x.dtype), x], dim=1)
-            state[key] = x[:, x.shape[1] - (self.conv_width - 1):]
-            x = self.conv1d(x.transpose(1, 2)).transpose(1, 2)
+                past = h.new_zeros(h.shape[0], self.conv_width - 1, h.shape[2])
+            h = torch.cat([past.to(h.dtype), h], dim=1)
+            state[key] = h[:, h.shape[1] - (self.conv_width - 1):]
+            h = self.conv_norm(self.conv1d(h.transpose(1, 2)).transpose(1, 2))
+        x = self.input_proj(h)
         # the recurrence runs in fp32 (or fp64) even under autocast: decays near 1 need the precision
         with torch.autocast(device_type=x.device.type, enabled=False):
             x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
@@ -352,19 +359,18 @@ class PoolformerRGLRU(nn.Module):
             gate_r = torch.sigmoid(self.recurrence_gate(x))
             log_a = -self.scale * gate_r * F.softplus(self.recurrence_param.to(x.dtype))
             multiplier = _SqrtBoundedGrad.apply(-torch.expm1(2 * log_a), self.max_grad)
-            x = gate_x * x
             if self.is_complex:
                 a = torch.polar(torch.exp(log_a), gate_r * self.phase_param.to(x.dtype))
-                u = multiplier * torch.complex(x[..., : self.units], x[..., self.units :])
+                u = (multiplier * gate_x) * torch.complex(x[..., : self.units], x[..., self.units :])
             else:
-                a, u = torch.exp(log_a), multiplier * x
+                a, u = torch.exp(log_a), multiplier * gate_x * x
             key = self.state_key + ".h"
             h_last = state.get(key)
             h0 = None if h_last is None else h_last.to(u.dtype)
             h_all = linear_scan(a, u, h0, self.scan_implementation, self.chunk)
             state[key] = h_all[:, -1]
             out = torch.cat([h_all.real, h_all.imag], dim=-1) if self.is_complex else h_all
-        return out.to(h.dtype)
+        return self.out_proj(out.to(h.dtype))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -384,15 +390,16 @@ def _make_norm(config: PoolformerConfig) -> nn.Module:
 
 
 class PoolformerResidualBlock(nn.Module):
-    """h = Norm(x); b = Layer(h); b = b * GELU(Linear(h)) (or GELU(b) ungated); x + Dropout(Linear_out(b)).
-    Layer is the RG-LRU (temporal mixing) or Linear(D -> expansion * D) (MLP)."""
+    """h = Norm(x); b = Layer(h); b = b * act(Linear(h)) (or act(b) ungated); x + Dropout(Linear_out(b)).
+    Layer is the RG-LRU (temporal mixing, D -> D) or Linear(D -> expansion * D) (MLP); the gate has Layer's width."""
 
     def __init__(self, config: PoolformerConfig, temporal: bool, num_blocks: int):
         super().__init__()
-        width = config.lru_width if temporal else config.mlp_expansion * config.hidden_size
+        width = config.hidden_size if temporal else config.mlp_expansion * config.hidden_size
         self.norm = _make_norm(config)
         self.layer = PoolformerRGLRU(config) if temporal else nn.Linear(config.hidden_size, width)
         self.gate_proj = nn.Linear(config.hidden_size, width) if config.gated else None
+        self.act = ACT2FN[config.hidden_act]
         self.out_proj = nn.Linear(width, config.hidden_size)
         self.out_proj.init_num_blocks = num_blocks  # thesis init: variance 1 / (num_blocks * fan_in)
         self.dropout = nn.Dropout(config.dropout)
@@ -412,7 +419,7 @@ class PoolformerResidualBlock(nn.Module):
     def _forward(self, x: torch.Tensor, state: dict) -> torch.Tensor:
         h = self.norm(x)
         b = self.layer(h, state) if isinstance(self.layer, PoolformerRGLRU) else self.layer(h)
-        b = b * F.gelu(self.gate_proj(h)) if self.gate_proj is not None else F.gelu(b)
+        b = b * self.act(self.gate_proj(h)) if self.gate_proj is not None else self.act(b)
         return x + self.dropout(self.out_proj(b))
 
 
@@ -542,6 +549,13 @@ class PoolformerSkipBlock(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def _lecun_normal_(tensor: torch.Tensor, fan_in: int):
+    """flax's default kernel init: a normal truncated at two standard deviations, variance 1 / fan_in after the
+    truncation (which shrinks it by 0.8796^2)."""
+    std = math.sqrt(1.0 / fan_in) / 0.87962566103423978
+    init.trunc_normal_(tensor, mean=0.0, std=std, a=-2 * std, b=2 * std)
+
+
 class PoolformerPreTrainedModel(PreTrainedModel):
     config_class = PoolformerConfig
     base_model_prefix = "model"
@@ -556,23 +570,29 @@ class PoolformerPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module):
-        """Thesis init: LeCun-normal projections, output projections scaled by 1/num_blocks (fan-in variance),
-        RG-LRU decays with |a| = r0^c at r = 1 and small-ring phases."""
+        """The author's init (flax defaults): truncated LeCun-normal kernels and zero biases; the output projection
+        of every residual block and the UpPool plain normal with variance 1 / (num_blocks * fan_in); block-diagonal
+        gate biases truncated LeCun-normal over the number of blocks; RG-LRU decays with |a| = r0^c at r = 1 and
+        small-ring phases. Fan-in counts what flax counts: a conv kernel's width times its inputs per group (the
+        UpPool is a flax conv with input dilation, so its width counts too)."""
         cfg = self.config
         if isinstance(module, (nn.Linear, nn.Conv1d, nn.ConvTranspose1d)):
             if isinstance(module, nn.Linear):
                 fan_in = module.in_features
-            elif isinstance(module, nn.Conv1d):
+            else:
                 fan_in = module.in_channels // module.groups * module.kernel_size[0]
-            else:  # stride == kernel: each output sees one kernel tap of in_channels / groups inputs
-                fan_in = module.in_channels // module.groups
-            scale = getattr(module, "init_num_blocks", 1)
-            init.normal_(module.weight, mean=0.0, std=math.sqrt(1.0 / (scale * fan_in)))
-            if module.bias is not None:
+            num_blocks = getattr(module, "init_num_blocks", None)
+            if num_blocks is None:
+                _lecun_normal_(module.weight, fan_in)
+            else:
+                init.normal_(module.weight, mean=0.0, std=math.sqrt(1.0 / (num_blocks * fan_in)))
+            if module.bias is not None and hasattr(module, "init_bias_std"):
+                init.normal_(module.bias, mean=0.0, std=module.init_bias_std)
+            elif module.bias is not None:
                 init.zeros_(module.bias)
         elif isinstance(module, PoolformerBlockDiagonalLinear):
-            init.normal_(module.weight, mean=0.0, std=math.sqrt(1.0 / module.weight.shape[1]))
-            init.zeros_(module.bias)
+            _lecun_normal_(module.weight, module.weight.shape[0] * module.weight.shape[1])
+            _lecun_normal_(module.bias, module.num_blocks)
         elif isinstance(module, PoolformerRGLRU):
             # r0 = sqrt(U[r_min^2, r_max^2]); softplus(Lambda) = -log r0, so |a| = r0^c when r_t = 1
             r0 = torch.empty_like(module.recurrence_param).uniform_(cfg.r_min**2, cfg.r_max**2).sqrt()
@@ -580,8 +600,8 @@ class PoolformerPreTrainedModel(PreTrainedModel):
             init.copy_(module.recurrence_param, target + torch.log(-torch.expm1(-target)))  # softplus^-1
             if module.is_complex:
                 init.uniform_(module.phase_param, 0.0, cfg.max_phase * math.pi)
-        elif isinstance(module, nn.Embedding):
-            init.normal_(module.weight, mean=0.0, std=1.0)
+        elif isinstance(module, nn.Embedding):  # flax's nn.Embed: normal, variance 1 / features
+            init.normal_(module.weight, mean=0.0, std=math.sqrt(1.0 / module.embedding_dim))
         elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
             if module.weight is not None:
                 init.ones_(module.weight)
@@ -613,7 +633,7 @@ class PoolformerModel(PoolformerPreTrainedModel):
             self.body = PoolformerSkipBlock(config, level=0)
         else:
             self.body = PoolformerStack(config, config.level_layers[0])
-        self.norm_f = _make_norm(config)
+        self.norm_f = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)  # whatever `norm` says, as the author
         for name, module in self.named_modules():  # stable keys for the per-module states in the cache
             if isinstance(module, (PoolformerRGLRU, PoolformerSkipBlock)):
                 module.state_key = name
