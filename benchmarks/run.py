@@ -8,7 +8,9 @@ Writes `<out>/results.md` (the tables) and `<out>/results.json`. Sections:
 2. train: training tokens/s of the SC09 config vs its no-pooling ablation (T=16000);
 3. peers: training tokens/s vs transformers' MambaForCausalLM, RecurrentGemmaForCausalLM and a GPT-2, parameter
    counts matched within 10%, same T and batch;
-4. generate: generation tokens/s, fast path vs transformers' generic generate vs the peers' generate, batch 1, 16;
+4. generate: generation samples/s at batch 1, 16, 64: the plain eager loop of `model(token, past_key_values=cache)`
+   calls vs `generate` with eager steps vs `generate` with the compiled step (its first call, with an empty inductor
+   cache, timed apart), and the peers' `generate` (batch 1, 16);
 5. length: time and peak memory of one training step as T grows (B=1, checkpointing on), with the
    transformer beside it until it runs out of memory or time;
 6. on a GPU (when present) the same sections run on it.
@@ -20,6 +22,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -218,43 +221,72 @@ def bench_peers(quick):
 
 
 @torch.no_grad()
+def eager_loop(model, batch, new_tokens):
+    """The baseline: a plain loop of `model(token, past_key_values=cache)` calls with multinomial sampling."""
+    from modeling_poolformer import PoolformerCache
+
+    cache, token = PoolformerCache(model.config), torch.full((batch, 1), 128, device=DEVICE)
+    for _ in range(new_tokens):
+        logits = model(token, past_key_values=cache).logits[:, -1]
+        token = torch.multinomial(torch.softmax(logits.float(), -1), 1)
+
+
+@torch.no_grad()
 def child_generate(name, new_tokens, batch):
-    """Child process: generation tokens/s of one model and path, sampling from token 128."""
+    """Child process: generation samples/s of one model, sampling from token 128. Poolformer: the plain eager loop,
+    `generate` with eager steps, and `generate` with the compiled step (its first call, which compiles with an
+    empty inductor cache, timed apart)."""
     keep_freed_memory_in_heap()
     torch.manual_seed(0)
-    model, _ = build_model("Poolformer sc09" if name.startswith("Poolformer") else name, new_tokens + 1)
+    model, _ = build_model("Poolformer sc09" if name == "Poolformer" else name, new_tokens + 1)
     model = model.to(DEVICE).eval()
     bos = torch.full((1, 1), 128, device=DEVICE)
-    if name == "Poolformer fast generate":
-        def gen(n):
-            return model.generate(bos, max_new_tokens=n, num_return_sequences=batch)
-    elif name == "Poolformer generic generate":
-        def gen(n):
-            return super(PoolformerForCausalLM, model).generate(bos, max_new_tokens=n, num_return_sequences=batch,
-                                                                do_sample=True, top_k=0)
-    else:
+    if name != "Poolformer":
         def gen(n):
             return model.generate(bos, max_new_tokens=n, min_new_tokens=n, num_return_sequences=batch,
                                   do_sample=True, top_k=0)
-    gen(4)  # warm-up
-    t = best_of(lambda: gen(new_tokens), repeats=1, warmup=0)
-    print(json.dumps({"tokens_per_s": batch * new_tokens / t}))
+        gen(4)  # warm-up
+        print(json.dumps({"samples_per_s": batch * new_tokens / best_of(lambda: gen(new_tokens), 1, 0)}))
+        return
+    from transformers import CompileConfig
+
+    threads = 1 if batch == 1 else torch.get_num_threads()  # generate's choice, for the eager loop too
+    torch.set_num_threads(threads)
+    eager_loop(model, batch, 4)
+    loop = best_of(lambda: eager_loop(model, batch, new_tokens), 1, 0)
+    eager = best_of(lambda: model.generate(bos, max_new_tokens=new_tokens, num_return_sequences=batch,
+                                           disable_compile=True), 1, 0)
+    start = time.perf_counter()
+    model.generate(bos, max_new_tokens=8, num_return_sequences=batch, compile_config=CompileConfig())
+    first = time.perf_counter() - start
+    compiled = best_of(lambda: model.generate(bos, max_new_tokens=new_tokens, num_return_sequences=batch,
+                                              compile_config=CompileConfig()), 2, 0)
+    n = batch * new_tokens
+    print(json.dumps({"eager_loop": n / loop, "generate_eager": n / eager, "generate_compiled": n / compiled,
+                      "compile_s": first, "threads": threads}))
 
 
-GENERATORS = ("Poolformer fast generate", "Poolformer generic generate", "MambaForCausalLM",
-              "RecurrentGemmaForCausalLM", "GPT-2")
+PEERS = ("MambaForCausalLM", "RecurrentGemmaForCausalLM", "GPT-2")
 
 
 def bench_generate(quick):
-    new_tokens = 160 if quick else 640
+    new_tokens = 320 if quick else 1600
     rows = []
-    for batch in (1, 16):
-        row = {"batch": batch}
-        for name in GENERATORS:
-            row[name] = run_child(["generate", name, new_tokens, batch], timeout=1800).get("tokens_per_s", float("nan"))
-        row["fast_over_generic"] = row["Poolformer fast generate"] / row["Poolformer generic generate"]
-        rows.append(row)
-        print(f"  {row}", flush=True)
+    with tempfile.TemporaryDirectory() as cache_dir:  # compile time from an empty inductor cache
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache_dir
+        for batch in (1, 16, 64):
+            row = dict.fromkeys(("eager_loop", "generate_eager", "generate_compiled", "compile_s", "threads"),
+                                float("nan"))
+            row.update(batch=batch, **run_child(["generate", "Poolformer", new_tokens, batch], timeout=3600))
+            for name in PEERS if batch < 64 else ():
+                row[name] = run_child(["generate", name, min(new_tokens, 640), batch], timeout=3600).get(
+                    "samples_per_s", float("nan"))
+            row["compiled_over_loop"] = row["generate_compiled"] / row["eager_loop"]
+            rows.append(row)
+            print(f"  {row}", flush=True)
+            shutil.rmtree(cache_dir, ignore_errors=True)
+            os.makedirs(cache_dir)
+        del os.environ["TORCHINDUCTOR_CACHE_DIR"]
     return {"new_tokens": new_tokens, "rows": rows, "realtime_rate": 16000}
 
 
@@ -360,13 +392,16 @@ def markdown(results):
         lines.append("")
     if "generate" in results:
         g = results["generate"]
-        names = list(GENERATORS)
-        lines += [f"**4. Generation tokens/s** ({g['new_tokens']} new tokens, sampling; real time = "
-                  f"{g['realtime_rate']} samples/s)", "",
-                  "| batch | " + " | ".join(names) + " | fast / generic |", "|---" * (len(names) + 2) + "|"]
+        lines += [f"**4. Generation samples/s** (sc09 model, {g['new_tokens']} new samples per row, sampling at "
+                  f"temperature 1; real time = {g['realtime_rate']} samples/s; peers: 640 samples, same sampling)", "",
+                  "| batch | threads | eager loop | generate, eager steps | generate, compiled step | compiled / loop | "
+                  "x real time | first compiled call (s) | " + " | ".join(PEERS) + " |",
+                  "|---" * (8 + len(PEERS)) + "|"]
         for r in g["rows"]:
-            lines.append(f"| {r['batch']} | " + " | ".join(f"{r[n]:.0f}" for n in names)
-                         + f" | {r['fast_over_generic']:.2f}x |")
+            peers = " | ".join(f"{r[n]:.0f}" if n in r else "-" for n in PEERS)
+            lines.append(f"| {r['batch']} | {r['threads']:.0f} | {r['eager_loop']:.0f} | {r['generate_eager']:.0f} | "
+                         f"{r['generate_compiled']:.0f} | {r['compiled_over_loop']:.2f}x | "
+                         f"{r['generate_compiled'] / g['realtime_rate']:.3f} | {r['compile_s']:.1f} | {peers} |")
         lines.append("")
     if "length" in results:
         lines += [f"**5. One training step vs sequence length** (B=1, fresh process per point; Poolformer: per-block "

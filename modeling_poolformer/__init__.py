@@ -5,6 +5,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_poolformer import PoolformerConfig
 from .modeling_poolformer import (
+    PoolformerAudioStreamer,
     PoolformerCache,
     PoolformerForCausalLM,
     PoolformerModel,
@@ -25,6 +26,7 @@ AutoModel.register(PoolformerConfig, PoolformerModel, exist_ok=True)
 AutoModelForCausalLM.register(PoolformerConfig, PoolformerForCausalLM, exist_ok=True)
 
 __all__ = [
+    "PoolformerAudioStreamer",
     "PoolformerCache",
     "PoolformerConfig",
     "PoolformerForCausalLM",

@@ -11,7 +11,7 @@ import soundfile
 import soxr
 import torch
 
-from .modeling_poolformer import decode_audio, encode_audio
+from .modeling_poolformer import _WavWriter, decode_audio, encode_audio
 
 __all__ = ["load_audio", "resample", "write_wav", "save_spectrogram", "encode_audio", "decode_audio"]
 
@@ -34,12 +34,11 @@ def load_audio(source: Union[str, Path, bytes], target_rate: int, max_seconds: f
 
 
 def write_wav(path: Union[str, Path], wave, rate: int) -> Path:
-    """Writes a float waveform in [-1, 1] as 16-bit PCM WAV."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    wave = wave.detach().cpu().numpy() if isinstance(wave, torch.Tensor) else np.asarray(wave)
-    soundfile.write(str(path), np.clip(wave, -1.0, 1.0), rate, subtype="PCM_16")
-    return path
+    """Writes a float waveform in [-1, 1] as 16-bit PCM WAV (the same writer as `model.save_wav` and the audio
+    streamer)."""
+    with _WavWriter(path, rate) as writer:
+        writer.write(torch.as_tensor(np.asarray(wave) if not isinstance(wave, torch.Tensor) else wave.detach().cpu()))
+    return Path(path)
 
 
 def save_spectrogram(waves, rate: int, path: Union[str, Path], titles=None) -> Path:

@@ -215,6 +215,14 @@ class PoolformerConfig(PretrainedConfig):
     def num_recurrent_units(self):
         return self.lru_width // 2 if self.complex_recurrence else self.lru_width
 
+    @property
+    def stack_pairs(self):
+        """(RG-LRU, MLP) pairs of every block stack, in the model's construction order: the down stack of each
+        level outermost first, the innermost stack, then the up stacks innermost first."""
+        layers = self.level_layers
+        skip = layers[: len(self.pooling_factors)]
+        return skip + [layers[-1]] + skip[::-1]
+
     def validate_poolformer(self):
         """Raise `ValueError` naming the first invalid field and what it allows."""
 

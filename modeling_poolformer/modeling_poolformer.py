@@ -10,8 +10,15 @@ dict, prefill is a chunk with the cache's dict, and a generation step is a chunk
 one code path and agree to float tolerance.
 """
 
+import contextlib
+import copy
 import functools
+import itertools
 import math
+import queue
+import time
+import warnings
+import wave
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
@@ -20,12 +27,11 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
-from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers import CompileConfig, GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
-from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
-from transformers.generation.utils import GenerateDecoderOnlyOutput
+from transformers.generation.streamers import BaseStreamer
 from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
 
 from .configuration_poolformer import PoolformerConfig
@@ -73,6 +79,7 @@ class PoolformerEmbedding(nn.Module):
         self.kind = config.embedding
         self.hidden_size = config.hidden_size
         self.vocab_size = config.vocab_size
+        self._tables = {}  # sinusoidal: device -> (vocab_size, D) table; not a buffer, so not in the checkpoint
         if self.kind == "learned":
             self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
         elif self.kind == "mlp":
@@ -84,10 +91,14 @@ class PoolformerEmbedding(nn.Module):
             return self.embed(input_ids).to(dtype)
         if self.kind == "mlp":
             return self.value_proj(input_ids.to(dtype).unsqueeze(-1) * (2.0 / self.vocab_size) - 1.0)
-        half = self.hidden_size // 2
-        freqs = torch.pow(10000.0, -torch.arange(half, device=input_ids.device, dtype=torch.float32) / half)
-        angles = input_ids.unsqueeze(-1).float() * freqs
-        return torch.cat([angles.cos(), angles.sin()], dim=-1).to(dtype)
+        # a fixed table of the vocab_size values (made once per device), then a lookup
+        table = self._tables.get(input_ids.device)
+        if table is None:
+            half = self.hidden_size // 2
+            freqs = torch.pow(10000.0, -torch.arange(half, device=input_ids.device, dtype=torch.float32) / half)
+            angles = torch.arange(self.vocab_size, device=input_ids.device, dtype=torch.float32).unsqueeze(-1) * freqs
+            table = self._tables[input_ids.device] = torch.cat([angles.cos(), angles.sin()], dim=-1)
+        return F.embedding(input_ids, table).to(dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -308,8 +319,8 @@ class PoolformerBlockDiagonalLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.unflatten(-1, (self.num_blocks, -1))
-        y = torch.einsum("...hi,hij->...hj", x, self.weight)
-        return y.flatten(-2) + self.bias
+        y = torch.einsum("...hi,hij->...hj", x, self.weight.to(x.dtype))  # fp32 inside a bf16/fp16 model
+        return y.flatten(-2) + self.bias.to(x.dtype)
 
 
 class PoolformerRGLRU(nn.Module):
@@ -318,10 +329,14 @@ class PoolformerRGLRU(nn.Module):
     output Linear(W -> D) of the real and imaginary parts of h, concatenated. A complex unit k takes features k
     (real part) and k + W/2 (imaginary part) of x, and both parts share its gates.
 
-    With `conv1d_width`, a causal Conv1d + LayerNorm runs on h first (the author's temporal CNN)."""
+    With `conv1d_width`, a causal Conv1d + LayerNorm runs on h first (the author's temporal CNN).
 
-    def __init__(self, config: PoolformerConfig):
+    State (its block stack's `PoolformerStackState`, at `layer_idx`): h_{t-1} as (re, im) pairs, and the conv's
+    last inputs."""
+
+    def __init__(self, config: PoolformerConfig, layer_idx: int):
         super().__init__()
+        self.layer_idx = layer_idx
         self.is_complex = config.complex_recurrence
         self.units = config.num_recurrent_units
         self.scale = config.recurrence_scale
@@ -340,16 +355,15 @@ class PoolformerRGLRU(nn.Module):
         if self.is_complex:
             self.phase_param = nn.Parameter(torch.empty(self.units))  # theta
         self.out_proj = nn.Linear(width, d)
-        self.state_key = None  # set by PoolformerModel: where this block's state lives in the state dict
 
-    def forward(self, h: torch.Tensor, state: dict) -> torch.Tensor:
-        if self.conv_width:  # causal conv; its last inputs are state for the next chunk
-            key = self.state_key + ".conv"
-            past = state.get(key)
+    def forward(self, h: torch.Tensor, state: Optional["PoolformerStackState"] = None) -> torch.Tensor:
+        if self.conv_width:  # causal conv over [its last inputs, h]
+            past = state.conv_states[self.layer_idx] if state is not None else None
             if past is None:
                 past = h.new_zeros(h.shape[0], self.conv_width - 1, h.shape[2])
             h = torch.cat([past.to(h.dtype), h], dim=1)
-            state[key] = h[:, h.shape[1] - (self.conv_width - 1):]
+            if state is not None:
+                state.write(state.conv_states, self.layer_idx, h[:, h.shape[1] - (self.conv_width - 1) :])
             h = self.conv_norm(self.conv1d(h.transpose(1, 2)).transpose(1, 2))
         x = self.input_proj(h)
         # the recurrence runs in fp32 (or fp64) even under autocast: decays near 1 need the precision
@@ -358,27 +372,47 @@ class PoolformerRGLRU(nn.Module):
             gate_x = torch.sigmoid(self.input_gate(x))
             gate_r = torch.sigmoid(self.recurrence_gate(x))
             log_a = -self.scale * gate_r * F.softplus(self.recurrence_param.to(x.dtype))
-            multiplier = _SqrtBoundedGrad.apply(-torch.expm1(2 * log_a), self.max_grad)
-            if self.is_complex:
-                a = torch.polar(torch.exp(log_a), gate_r * self.phase_param.to(x.dtype))
-                u = (multiplier * gate_x) * torch.complex(x[..., : self.units], x[..., self.units :])
+            scale = _SqrtBoundedGrad.apply(-torch.expm1(2 * log_a), self.max_grad) * gate_x
+            theta = gate_r * self.phase_param.to(x.dtype) if self.is_complex else None
+            h_prev = state.recurrent_states[self.layer_idx] if state is not None else None
+            if h_prev is not None and x.shape[1] == 1 and not torch.is_grad_enabled():
+                features, last = self._step(log_a, theta, scale, x, h_prev)
             else:
-                a, u = torch.exp(log_a), multiplier * gate_x * x
-            key = self.state_key + ".h"
-            h_last = state.get(key)
-            h0 = None if h_last is None else h_last.to(u.dtype)
-            h_all = linear_scan(a, u, h0, self.scan_implementation, self.chunk)
-            state[key] = h_all[:, -1]
-            out = torch.cat([h_all.real, h_all.imag], dim=-1) if self.is_complex else h_all
-        return self.out_proj(out.to(h.dtype))
+                features, last = self._scan(log_a, theta, scale, x, h_prev)
+            if state is not None:
+                state.write(state.recurrent_states, self.layer_idx, last)
+        return self.out_proj(features.to(h.dtype))
+
+    def _scan(self, log_a, theta, scale, x, state):
+        """The recurrence over a chunk with the parallel scan -> (real and imaginary parts of h concatenated,
+        the last h as (re, im) pairs)."""
+        if not self.is_complex:
+            h0 = None if state is None else state.to(x.dtype)
+            h = linear_scan(torch.exp(log_a), scale * x, h0, self.scan_implementation, self.chunk)
+            return h, h[:, -1]
+        a = torch.polar(torch.exp(log_a), theta)
+        u = scale * torch.complex(x[..., : self.units], x[..., self.units :])
+        h0 = None if state is None else torch.view_as_complex(state.to(x.dtype))
+        h = linear_scan(a, u, h0, self.scan_implementation, self.chunk)
+        return torch.cat([h.real, h.imag], dim=-1), torch.view_as_real(h[:, -1])
+
+    def _step(self, log_a, theta, scale, x, state):
+        """One time step in real arithmetic (compilers generate no code for complex tensors): h = a h_prev + u with
+        a = |a| e^{i theta}, on (re, im) pairs. Same outputs as `_scan`."""
+        magnitude, scale, x = torch.exp(log_a[:, 0]), scale[:, 0], x[:, 0]
+        if not self.is_complex:
+            h = magnitude * state.to(x.dtype) + scale * x
+            return h.unsqueeze(1), h
+        a_re, a_im = magnitude * torch.cos(theta[:, 0]), magnitude * torch.sin(theta[:, 0])
+        h_re, h_im = state[..., 0].to(x.dtype), state[..., 1].to(x.dtype)
+        new_re = a_re * h_re - a_im * h_im + scale * x[:, : self.units]
+        new_im = a_re * h_im + a_im * h_re + scale * x[:, self.units :]
+        return torch.cat([new_re, new_im], dim=-1).unsqueeze(1), torch.stack([new_re, new_im], dim=-1)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Residual blocks: pre-norm, temporal-mixing (RG-LRU) or MLP, gated
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-_TRANSIENT = "_transient"  # marks the state dict of a forward without cache: nothing reads it afterwards
 
 
 def _make_norm(config: PoolformerConfig) -> nn.Module:
@@ -391,43 +425,78 @@ def _make_norm(config: PoolformerConfig) -> nn.Module:
 
 class PoolformerResidualBlock(nn.Module):
     """h = Norm(x); b = Layer(h); b = b * act(Linear(h)) (or act(b) ungated); x + Dropout(Linear_out(b)).
-    Layer is the RG-LRU (temporal mixing, D -> D) or Linear(D -> expansion * D) (MLP); the gate has Layer's width."""
+    Layer is the RG-LRU (temporal mixing, D -> D) or Linear(D -> expansion * D) (MLP); the gate has Layer's width.
 
-    def __init__(self, config: PoolformerConfig, temporal: bool, num_blocks: int):
+    Activation checkpointing (`config.activation_checkpointing` or `model.gradient_checkpointing_enable()`) applies to
+    forwards without a cache only: a block that reads and writes carried state could not be recomputed from the same
+    state in the backward pass (which is why this is not transformers' `GradientCheckpointingLayer`, which would drop
+    the cache instead)."""
+
+    def __init__(self, config: PoolformerConfig, num_blocks: int, layer_idx: Optional[int] = None):
         super().__init__()
+        temporal = layer_idx is not None
         width = config.hidden_size if temporal else config.mlp_expansion * config.hidden_size
         self.norm = _make_norm(config)
-        self.layer = PoolformerRGLRU(config) if temporal else nn.Linear(config.hidden_size, width)
+        self.layer = PoolformerRGLRU(config, layer_idx) if temporal else nn.Linear(config.hidden_size, width)
         self.gate_proj = nn.Linear(config.hidden_size, width) if config.gated else None
         self.act = ACT2FN[config.hidden_act]
         self.out_proj = nn.Linear(width, config.hidden_size)
         self.out_proj.init_num_blocks = num_blocks  # thesis init: variance 1 / (num_blocks * fan_in)
         self.dropout = nn.Dropout(config.dropout)
-        # activation checkpointing (config.activation_checkpointing or model.activation_checkpointing_enable())
         self.gradient_checkpointing = config.activation_checkpointing
 
-    def forward(self, x: torch.Tensor, state: dict) -> torch.Tensor:
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and _TRANSIENT in state:
-            # the recomputation must start from the same (empty) state as the first pass, so the block gets a
-            # private dict; a full forward without cache never reads a block's state back
+    def forward(self, x: torch.Tensor, state: Optional["PoolformerStackState"] = None) -> torch.Tensor:
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and state is None:
             run = getattr(self, "_gradient_checkpointing_func", None) or functools.partial(
                 torch.utils.checkpoint.checkpoint, use_reentrant=False
             )
-            return run(lambda inputs: self._forward(inputs, {}), x)
+            return run(self._forward, x)
         return self._forward(x, state)
 
-    def _forward(self, x: torch.Tensor, state: dict) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, state: Optional["PoolformerStackState"] = None) -> torch.Tensor:
         h = self.norm(x)
         b = self.layer(h, state) if isinstance(self.layer, PoolformerRGLRU) else self.layer(h)
         b = b * self.act(self.gate_proj(h)) if self.gate_proj is not None else self.act(b)
         return x + self.dropout(self.out_proj(b))
 
 
-def _block_pairs(config: PoolformerConfig, pairs: int, num_blocks: int) -> nn.ModuleList:
-    """`pairs` x (RG-LRU block, MLP block)."""
-    return nn.ModuleList(
-        PoolformerResidualBlock(config, temporal=(i % 2 == 0), num_blocks=num_blocks) for i in range(2 * pairs)
-    )
+def _run_blocks(stack: "PoolformerBlockStack", x: torch.Tensor, state, inputs_out=None, skips_in=None):
+    """The blocks of `stack` in order. `inputs_out` collects every block's input, `skips_in` is added (last first)
+    after every block: the long skips of a U-Net. Decoding compiles this function once for all stacks of the same
+    shape: nothing in it depends on which stack it runs."""
+    for block in stack:
+        if inputs_out is not None:
+            inputs_out.append(x)
+        x = block(x, state)
+        if skips_in is not None:
+            x = x + skips_in.pop()
+    return x
+
+
+class PoolformerBlockStack(nn.ModuleList):
+    """`pairs` x (RG-LRU block, MLP block), run in order. Its state lives in the cache at `stack_idx` (one
+    `PoolformerStackState`); each RG-LRU's `layer_idx` is its position among the stack's RG-LRUs."""
+
+    def __init__(self, config: PoolformerConfig, pairs: int, num_blocks: int, stack_idx: int):
+        blocks = []
+        for i in range(pairs):
+            blocks.append(PoolformerResidualBlock(config, num_blocks, layer_idx=i))
+            blocks.append(PoolformerResidualBlock(config, num_blocks))
+        super().__init__(blocks)
+        self.stack_idx = stack_idx
+        self.compiled_step = None  # set while `generate` decodes with a compiled step
+
+    def __getitem__(self, idx):
+        if isinstance(idx, slice):  # a plain list of blocks (ModuleList would call this class's constructor)
+            return nn.ModuleList(list(self._modules.values())[idx])
+        return super().__getitem__(idx)
+
+    def forward(self, x: torch.Tensor, cache: Optional["PoolformerCache"] = None, inputs_out=None, skips_in=None):
+        state = cache.stacks[self.stack_idx] if cache is not None else None
+        if self.compiled_step is not None and state is not None and x.shape[1] == 1 and not torch.is_grad_enabled():
+            # canonical strides: a graph is specialised on them, even on the length-1 time dim
+            return self.compiled_step(self, x.clone(memory_format=torch.contiguous_format), state, inputs_out, skips_in)
+        return _run_blocks(self, x, state, inputs_out, skips_in)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -436,38 +505,59 @@ def _block_pairs(config: PoolformerConfig, pairs: int, num_blocks: int) -> nn.Mo
 
 
 class PoolformerDownPool(nn.Module):
-    """(B, m * p, D) -> (B, m, D)."""
+    """(B, m * p, D) -> (B, m, D): a Conv1d with kernel = stride = p (weights in `proj`, a `nn.Conv1d`), or a
+    reshape to (B, m, p * D) and a Linear. With kernel = stride the conv is a contraction over each group of p steps,
+    computed as such (for depthwise pooling a multiply-add: ~5x faster than the conv kernel for training, and
+    without its per-call overhead in decoding)."""
 
     def __init__(self, config: PoolformerConfig, factor: int):
         super().__init__()
         self.factor, self.kind, d = factor, config.pooling, config.hidden_size
+        self.groups = config.pooling_groups
         if self.kind == "conv":
-            self.proj = nn.Conv1d(d, d, factor, stride=factor, groups=config.pooling_groups)
+            self.proj = nn.Conv1d(d, d, factor, stride=factor, groups=self.groups)
         else:
             self.proj = nn.Linear(factor * d, d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kind == "conv":
-            return self.proj(x.transpose(1, 2)).transpose(1, 2)
-        return self.proj(x.reshape(x.shape[0], x.shape[1] // self.factor, -1))
+        batch, steps, d = x.shape
+        if self.kind != "conv":
+            return self.proj(x.reshape(batch, steps // self.factor, -1))
+        x = x.reshape(batch, steps // self.factor, self.factor, d)
+        weight = self.proj.weight  # (D_out, D_in / G, p)
+        if self.groups == d:  # depthwise: out[.., c] = sum_k x[.., k, c] w[c, k]
+            return (x * weight[:, 0].t()).sum(dim=2) + self.proj.bias
+        g = self.groups
+        out = torch.einsum("bmkgi,goik->bmgo", x.unflatten(-1, (g, -1)), weight.unflatten(0, (g, -1)))
+        return out.flatten(-2) + self.proj.bias
 
 
 class PoolformerUpPool(nn.Module):
-    """(B, m, D) -> (B, m * p, D): coarse step j produces fine steps j*p .. j*p+p-1 (before the causal shift)."""
+    """(B, m, D) -> (B, m * p, D): coarse step j produces fine steps j*p .. j*p+p-1 (before the causal shift). A
+    ConvTranspose1d with kernel = stride = p (weights in `proj`), computed as a product per coarse step, or a Linear
+    and a reshape."""
 
     def __init__(self, config: PoolformerConfig, factor: int, num_blocks: int):
         super().__init__()
         self.factor, self.kind, d = factor, config.pooling, config.hidden_size
+        self.groups = config.pooling_groups
         if self.kind == "conv":
-            self.proj = nn.ConvTranspose1d(d, d, factor, stride=factor, groups=config.pooling_groups)
+            self.proj = nn.ConvTranspose1d(d, d, factor, stride=factor, groups=self.groups)
         else:
             self.proj = nn.Linear(d, factor * d)
         self.proj.init_num_blocks = num_blocks
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kind == "conv":
-            return self.proj(x.transpose(1, 2)).transpose(1, 2)
-        return self.proj(x).reshape(x.shape[0], x.shape[1] * self.factor, -1)
+        batch, steps, d = x.shape
+        if self.kind != "conv":
+            return self.proj(x).reshape(batch, steps * self.factor, -1)
+        weight = self.proj.weight  # (D_in, D_out / G, p)
+        if self.groups == d:  # depthwise: out[.., k, c] = x[.., c] w[c, k]
+            out = x.unsqueeze(2) * weight[:, 0].t()
+        else:
+            g = self.groups
+            out = torch.einsum("bmgi,giok->bmkgo", x.unflatten(-1, (g, -1)), weight.unflatten(0, (g, -1))).flatten(-2)
+        return (out + self.proj.bias).reshape(batch, steps * self.factor, d)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -478,70 +568,68 @@ class PoolformerUpPool(nn.Module):
 class PoolformerStack(nn.Module):
     """The innermost level (or the whole model without pooling): a plain stack of residual blocks."""
 
-    def __init__(self, config: PoolformerConfig, pairs: int):
+    def __init__(self, config: PoolformerConfig, pairs: int, stack_ids):
         super().__init__()
-        self.blocks = _block_pairs(config, pairs, num_blocks=2 * pairs)
+        self.blocks = PoolformerBlockStack(config, pairs, 2 * pairs, next(stack_ids))
 
-    def forward(self, x: torch.Tensor, state: dict) -> torch.Tensor:
-        for block in self.blocks:
-            x = block(x, state)
-        return x
+    def forward(self, x: torch.Tensor, cache: Optional["PoolformerCache"] = None, phases: tuple = ()) -> torch.Tensor:
+        return self.blocks(x, cache)
 
 
 class PoolformerSkipBlock(nn.Module):
     """One pooling level. The pooled sub-network sees one step per `factor` steps of this level.
 
     Causality: coarse step j is made from this level's steps j*p .. j*p+p-1, so its output may only reach steps
-    >= j*p+p-1. The up-pooled sequence is therefore delayed by `p - 1` steps ("fine") or `p` steps ("coarse").
-    In streaming form the level keeps the DownPool inputs of an unfinished group (`.pool_buffer`) and the up-pooled
-    outputs not yet consumed (`.up_queue`, which starts as `shift` zeros): the queue always holds enough entries
-    for the current chunk, because every step's skip input comes from a group that is complete by then.
+    >= j*p+p-1. The up-pooled sequence is therefore delayed by `shift` = p - 1 steps ("fine") or p ("coarse"):
+    the skip input of step t is UpPool output t - shift (zero before the first).
+
+    Streaming: a chunk of T steps starts `phase` steps into the current pooling group (the cache's step count at
+    this level, mod p). The level keeps, at `level`, its last p DownPool inputs (`pool_windows`; the unfinished
+    group is their last `phase`) and its `shift - phase` UpPool outputs not yet consumed (`up_queues`, next first,
+    padded to p). Both have fixed shapes, and a one-step chunk depends on `phase` only through whether it
+    completes a group.
     """
 
-    def __init__(self, config: PoolformerConfig, level: int):
+    def __init__(self, config: PoolformerConfig, level: int, stack_ids):
         super().__init__()
         factors, layers = config.pooling_factors, config.level_layers
+        self.level = level
         self.factor = factors[level]
         self.shift = self.factor - 1 if config.causal_shift == "fine" else self.factor
         self.long_skips = config.skip == "long"
         pairs = layers[level]
         num_blocks = 2 * pairs + 2 * pairs + 1  # thesis: 2*len(down) + 2*len(up) + 1 for the output-scale init
-        self.down = _block_pairs(config, pairs, num_blocks)
+        self.down = PoolformerBlockStack(config, pairs, num_blocks, next(stack_ids))
         self.down_pool = PoolformerDownPool(config, self.factor)
         if level + 1 < len(factors):
-            self.inner = PoolformerSkipBlock(config, level + 1)
+            self.inner = PoolformerSkipBlock(config, level + 1, stack_ids)
         else:
-            self.inner = PoolformerStack(config, layers[-1])
+            self.inner = PoolformerStack(config, layers[-1], stack_ids)
         self.up_pool = PoolformerUpPool(config, self.factor, num_blocks)
-        self.up = _block_pairs(config, pairs, num_blocks)
-        self.state_key = None
+        self.up = PoolformerBlockStack(config, pairs, num_blocks, next(stack_ids))
 
-    def forward(self, x: torch.Tensor, state: dict) -> torch.Tensor:
-        skips = []
-        for block in self.down:
-            if self.long_skips:
-                skips.append(x)
-            x = block(x, state)
+    def forward(self, x: torch.Tensor, cache: Optional["PoolformerCache"] = None, phases: tuple = ()) -> torch.Tensor:
+        skips = [] if self.long_skips else None
+        x = self.down(x, cache, inputs_out=skips)
 
-        buffer_key, queue_key = self.state_key + ".pool_buffer", self.state_key + ".up_queue"
-        buffer, queue = state.get(buffer_key), state.get(queue_key)
-        pool_in = x if buffer is None else torch.cat([buffer.to(x.dtype), x], dim=1)
-        if queue is None:
-            queue = x.new_zeros(x.shape[0], self.shift, x.shape[2])
-        groups = pool_in.shape[1] // self.factor
-        if groups:  # the pooled sub-network only runs when a group of `factor` steps is complete
-            inner = self.inner(self.down_pool(pool_in[:, : groups * self.factor]), state)
-            queue = torch.cat([queue.to(x.dtype), self.up_pool(inner)], dim=1)
-        state[buffer_key] = pool_in[:, groups * self.factor :]
-        steps = x.shape[1]
+        p, steps = self.factor, x.shape[1]
+        phase = phases[self.level] if phases else 0
+        if cache is None:  # a forward from the start, without carried state
+            pool_in, queue = x, x.new_zeros(x.shape[0], p, x.shape[2])
+        else:
+            pool_in = torch.cat([cache.pool_windows[self.level].to(x.dtype), x], dim=1)
+            queue = cache.up_queues[self.level].to(x.dtype)
+        start = pool_in.shape[1] - steps - phase  # where the unfinished group begins in pool_in
+        groups = (phase + steps) // p  # groups this chunk completes: the pooled sub-network runs on them only
+        if groups:
+            coarse = self.down_pool(pool_in[:, start : start + groups * p])
+            queue = torch.cat([queue[:, : self.shift - phase], self.up_pool(self.inner(coarse, cache, phases))], dim=1)
         x = x + queue[:, :steps]
-        state[queue_key] = queue[:, steps:]
-
-        for block in self.up:
-            x = block(x, state)
-            if self.long_skips:
-                x = x + skips.pop()
-        return x
+        if cache is not None:
+            rest = queue[:, steps : steps + p]
+            cache.write(cache.pool_windows, self.level, pool_in[:, pool_in.shape[1] - p :])
+            cache.write(cache.up_queues, self.level, F.pad(rest, (0, 0, 0, p - rest.shape[1])))
+        return self.up(x, cache, skips_in=skips)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -614,29 +702,18 @@ class PoolformerPreTrainedModel(PreTrainedModel):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _compact(state: dict) -> dict:
-    """The state with copies of the tensors that are views into whole-sequence activations (the last step of a
-    scan, the tail of a pooling group), so holding the state does not keep those activations alive."""
-    return {
-        k: v.clone() if torch.is_tensor(v) and v.untyped_storage().nbytes() > v.numel() * v.element_size() else v
-        for k, v in state.items()
-    }
-
-
 class PoolformerModel(PoolformerPreTrainedModel):
     """Embedding, the nested SkipBlocks (or a flat stack without pooling), final norm."""
 
     def __init__(self, config: PoolformerConfig):
         super().__init__(config)
         self.embed_tokens = PoolformerEmbedding(config)
+        stack_ids = itertools.count()  # each block stack's index in the cache, in construction order
         if config.pooling_factors:
-            self.body = PoolformerSkipBlock(config, level=0)
+            self.body = PoolformerSkipBlock(config, 0, stack_ids)
         else:
-            self.body = PoolformerStack(config, config.level_layers[0])
+            self.body = PoolformerStack(config, config.level_layers[0], stack_ids)
         self.norm_f = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)  # whatever `norm` says, as the author
-        for name, module in self.named_modules():  # stable keys for the per-module states in the cache
-            if isinstance(module, (PoolformerRGLRU, PoolformerSkipBlock)):
-                module.state_key = name
         self.post_init()
 
     def _check_inputs(self, input_ids, inputs_embeds, attention_mask, past_seen):
@@ -681,15 +758,17 @@ class PoolformerModel(PoolformerPreTrainedModel):
         small state and the chunk's output outlive the chunk). The streaming state makes chunking exact, and
         gradients reach earlier chunks through it."""
 
-        def run(x_chunk, carried):
-            state = dict(carried)  # the recomputation must start from the same state as the first pass
-            return self.body(x_chunk, state), _compact(state)
+        def run(x_chunk, seen, *carried):
+            cache = PoolformerCache.from_states(self.config, carried, seen)  # the same state in the recomputation
+            out = self.body(x_chunk, cache, cache.level_phases())
+            return (out, *cache.states())
 
         # one buffer for the output: a list of chunk outputs and their concatenation would hold it twice
-        hidden, state = torch.empty_like(x), {}
+        hidden = torch.empty_like(x)
+        carried = PoolformerCache(self.config, x.shape[0], x.dtype, x.device).states()
         for start in range(0, x.shape[1], chunk):
-            hidden[:, start : start + chunk], state = torch.utils.checkpoint.checkpoint(
-                run, x[:, start : start + chunk], state, use_reentrant=False
+            hidden[:, start : start + chunk], *carried = torch.utils.checkpoint.checkpoint(
+                run, x[:, start : start + chunk], start, *carried, use_reentrant=False
             )
         return hidden
 
@@ -711,27 +790,25 @@ class PoolformerModel(PoolformerPreTrainedModel):
             )
         past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
         self._check_inputs(input_ids, inputs_embeds, attention_mask, past_seen)
-        if use_cache and past_key_values is None:
-            past_key_values = PoolformerCache(self.config)
-        state = past_key_values.states if use_cache else {_TRANSIENT: True}
-
         x = self.embed_tokens(input_ids, self.dtype) if inputs_embeds is None else inputs_embeds
-        embeddings = x
-        chunk = self.config.checkpoint_chunk_size
-        if chunk and not use_cache and self.training and torch.is_grad_enabled() and x.shape[1] > chunk:
-            x = self._checkpointed_in_time(x, chunk)
-        else:
-            x = self.body(x, state)
-        hidden = self.norm_f(x)
+        cache = None
         if use_cache:
-            if x.shape[1] > 1:
-                state.update(_compact(state))
-            past_key_values.seen_tokens += x.shape[1]
+            cache = past_key_values if past_key_values is not None else PoolformerCache(self.config)
+            cache.prepare(x.shape[0], x.dtype, x.device)
+
+        chunk = self.config.checkpoint_chunk_size
+        if chunk and cache is None and self.training and torch.is_grad_enabled() and x.shape[1] > chunk:
+            hidden = self._checkpointed_in_time(x, chunk)
+        else:
+            hidden = self.body(x, cache, cache.level_phases() if cache is not None else ())
+        hidden = self.norm_f(hidden)
+        if cache is not None:
+            cache.seen_tokens += x.shape[1]
 
         out = BaseModelOutputWithPast(
             last_hidden_state=hidden,
-            past_key_values=past_key_values if use_cache else None,
-            hidden_states=(embeddings, hidden) if output_hidden_states else None,
+            past_key_values=cache,
+            hidden_states=(x, hidden) if output_hidden_states else None,
         )
         return out if return_dict is not False else out.to_tuple()
 
@@ -782,6 +859,17 @@ class PoolformerForCausalLM(PoolformerPreTrainedModel, GenerationMixin):
         logits_to_keep: Union[int, torch.Tensor] = 0,
         **kwargs,
     ) -> Union[tuple, PoolformerCausalLMOutput]:
+        if (
+            isinstance(past_key_values, PoolformerCache) and past_key_values.stacks
+            and input_ids is not None and input_ids.dim() == 2 and input_ids.shape[1] == 1
+            and labels is None and not output_hidden_states and use_cache is not False and not torch.is_grad_enabled()
+        ):  # a decoding step
+            self.model._check_inputs(input_ids, None, attention_mask, past_key_values.seen_tokens)
+            logits = self._decode(input_ids, past_key_values, past_key_values.step_phases())
+            past_key_values.seen_tokens += 1
+            out = PoolformerCausalLMOutput(logits=logits, past_key_values=past_key_values)
+            return out if return_dict is not False else out.to_tuple()
+
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -819,134 +907,131 @@ class PoolformerForCausalLM(PoolformerPreTrainedModel, GenerationMixin):
         )
         return out if return_dict is not False else out.to_tuple()
 
+    def _decode(self, input_ids: torch.LongTensor, cache: "PoolformerCache", phases: tuple) -> torch.Tensor:
+        """One sample for every row, (B, 1) ids -> (B, 1, vocab) logits, through the same modules as `forward`
+        (with the canonical step phases; the block stacks run compiled while `generate` compiles)."""
+        x = self.model.embed_tokens(input_ids, self.dtype)
+        return self.lm_head(self.model.norm_f(self.model.body(x, cache, phases)))
+
     # -----------------------------------------------------------------------------------------------------------------
-    # Generation: a fast loop for plain sampling / greedy decoding, transformers' generate for everything else
+    # Generation: transformers' generate, driving a compiled decoding step
     # -----------------------------------------------------------------------------------------------------------------
 
-    # generation-config fields the fast loop implements; any other non-default field falls back to transformers
-    _FAST_GENERATION_FIELDS = {
-        "do_sample", "temperature", "top_k", "top_p", "max_new_tokens", "min_new_tokens", "max_length",
-        "num_return_sequences", "return_dict_in_generate", "output_scores", "output_logits", "bos_token_id",
-        "pad_token_id", "num_beams", "use_cache", "transformers_version", "_from_model_config",
-    }
+    def generate(self, inputs=None, generation_config=None, streamer=None, progress=False, generator=None,
+                 num_threads=None, **kwargs):
+        """transformers' `generate` (every decoding strategy, logits processor and output option), with:
 
-    def generate(self, inputs=None, generation_config=None, streamer=None, progress=False, generator=None, **kwargs):
-        """transformers' `generate`, with a fast path for sampling and greedy decoding.
-
-        The fast path (taken when no option beyond sampling/greedy, temperature, top-k, top-p, lengths,
-        `num_return_sequences`, scores/logits outputs and a streamer is asked for) prefills the prompt with the
-        parallel scan, then runs one step per sample straight through the model's streaming modules into a
-        preallocated output, without transformers' per-step bookkeeping. It draws samples exactly as transformers
-        does (same warpers, `torch.multinomial` on the same probabilities), so for the same seed both paths give
-        the same tokens. Everything else (beam search, repetition penalties, custom processors, ...) goes to
-        `GenerationMixin.generate`.
-
-        Extra arguments: `progress=True` shows a tqdm bar; `generator` (a `torch.Generator`) seeds the fast path
-        without touching the global RNG. `inputs=None` starts from the zero token (`bos_token_id`, 128).
+        - a compiled decoding step: every block stack runs one sample through `torch.compile` (inductor on CPU, CUDA
+          graphs on GPU), one graph for all stacks of the same shape. It is used when `max_new_tokens` >= 4000 or a
+          `compile_config` is given, and not with `disable_compile=True`; the first call of a process compiles
+          (~20 s on 2 CPU cores; inductor's disk cache makes later processes faster). Without a C++ compiler
+          (inductor needs one on CPU) it decodes eagerly, with one warning;
+        - `num_threads`: intra-op threads while generating (default: 1 for a batch of 1, where threads only add
+          synchronisation to the tiny per-sample ops, else torch's setting);
+        - `generator`: a `torch.Generator` that seeds sampling without touching the global RNG;
+        - `progress=True`: a tqdm bar with the real-time factor (also `PoolformerAudioStreamer(progress=True)`);
+        - right-padded batches: rows of different lengths (an `attention_mask` of ones then zeros) each continue
+          their own prompt exactly as alone; the output keeps transformers' layout (new tokens after the padded
+          prompt, at positions T .. T + n - 1 of every row);
+        - `inputs=None` starts from the zero token (`bos_token_id`, 128).
         """
-        # the same merge as transformers (call arguments > model's generation config > library defaults)
-        config, model_kwargs = self._prepare_generation_config(generation_config, **kwargs)
-        if not self._can_use_fast_generate(config, model_kwargs):
-            if generator is not None:
-                raise ValueError(
-                    "generate(generator=...) is only supported by the fast sampling path; these options need "
-                    "transformers' generic generate: seed it with torch.manual_seed instead."
-                )
-            return super().generate(inputs, generation_config=config, streamer=streamer, **model_kwargs)
-        return self._fast_generate(inputs, config, model_kwargs.get("attention_mask"), streamer, progress, generator)
-
-    def _can_use_fast_generate(self, config: GenerationConfig, model_kwargs: dict) -> bool:
-        extra = {k for k, v in model_kwargs.items() if k != "attention_mask" and v is not None and v is not False}
-        mask = model_kwargs.get("attention_mask")
-        defaults = GenerationConfig()
-        defaults.update(**self.generation_config._get_default_generation_params(), defaults_only=True)
-        defaults = defaults.to_dict()
-        unset = (None, False, 0)  # "off" values: output_attentions=False is as unset as None
-        changed = {
-            k for k, v in config.to_dict().items()
-            if v is not None and v != defaults.get(k, v) and not (v in unset and defaults.get(k) in unset)
-        }
-        return (
-            not extra
-            and (mask is None or bool(mask.all()))
-            and (config.num_beams or 1) == 1
-            and config.eos_token_id is None
-            and not changed - self._FAST_GENERATION_FIELDS
-        )
-
-    @torch.no_grad()
-    def _fast_generate(self, input_ids, config, attention_mask, streamer, progress, generator):
-        if input_ids is None:
+        config, _ = self._prepare_generation_config(generation_config, **kwargs)  # the merged settings, to read
+        if inputs is None:
+            inputs = kwargs.pop("input_ids", None)
+        if inputs is None:
             bos = config.bos_token_id if config.bos_token_id is not None else self.config.bos_token_id
-            input_ids = torch.full((1, 1), bos, dtype=torch.long, device=self.device)
-        input_ids = input_ids.to(self.device)
-        if (config.num_return_sequences or 1) > 1:
-            input_ids = input_ids.repeat_interleave(config.num_return_sequences, dim=0)
-        batch, prompt_len = input_ids.shape
-        new_tokens = config.max_new_tokens
-        if new_tokens is None:
-            new_tokens = (config.max_length or 20) - prompt_len
-        if new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1 (got {new_tokens}; max_length={config.max_length}).")
-
-        warpers = []
-        if config.do_sample:
-            if config.temperature is not None and config.temperature != 1.0:
-                warpers.append(TemperatureLogitsWarper(config.temperature))
-            if config.top_k:
-                warpers.append(TopKLogitsWarper(config.top_k))
-            if config.top_p is not None and config.top_p < 1.0:
-                warpers.append(TopPLogitsWarper(config.top_p))
-
-        sequences = torch.empty(batch, prompt_len + new_tokens, dtype=torch.long, device=self.device)
-        sequences[:, :prompt_len] = input_ids
-        scores, raw_logits = [], []
-        if streamer is not None:
-            streamer.put(input_ids.cpu())
-
-        cache = PoolformerCache(self.config)
-        logits = self(input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
-        steps = range(new_tokens)
+            inputs = torch.full((1, 1), bos, dtype=torch.long, device=self.device)
+        mask = kwargs.get("attention_mask")
+        if mask is not None and not bool(mask.all()):
+            return self._generate_right_padded(inputs, generation_config, config, streamer, progress, generator,
+                                               num_threads, kwargs)
         if progress:
-            from tqdm.auto import tqdm
+            streamer = _ProgressStreamer(self.config.sample_rate, _new_tokens(config, inputs.shape[1]), streamer)
+        # compilation is ours (transformers' own would compile all of forward, and only on accelerators)
+        kwargs.pop("compile_config", None)
+        kwargs.pop("disable_compile", None)
+        if generation_config is not None and (generation_config.compile_config or generation_config.disable_compile):
+            generation_config = copy.deepcopy(generation_config)
+            generation_config.compile_config, generation_config.disable_compile = None, False
+        batch = inputs.shape[0] * (config.num_return_sequences or 1) * (config.num_beams or 1)
+        threads = num_threads or (1 if batch == 1 else torch.get_num_threads())
+        with _intra_op_threads(threads), _sampling_rng(generator), self._compiled_decoding(config, inputs.shape[1]):
+            return super().generate(inputs, generation_config=generation_config, streamer=streamer, **kwargs)
 
-            steps = tqdm(steps, desc="generating", unit="sample", total=new_tokens)
-        for i in steps:
-            position = prompt_len + i
-            if config.output_logits:
-                raw_logits.append(logits.clone())
-            for warp in warpers:
-                logits = warp(sequences[:, :position], logits)
-            if config.output_scores:
-                scores.append(logits)
-            if config.do_sample:
-                probs = torch.softmax(logits, dim=-1)
-                token = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
-            else:
-                token = logits.argmax(dim=-1)
-            sequences[:, position] = token
-            if streamer is not None:
-                streamer.put(token.cpu())
-            if i + 1 < new_tokens:
-                logits = self._decode_step(token, cache)
+    @contextlib.contextmanager
+    def _compiled_decoding(self, config: GenerationConfig, prompt_length: int):
+        """While `generate` runs, one-sample steps of every block stack go through one compiled function, shared by
+        all stacks of the same shape (the state is an argument, not a constant): it compiles once, in seconds
+        rather than minutes per graph of a whole step, and it is as fast. Only when it pays off (see `generate`)."""
+        wanted = config.compile_config is not None or _new_tokens(config, prompt_length) >= 4000
+        if config.disable_compile or not wanted or not _can_compile(self.device):
+            yield
+            return
+        compile_config = config.compile_config or CompileConfig()
+        options = dict(fullgraph=True, dynamic=False, backend=compile_config.backend, options=compile_config.options)
+        if self.device.type == "cuda":
+            options["mode"] = compile_config.mode  # "reduce-overhead": CUDA graphs
+        elif compile_config.options is None:
+            options["options"] = {"cpp_wrapper": True}  # C++ calls between kernels: ~15% faster steps on CPU
+        key = repr(sorted(options.items()))
+        if key not in _COMPILED_STEPS:
+            _COMPILED_STEPS[key] = torch.compile(_run_blocks, **options)
+        stacks = [m for m in self.modules() if isinstance(m, PoolformerBlockStack)]
+        for stack in stacks:
+            stack.compiled_step = _COMPILED_STEPS[key]
+        try:
+            yield
+        finally:
+            for stack in stacks:
+                stack.compiled_step = None
+
+    def _generate_right_padded(self, inputs, generation_config, config, streamer, progress, generator, num_threads,
+                               kwargs):
+        """Rows of each prompt length are generated together, without their padding (a recurrence cannot run over
+        it, and each length has its own pooling phase); the outputs come back in the input order and transformers'
+        right-padded layout."""
+        mask = kwargs.pop("attention_mask").bool()
+        if mask.shape != inputs.shape or (mask[:, 1:] & ~mask[:, :-1]).any():
+            raise ValueError("attention_mask must have the shape of the inputs and be right-padded (ones, then zeros): "
+                             "a recurrence cannot skip left padding. Pad batches of different lengths on the right.")
+        lengths = mask.sum(dim=1).cpu()
+        if int(lengths.min()) == 0:
+            raise ValueError("attention_mask has a row of zeros: every prompt needs at least one sample.")
         if streamer is not None:
-            streamer.end()
+            raise ValueError("A streamer follows one batch: generate prompts of different lengths in separate calls.")
+        repeats = config.num_return_sequences or 1
+        pad = config.pad_token_id if config.pad_token_id is not None else self.config.bos_token_id
+        groups = []
+        for length in sorted(set(lengths.tolist())):
+            rows = (lengths == length).nonzero().squeeze(1)
+            out = self.generate(inputs[rows.to(inputs.device), :length], generation_config=generation_config,
+                                progress=progress, generator=generator, num_threads=num_threads, **kwargs)
+            groups.append((rows, length, out))
+        # transformers puts the k-th sequence of input row r at r * repeats + k
+        order = torch.cat([(rows[:, None] * repeats + torch.arange(repeats)).flatten() for rows, _, _ in groups])
+        inverse = torch.argsort(order).to(inputs.device)
+        outputs = [out if config.return_dict_in_generate else None for _, _, out in groups]
+        new_tokens = [(out.sequences if config.return_dict_in_generate else out)[:, length:] for _, length, out in groups]
+        steps = max(t.shape[1] for t in new_tokens)
+        sequences = torch.cat([
+            torch.cat([inputs[rows.to(inputs.device)].repeat_interleave(repeats, 0), F.pad(t, (0, steps - t.shape[1]), value=pad)], 1)
+            for (rows, _, _), t in zip(groups, new_tokens)
+        ])[inverse]
         if not config.return_dict_in_generate:
             return sequences
-        return GenerateDecoderOnlyOutput(
-            sequences=sequences,
-            scores=tuple(scores) if config.output_scores else None,
-            logits=tuple(raw_logits) if config.output_logits else None,
-            past_key_values=cache,
-        )
-
-    def _decode_step(self, token: torch.LongTensor, cache: "PoolformerCache") -> torch.Tensor:
-        """One sample through the streaming modules (no input checks): (B,) ids -> (B, vocab) float32 logits."""
-        model = self.model
-        x = model.embed_tokens(token.unsqueeze(1), self.dtype)
-        x = model.norm_f(model.body(x, cache.states))
-        cache.seen_tokens += 1
-        return self.lm_head(x[:, -1]).float()
+        fields = {"sequences": sequences}
+        for name, value in outputs[0].items():
+            if name in ("sequences", "past_key_values"):  # one cache cannot hold rows at different phases
+                continue
+            values = [getattr(out, name) for out in outputs]
+            if isinstance(value, tuple):  # one entry per step
+                if len({len(v) for v in values}) > 1:
+                    raise ValueError(f"{name}: the prompt lengths stopped after different numbers of steps; generate "
+                                     "them in separate calls to get per-step outputs.")
+                fields[name] = tuple(torch.cat(step)[inverse] for step in zip(*values))
+            elif torch.is_tensor(value):
+                fields[name] = torch.cat(values)[inverse]
+        return type(outputs[0])(**fields)
 
     # -----------------------------------------------------------------------------------------------------------------
     # Audio out
@@ -962,19 +1047,238 @@ class PoolformerForCausalLM(PoolformerPreTrainedModel, GenerationMixin):
     def save_wav(self, tokens: torch.Tensor, path: Union[str, Path], drop_bos: bool = True) -> list:
         """Writes generated tokens as 16-bit WAV at `config.sample_rate`: one file for (T,) tokens or a (1, T)
         batch, `path` stem + `_{i}.wav` per row otherwise. Returns the written paths."""
-        import soundfile
-
         waves = self.tokens_to_waveform(tokens, drop_bos)
         waves = waves.unsqueeze(0) if waves.dim() == 1 else waves
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if len(waves) == 1:
-            paths = [path]
-        else:
-            paths = [path.with_name(f"{path.stem}_{i}{path.suffix or '.wav'}") for i in range(len(waves))]
-        for wave, target in zip(waves, paths):
-            soundfile.write(str(target), wave.numpy(), self.config.sample_rate, subtype="PCM_16")
+        paths = _wav_paths(path, len(waves))
+        for wave_, target in zip(waves, paths):
+            with _WavWriter(target, self.config.sample_rate) as writer:
+                writer.write(wave_)
         return paths
+
+    def audio_streamer(self, path: Union[str, Path, None] = None, **kwargs) -> "PoolformerAudioStreamer":
+        """A streamer for `generate(..., streamer=...)` that writes WAVs while sampling (and/or yields float chunks):
+        `PoolformerAudioStreamer(self.config, path, **kwargs)`."""
+        return PoolformerAudioStreamer(self.config, path, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Generation helpers and audio streaming
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+_COMPILED_STEPS = {}  # torch.compile(_run_blocks) per set of compile options, shared by every model
+
+
+def _new_tokens(config: GenerationConfig, prompt_length: int) -> int:
+    return config.max_new_tokens if config.max_new_tokens is not None else (config.max_length or 20) - prompt_length
+
+
+@functools.lru_cache(maxsize=None)
+def _can_compile(device: torch.device) -> bool:
+    """CUDA compiles with Triton; inductor on CPU needs a C++ compiler at run time (warned about once)."""
+    if device.type == "cuda":
+        return True
+    if device.type != "cpu":
+        return False
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        get_cpp_compiler()
+    except Exception as e:  # inductor raises its own error types here
+        warnings.warn(f"No C++ compiler for torch.compile ({type(e).__name__}: {e}); Poolformer decodes eagerly. "
+                      "Install one (e.g. apt-get install g++) for a compiled decoding step.", stacklevel=3)
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _intra_op_threads(count: int):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@contextlib.contextmanager
+def _sampling_rng(generator: Optional[torch.Generator]):
+    """Sampling inside draws from `generator` (then advanced as if it had drawn itself); the global RNG is left as
+    it was."""
+    if generator is None:
+        yield
+        return
+    device = generator.device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(generator.get_state(), device)
+        else:
+            torch.set_rng_state(generator.get_state())
+        yield
+        generator.set_state(torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state())
+
+
+class _RealTimeBar:
+    """tqdm over generated samples, with the real-time factor: compute seconds per second of audio (< 1 is faster
+    than real time)."""
+
+    def __init__(self, sample_rate: int, total: Optional[int]):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, unit="sample", desc="generating", unit_scale=True)
+        self.sample_rate, self.start = sample_rate, time.perf_counter()
+
+    def update(self, samples: int):
+        self.bar.update(samples)
+        if self.bar.n % 400 < samples or self.bar.n == self.bar.total:
+            seconds = (time.perf_counter() - self.start) / (self.bar.n / self.sample_rate)
+            self.bar.set_postfix_str(f"RTF {seconds:.2f}", refresh=False)
+
+    def close(self):
+        self.bar.close()
+
+
+class _ProgressStreamer(BaseStreamer):
+    """`generate(progress=True)`: the bar, forwarding to the user's streamer if any."""
+
+    def __init__(self, sample_rate: int, total: int, inner: Optional[BaseStreamer] = None):
+        self.inner, self.sample_rate, self.total, self.bar = inner, sample_rate, total, None
+
+    def put(self, value):
+        if self.inner is not None:
+            self.inner.put(value)
+        if self.bar is None:  # the first call carries the prompt
+            self.bar = _RealTimeBar(self.sample_rate, self.total)
+        else:
+            self.bar.update(1)
+
+    def end(self):
+        if self.inner is not None:
+            self.inner.end()
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _wav_paths(path: Union[str, Path], count: int) -> list:
+    path = Path(path)
+    if count == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}_{i}{path.suffix or '.wav'}") for i in range(count)]
+
+
+class _WavWriter:
+    """16-bit mono PCM WAV written piece by piece with the standard library's `wave` (its header is updated on
+    every write, so the file is a valid WAV at any time)."""
+
+    def __init__(self, path: Union[str, Path], sample_rate: int):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.handle = open(path, "wb")
+        self.file = wave.open(self.handle, "wb")
+        self.file.setnchannels(1)
+        self.file.setsampwidth(2)
+        self.file.setframerate(sample_rate)
+
+    def write(self, waveform: torch.Tensor):
+        pcm = (waveform.float() * 32768.0).round().clamp(-32768, 32767).to(torch.int16)  # as libsndfile scales
+        self.file.writeframes(pcm.numpy().astype("<i2").tobytes())
+        self.handle.flush()  # readable by others while generation goes on
+
+    def close(self):
+        self.file.close()
+        self.handle.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class PoolformerAudioStreamer(BaseStreamer):
+    """Audio while `generate` samples it (transformers' streamer interface): writes 16-bit WAVs as samples come and/or
+    hands float32 chunks in [-1, 1] to another thread.
+
+        streamer = model.audio_streamer("out.wav", progress=True)   # out.wav, or out_0.wav, out_1.wav... per row
+        model.generate(max_new_tokens=16000, streamer=streamer)
+
+        streamer = model.audio_streamer(chunk_size=1600)             # or consume chunks while it runs:
+        threading.Thread(target=model.generate, kwargs=dict(max_new_tokens=16000, streamer=streamer)).start()
+        for chunk in streamer:                                       # (batch, <= chunk_size) numpy arrays
+            ...
+
+    Args:
+        config: the model's config (sample rate, quantisation).
+        path: WAV file to write (one per batch row, `<stem>_<i>.wav`, for a batch), a list of paths (one per row),
+            or None.
+        chunk_size: samples per write / yielded chunk.
+        skip_prompt: leave the prompt out (default); the zero token that sequences start with is never audio.
+        progress: show a tqdm bar with the real-time factor (`total` samples, if known).
+        yield_chunks: queue chunks for iteration (default: when no `path` is given).
+        timeout: seconds the iterator waits for the next chunk before `queue.Empty`.
+    """
+
+    def __init__(self, config: PoolformerConfig, path: Union[str, Path, list, None] = None, chunk_size: int = 1600,
+                 skip_prompt: bool = True, progress: bool = False, total: Optional[int] = None,
+                 yield_chunks: Optional[bool] = None, timeout: Optional[float] = None):
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        self.config, self.path, self.chunk_size, self.skip_prompt = config, path, chunk_size, skip_prompt
+        self.yield_chunks = path is None if yield_chunks is None else yield_chunks
+        self.progress, self.total, self.timeout = progress, total, timeout
+        self.queue, self.pending, self.writers, self.bar, self.started = queue.Queue(), [], [], None, False
+        self.paths = []
+
+    def put(self, value: torch.Tensor):
+        value = value.detach().cpu()
+        if not self.started:  # transformers first puts the prompt, (batch, T)
+            self.started = True
+            value = value.view(-1, value.shape[-1]) if value.dim() > 1 else value.view(1, -1)
+            if isinstance(self.path, (list, tuple)):
+                if len(self.path) != value.shape[0]:
+                    raise ValueError(f"{len(self.path)} WAV paths for a batch of {value.shape[0]}")
+                self.paths = [Path(p) for p in self.path]
+            elif self.path is not None:
+                self.paths = _wav_paths(self.path, value.shape[0])
+            if self.paths:
+                self.writers = [_WavWriter(p, self.config.sample_rate) for p in self.paths]
+            if self.progress:
+                self.bar = _RealTimeBar(self.config.sample_rate, self.total)
+            if not self.skip_prompt and value.shape[1] > 1:
+                self.pending.append(value[:, 1:])
+            return
+        self.pending.append(value.view(-1, 1))
+        if self.bar is not None:
+            self.bar.update(1)
+        if sum(t.shape[1] for t in self.pending) >= self.chunk_size:
+            self._flush()
+
+    def _flush(self):
+        if not self.pending:
+            return
+        tokens, self.pending = torch.cat(self.pending, dim=1), []
+        waves = decode_audio(tokens, self.config.quantization, self.config.vocab_size)
+        for writer, row in zip(self.writers, waves):
+            writer.write(row)
+        if self.yield_chunks:
+            self.queue.put(waves.numpy())
+
+    def end(self):
+        self._flush()
+        for writer in self.writers:
+            writer.close()
+        if self.bar is not None:
+            self.bar.close()
+        if self.yield_chunks:
+            self.queue.put(None)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        chunk = self.queue.get(timeout=self.timeout)
+        if chunk is None:
+            raise StopIteration
+        return chunk
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -982,27 +1286,128 @@ class PoolformerForCausalLM(PoolformerPreTrainedModel, GenerationMixin):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def _write_state(states: list, index: int, value: torch.Tensor):
+    """A module's new state: copied into its preallocated tensor (no gradients: fixed addresses for compiled and
+    CUDA-graph steps), or replacing it (gradients on) by a copy, so that the state holds no view into a whole
+    chunk's activations."""
+    if torch.is_grad_enabled():
+        states[index] = value.clone()
+    else:
+        states[index].copy_(value)
+
+
+class PoolformerStackState:
+    """The state of one block stack: `recurrent_states[i]` is its i-th RG-LRU's h_{t-1}, fp32 (B, units, 2) as
+    (real, imaginary) or (B, units) for a real RG-LRU; `conv_states[i]` that RG-LRU's last `conv1d_width - 1`
+    conv inputs (B, k - 1, D), when it has a temporal conv."""
+
+    write = staticmethod(_write_state)
+
+    def __init__(self, recurrent_states: list, conv_states: list):
+        self.recurrent_states, self.conv_states = recurrent_states, conv_states
+
+
 class PoolformerCache(Cache):
     """Recurrent + pooling state of a Poolformer, carried by `generate` as `past_key_values`.
 
-    `states` maps a module path to a tensor whose first dim is the batch:
-    `<block>.h` (RG-LRU state, complex), `<block>.conv` (last temporal-conv inputs), `<level>.pool_buffer` (DownPool
-    inputs of an unfinished group, < p steps) and `<level>.up_queue` (UpPool outputs not yet consumed).
-    `seen_tokens` counts the steps processed so far; it is also the pooling phase of every level.
+    Typed lists of preallocated tensors of fixed shape, first dim the batch, indexed by the positions the modules
+    were given at construction:
+    - `stacks[s]` (`PoolformerStackState`): block stack s's RG-LRU states (`PoolformerBlockStack.stack_idx`, then
+      `PoolformerRGLRU.layer_idx` within the stack);
+    - `pool_windows[l]`: the last p inputs of level l's DownPool (B, p, D) (`PoolformerSkipBlock.level`);
+    - `up_queues[l]`: level l's UpPool outputs not yet consumed, next first, padded to p (B, p, D).
+    All start as zeros, which is the empty state; modules write them in place, or, when gradients are on, replace
+    them with new tensors. `seen_tokens` counts the steps processed so far: it is the pooling phase of every level.
+
+    The tensors are allocated on first use (for the batch size, dtype and device of the first forward) or right
+    away when `batch_size` is given. `is_compileable` is False because transformers' own compilation of `forward`
+    would specialise on `seen_tokens` (a Python int): the model compiles its block stacks itself for decoding (see
+    `PoolformerForCausalLM.generate`).
     """
 
     is_compileable = False
 
-    def __init__(self, config: Optional[PoolformerConfig] = None, **kwargs):
+    def __init__(self, config: Optional[PoolformerConfig] = None, batch_size: Optional[int] = None,
+                 dtype: Optional[torch.dtype] = None, device=None, **kwargs):
         super().__init__(layers=[])
         self.config = config
-        self.states: dict[str, torch.Tensor] = {}
         self.seen_tokens = 0
+        self.stacks: list[PoolformerStackState] = []
+        self.pool_windows: list[torch.Tensor] = []
+        self.up_queues: list[torch.Tensor] = []
+        if batch_size is not None:
+            self.prepare(batch_size, dtype or torch.float32, device)
+
+    write = staticmethod(_write_state)
+
+    def states(self) -> list:
+        """Every state tensor, in a fixed order."""
+        per_stack = [t for stack in self.stacks for t in (*stack.recurrent_states, *stack.conv_states)]
+        return per_stack + self.pool_windows + self.up_queues
+
+    @classmethod
+    def from_states(cls, config: PoolformerConfig, tensors, seen_tokens: int = 0) -> "PoolformerCache":
+        """A cache holding `tensors`, in the order of `states()`."""
+        cache, tensors = cls(config), list(tensors)
+        conv = 1 if config.conv1d_width else 0
+        for pairs in config.stack_pairs:
+            taken, tensors = tensors[: pairs * (1 + conv)], tensors[pairs * (1 + conv) :]
+            cache.stacks.append(PoolformerStackState(taken[:pairs], taken[pairs:]))
+        levels = len(config.pooling_factors)
+        cache.pool_windows, cache.up_queues = tensors[:levels], tensors[levels:]
+        cache.seen_tokens = seen_tokens
+        return cache
+
+    def prepare(self, batch_size: int, dtype: torch.dtype, device):
+        """Allocates zero states for a batch (once), or checks that the batch fits the allocated ones."""
+        if self.stacks:
+            held = self.stacks[0].recurrent_states[0].shape[0]
+            if held != batch_size:
+                raise ValueError(f"past_key_values holds a batch of {held}, the input has {batch_size}.")
+            return
+        if self.config is None:
+            raise ValueError("PoolformerCache needs the model's config: PoolformerCache(model.config).")
+        c = self.config
+        state_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+        unit_shape = (c.num_recurrent_units, 2) if c.complex_recurrence else (c.num_recurrent_units,)
+
+        def zeros(*shape, dtype=dtype):
+            return torch.zeros(batch_size, *shape, dtype=dtype, device=device)
+
+        for pairs in c.stack_pairs:
+            conv = [zeros(c.conv1d_width - 1, c.hidden_size) for _ in range(pairs)] if c.conv1d_width else []
+            self.stacks.append(PoolformerStackState([zeros(*unit_shape, dtype=state_dtype) for _ in range(pairs)], conv))
+        self.pool_windows = [zeros(p, c.hidden_size) for p in c.pooling_factors]
+        self.up_queues = [zeros(p, c.hidden_size) for p in c.pooling_factors]
+        if torch.device(device or "cpu").type == "cuda" and not torch.compiler.is_compiling():
+            import torch._dynamo as dynamo
+
+            for tensor in self.states():  # CUDA graphs may then update them in place without copies
+                dynamo.mark_static_address(tensor)
+
+    def level_phases(self) -> tuple:
+        """For each pooling level, how many steps of its current group it has seen (its step count mod p)."""
+        phases, count = [], self.seen_tokens
+        for p in self.config.pooling_factors:
+            phases.append(count % p)
+            count //= p
+        return tuple(phases)
+
+    def step_phases(self) -> tuple:
+        """The phases of the next one-sample step in canonical form: p - 1 on the levels whose group it completes
+        (they run their pooled sub-network), 0 elsewhere (where a one-step chunk does not depend on the phase)."""
+        phases, count = [], self.seen_tokens + 1
+        for p in self.config.pooling_factors:
+            if count % p:
+                break
+            phases.append(p - 1)
+            count //= p
+        return tuple(phases + [0] * (len(self.config.pooling_factors) - len(phases)))
 
     def __repr__(self):
-        shapes = ", ".join(f"{k}: {tuple(v.shape)}" for k, v in list(self.states.items())[:4])
-        more = f", ... ({len(self.states)} tensors)" if len(self.states) > 4 else ""
-        return f"PoolformerCache(seen_tokens={self.seen_tokens}, {shapes}{more})"
+        batch = self.stacks[0].recurrent_states[0].shape[0] if self.stacks else None
+        return (f"PoolformerCache(seen_tokens={self.seen_tokens}, batch={batch}, {len(self.stacks)} block stacks, "
+                f"{len(self.pool_windows)} pooling levels)")
 
     def __len__(self):
         return 0  # no attention layers
@@ -1018,7 +1423,9 @@ class PoolformerCache(Cache):
         return self.seen_tokens + query_length, 0
 
     def _map(self, fn):
-        self.states = {k: fn(v) for k, v in self.states.items()}
+        for states in [*(stack.recurrent_states for stack in self.stacks), *(stack.conv_states for stack in self.stacks),
+                       self.pool_windows, self.up_queues]:
+            states[:] = [fn(v) for v in states]
         return self
 
     def reorder_cache(self, beam_idx: torch.LongTensor):
@@ -1032,17 +1439,16 @@ class PoolformerCache(Cache):
         return self._map(lambda v: v[indices])
 
     def to(self, *args, **kwargs):
-        """Moves every state like `Tensor.to` (complex states keep a complex dtype)."""
-        def move(v):
-            moved = v.to(*args, **kwargs)
-            if v.is_complex() and not moved.is_complex():
-                raise ValueError("PoolformerCache.to: RG-LRU states are complex; pass a device, not a real dtype.")
-            return moved
-
-        return self._map(move)
+        """Moves (or casts) every state like `Tensor.to`; the RG-LRU states keep their fp32 (or fp64) precision."""
+        self._map(lambda v: v.to(*args, **kwargs))
+        for stack in self.stacks:
+            stack.recurrent_states[:] = [v if v.dtype in (torch.float32, torch.float64) else v.float()
+                                         for v in stack.recurrent_states]
+        return self
 
     def reset(self):
-        self.states.clear()
+        for tensor in self.states():
+            tensor.zero_()
         self.seen_tokens = 0
 
     def crop(self, max_length: int):
@@ -1050,6 +1456,8 @@ class PoolformerCache(Cache):
 
 
 __all__ = [
+    "PoolformerAudioStreamer",
+    "PoolformerStackState",
     "PoolformerPreTrainedModel",
     "PoolformerModel",
     "PoolformerForCausalLM",

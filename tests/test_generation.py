@@ -1,17 +1,20 @@
-"""Cache, step-by-step decoding, generate (fast and generic paths), audio codec and the sampling CLI."""
+"""Cache, step-by-step decoding, generate (eager and compiled steps, padded batches, seeds), streaming, audio codec
+and the sampling CLI."""
 
 import math
 import subprocess
 import sys
+import threading
+import warnings
 
 import numpy as np
 import pytest
 import soundfile
 import torch
-from transformers import GenerationConfig, TextIteratorStreamer  # noqa: F401
+from transformers import CompileConfig
 
 from conftest import HUB_CONFIG_NAMES, ROOT, hub_config
-from modeling_poolformer import PoolformerCache, PoolformerForCausalLM, decode_audio, encode_audio
+from modeling_poolformer import PoolformerAudioStreamer, PoolformerCache, PoolformerForCausalLM, decode_audio, encode_audio
 
 
 def _model(name="tiny", **overrides):
@@ -46,23 +49,42 @@ def test_cached_decoding_equals_full_forward(name, shift):
     torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-4, atol=1e-4)
 
 
-def test_cache_size_is_constant_in_generated_length():
-    model = _model("sc09")
+def test_cache_is_preallocated_and_written_in_place():
+    model = _model("sc09", conv1d_width=3)
     period = _period(model.config)
-
-    def state_numel(steps):
-        cache = PoolformerCache(model.config)
-        with torch.no_grad():
-            model(torch.randint(0, 256, (1, steps)), past_key_values=cache, use_cache=True)
-        return sum(v.numel() for v in cache.states.values()), cache
-
-    small, _ = state_numel(3 * period)
-    large, cache = state_numel(12 * period)
-    assert small == large
-    # and the cache of a long prefill holds no views into the prompt's activations (which would keep them alive)
-    held = sum(v.untyped_storage().nbytes() for v in cache.states.values())
-    assert held == sum(v.numel() * v.element_size() for v in cache.states.values())
+    cache = PoolformerCache(model.config)
+    with torch.no_grad():
+        model(torch.randint(0, 256, (1, 3)), past_key_values=cache)
+        addresses = [t.data_ptr() for t in cache.states()]
+        shapes = [t.shape for t in cache.states()]
+        model(torch.randint(0, 256, (1, 12 * period)), past_key_values=cache)  # a long prefill
+        for _ in range(period + 1):
+            model(torch.randint(0, 256, (1, 1)), past_key_values=cache)
+    # fixed shapes and addresses: the same tensors whatever the length, and no views into a prompt's activations
+    assert [t.data_ptr() for t in cache.states()] == addresses and [t.shape for t in cache.states()] == shapes
+    assert all(t.untyped_storage().nbytes() == t.numel() * t.element_size() for t in cache.states())
+    config = model.config
+    assert [len(s.recurrent_states) for s in cache.stacks] == [len(s.conv_states) for s in cache.stacks] == [1] * 9
+    assert [t.shape[1] for t in cache.pool_windows] == [t.shape[1] for t in cache.up_queues] == config.pooling_factors
+    assert all(t.dtype == torch.float32 and t.shape[-1] == 2 for s in cache.stacks for t in s.recurrent_states)
     assert "PoolformerCache(seen_tokens=" in repr(cache)
+    # every block stack has its own slot, given at construction, and every RG-LRU its place in its stack
+    stacks = [m for m in model.modules() if type(m).__name__ == "PoolformerBlockStack"]
+    assert sorted(m.stack_idx for m in stacks) == list(range(9))
+    assert all([b.layer.layer_idx for b in stack[::2]] == [0] for stack in stacks)
+
+
+def test_step_phases_select_the_active_levels():
+    cache = PoolformerCache(hub_config("sc09"))  # pooling [2, 4, 4, 5]
+    seen = {}
+    for t in range(2 * 160):
+        cache.seen_tokens = t
+        phases = cache.step_phases()
+        seen.setdefault(phases, []).append(t)
+        assert cache.level_phases()[: sum(1 for p in phases if p)] == tuple(p for p in phases if p)
+    # one canonical phase tuple per number of levels whose group the step completes
+    assert sorted(seen) == [(0, 0, 0, 0), (1, 0, 0, 0), (1, 3, 0, 0), (1, 3, 3, 0), (1, 3, 3, 4)]
+    assert seen[(1, 3, 3, 4)] == [159, 319] and len(seen[(1, 0, 0, 0)]) == 2 * 160 // 2 - 2 * 160 // 8
 
 
 def test_cache_batch_operations_match_reordered_inputs():
@@ -82,12 +104,16 @@ def test_cache_batch_operations_match_reordered_inputs():
         got = model(nxt.repeat_interleave(2, 0), past_key_values=cache, use_cache=True).logits
         torch.testing.assert_close(got[::2], got[1::2])
         cache.batch_select_indices(torch.tensor([0, 5]))
-        assert all(v.shape[0] == 2 for v in cache.states.values())
+        assert all(v.shape[0] == 2 for v in cache.states())
         cache.to("cpu")
+        cache.to(torch.float64)
+        assert all(v.dtype == torch.float64 for v in cache.states())
     with pytest.raises(NotImplementedError, match="cannot be cropped"):
         cache.crop(3)
     cache.reset()
-    assert cache.get_seq_length() == 0 and not cache.states
+    assert cache.get_seq_length() == 0 and all(not v.any() for v in cache.states())
+    with pytest.raises(ValueError, match="holds a batch of 2, the input has 3"):
+        model(nxt, past_key_values=cache)
 
 
 def _argmax_rollout(model, prompt, steps):
@@ -103,50 +129,89 @@ def test_greedy_generate_equals_argmax_rollout(name):
     model = _model(name)
     steps = _period(model.config) + 9
     want = _argmax_rollout(model, torch.full((1, 1), 128), steps)
-    fast = model.generate(max_new_tokens=steps, do_sample=False)
-    generic = super(PoolformerForCausalLM, model).generate(max_new_tokens=steps, do_sample=False)
-    assert torch.equal(fast, want)
-    assert torch.equal(generic, want)
+    assert torch.equal(model.generate(max_new_tokens=steps, do_sample=False), want)
     prompt = torch.randint(0, 256, (2, 7))
     assert torch.equal(model.generate(prompt, max_new_tokens=12, do_sample=False), _argmax_rollout(model, prompt, 12))
 
 
-@pytest.mark.parametrize(
-    "options",
-    [dict(), dict(temperature=0.7), dict(top_k=20), dict(top_p=0.8), dict(temperature=1.3, top_k=50, top_p=0.9)],
-)
-def test_sampling_fast_path_matches_generic_path_for_a_seed(options):
+@pytest.mark.parametrize("shift", ["fine", "coarse"])
+@pytest.mark.parametrize("name", HUB_CONFIG_NAMES)
+def test_generated_logits_equal_forward_on_the_produced_sequence(name, shift):
+    model = _model(name, causal_shift=shift)
+    prompt = torch.randint(0, 256, (2, _period(model.config) + 3))  # odd length, mid-group at every level
+    out = model.generate(prompt, max_new_tokens=2 * _period(model.config) + 1, return_dict_in_generate=True,
+                         output_logits=True)
+    with torch.no_grad():
+        want = model(out.sequences).logits[:, prompt.shape[1] - 1 : -1]
+    assert (torch.stack(out.logits, 1) - want).abs().max().item() <= 1e-3
+
+
+@pytest.mark.parametrize("options", [dict(), dict(temperature=0.7)])
+def test_seeded_sampling_draws_from_the_models_distribution(options):
+    # an explicit loop of multinomial draws with the same generator reproduces generate's tokens
     model = _model()
     prompt = torch.randint(0, 256, (2, 5))
-    torch.manual_seed(11)
-    fast = model.generate(prompt, max_new_tokens=30, do_sample=True, num_return_sequences=2, **options)
-    torch.manual_seed(11)
-    generic = super(PoolformerForCausalLM, model).generate(
-        prompt, max_new_tokens=30, do_sample=True, num_return_sequences=2, **options
-    )
-    assert fast.shape == (4, 35)
-    assert torch.equal(fast, generic)
+    got = model.generate(prompt, max_new_tokens=30, generator=torch.Generator().manual_seed(3), **options)
+    g, seq, cache = torch.Generator().manual_seed(3), prompt, PoolformerCache(model.config)
+    with torch.no_grad():
+        logits = model(prompt, past_key_values=cache).logits[:, -1]
+        for _ in range(30):
+            token = torch.multinomial(torch.softmax(logits / options.get("temperature", 1.0), -1), 1, generator=g)
+            seq = torch.cat([seq, token], 1)
+            logits = model(token, past_key_values=cache).logits[:, -1]
+    assert torch.equal(got, seq)
 
 
 def test_generator_seed_is_reproducible_and_independent_of_global_rng():
     model = _model()
     a = model.generate(max_new_tokens=40, generator=torch.Generator().manual_seed(5))
     torch.manual_seed(123)
+    state = torch.get_rng_state()
     b = model.generate(max_new_tokens=40, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(torch.get_rng_state(), state)  # the global RNG did not move
     c = model.generate(max_new_tokens=40, generator=torch.Generator().manual_seed(6))
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert a[0, 0] == 128  # unconditional generation starts from the zero token
+    # the generator advances: two calls with one generator differ
+    g = torch.Generator().manual_seed(5)
+    assert not torch.equal(model.generate(max_new_tokens=40, generator=g), model.generate(max_new_tokens=40, generator=g))
 
 
-def test_fast_path_used_only_when_semantics_coincide():
+def test_threads_set_for_generation_and_restored():
     model = _model()
-    config, kwargs = model._prepare_generation_config(None)
-    assert model._can_use_fast_generate(config, kwargs)
-    for extra in [dict(num_beams=2), dict(repetition_penalty=1.2), dict(no_repeat_ngram_size=2), dict(eos_token_id=3)]:
-        config, kwargs = model._prepare_generation_config(None, **extra)
-        assert not model._can_use_fast_generate(config, kwargs), extra
-    with pytest.raises(ValueError, match="generator"):
-        model.generate(max_new_tokens=3, num_beams=2, generator=torch.Generator())
+    seen = []
+    model.register_forward_pre_hook(lambda *args: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    model.generate(max_new_tokens=3)
+    assert set(seen) == {1}  # batch 1: one thread
+    seen.clear()
+    model.generate(torch.randint(0, 256, (4, 2)), max_new_tokens=3, num_threads=2)
+    assert set(seen) == {2} and torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("shift", ["fine", "coarse"])
+def test_right_padded_prompts_continue_as_alone(shift):
+    model = _model("tiny", causal_shift=shift)
+    lengths = [9, 4, 9, 1]
+    prompts = [torch.randint(0, 256, (1, n)) for n in lengths]
+    width = max(lengths)
+    batch = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros_like(batch)
+    for i, p in enumerate(prompts):
+        batch[i, : p.shape[1]], mask[i, : p.shape[1]] = p[0], 1
+    out = model.generate(batch, attention_mask=mask, max_new_tokens=13, do_sample=False, return_dict_in_generate=True,
+                         output_logits=True)
+    assert out.sequences.shape == (4, width + 13) and len(out.logits) == 13
+    for i, p in enumerate(prompts):
+        alone = model.generate(p, max_new_tokens=13, do_sample=False, return_dict_in_generate=True, output_logits=True)
+        assert torch.equal(out.sequences[i, :width], batch[i])  # transformers' layout: the padded prompt, then
+        assert torch.equal(out.sequences[i, width:], alone.sequences[0, p.shape[1] :])  # the new tokens at T..T+n
+        torch.testing.assert_close(torch.stack(out.logits)[:, i], torch.stack(alone.logits)[:, 0])
+    # sampling with num_return_sequences keeps transformers' row order
+    sampled = model.generate(batch, attention_mask=mask, max_new_tokens=5, num_return_sequences=2)
+    assert sampled.shape == (8, width + 5) and torch.equal(sampled[::2, :width], batch)
+    with pytest.raises(ValueError, match="right-padded"):
+        model.generate(batch, attention_mask=mask.flip(1), max_new_tokens=2)
 
 
 def test_beam_search_and_dict_outputs_and_streamer():
@@ -172,6 +237,75 @@ def test_beam_search_and_dict_outputs_and_streamer():
     assert torch.equal(torch.stack(res.scores, 1).argmax(-1), res.sequences[:, 1:])
     assert streamer.ended and torch.equal(torch.cat([v.reshape(-1) for v in streamer.values]), res.sequences[0])
     assert isinstance(res.past_key_values, PoolformerCache) and res.past_key_values.get_seq_length() == 6
+
+
+@pytest.mark.parametrize("name,graphs", [("tiny", 1), ("sc09-pool-2", 2)])
+def test_compiled_decoding_equals_eager_with_one_graph_per_stack_shape(name, graphs):
+    from torch._dynamo.utils import counters
+
+    # tiny: pooling [2, 4], every stack 1 pair -> one graph; sc09-pool-2 shrunk: stacks of 1 and 2 pairs -> two
+    model = _model(name, layers_per_level=[1, 2]) if name == "sc09-pool-2" else _model(name)
+    prompt = torch.randint(0, 256, (2, 5))
+    kwargs = dict(max_new_tokens=21, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    eager = model.generate(prompt, disable_compile=True, **kwargs)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = model.generate(prompt, compile_config=CompileConfig(), **kwargs)  # fullgraph: no graph breaks
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert torch.equal(compiled.sequences, eager.sequences)
+    assert (torch.stack(compiled.logits) - torch.stack(eager.logits)).abs().max().item() <= 1e-4
+    again = model.generate(prompt, compile_config=CompileConfig(), **kwargs)
+    assert counters["stats"]["unique_graphs"] == graphs and torch.equal(again.sequences, eager.sequences)
+    assert all(m.compiled_step is None for m in model.modules() if hasattr(m, "compiled_step"))  # forward: eager
+
+
+def test_without_a_compiler_generation_decodes_eagerly_with_one_warning(monkeypatch):
+    import torch._inductor.config as inductor_config
+    from modeling_poolformer.modeling_poolformer import _can_compile
+
+    monkeypatch.setattr(inductor_config.cpp, "cxx", ("/nonexistent/c++",))
+    _can_compile.cache_clear()
+    try:
+        model = _model()
+        with pytest.warns(UserWarning, match="No C\\+\\+ compiler"):
+            first = model.generate(max_new_tokens=5, do_sample=False, compile_config=CompileConfig())
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # warned once
+            second = model.generate(max_new_tokens=5, do_sample=False, compile_config=CompileConfig())
+        assert torch.equal(first, second)
+    finally:
+        _can_compile.cache_clear()
+
+
+def test_audio_streamer_writes_wavs_while_generating(tmp_path):
+    model = _model()
+    sizes = []
+
+    class Watching(PoolformerAudioStreamer):
+        def _flush(self):
+            super()._flush()
+            if self.writers:  # the file is a valid WAV after every write
+                sizes.append(soundfile.info(self.paths[0]).frames)
+
+    streamer = Watching(model.config, tmp_path / "live.wav", chunk_size=100, progress=True, total=450)
+    tokens = model.generate(max_new_tokens=450, num_return_sequences=2, streamer=streamer)
+    assert [p.name for p in streamer.paths] == ["live_0.wav", "live_1.wav"]
+    assert sizes == [100, 200, 300, 400, 450]
+    written = model.save_wav(tokens, tmp_path / "after.wav")
+    for live, after in zip(streamer.paths, written):
+        assert live.read_bytes() == after.read_bytes()
+
+
+def test_audio_streamer_yields_chunks_to_another_thread():
+    model = _model()
+    streamer = model.audio_streamer(chunk_size=64, timeout=120)
+    result = []
+    thread = threading.Thread(target=lambda: result.append(model.generate(max_new_tokens=300, streamer=streamer)))
+    thread.start()
+    chunks = list(streamer)
+    thread.join()
+    assert [c.shape for c in chunks] == [(1, 64)] * 4 + [(1, 44)] and chunks[0].dtype == np.float32
+    np.testing.assert_array_equal(np.concatenate(chunks, 1), model.tokens_to_waveform(result[0]).numpy())
 
 
 @pytest.mark.parametrize("quantization", ["mu-law", "linear"])
@@ -218,6 +352,15 @@ def test_sample_cli_writes_wavs_and_spectrogram(tmp_path):
     assert sr == 16000 and len(data) == int(0.1 * 16000) + 800  # prompt + generated
     png = (tmp_path / "out" / "spectrograms.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    # --stream writes the same audio while generating (same seed)
+    run = subprocess.run(cmd[:-1] + ["--stream", "--out", str(tmp_path / "streamed")], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    streamed = sorted((tmp_path / "streamed").glob("*.wav"))
+    assert [p.name for p in streamed] == [p.name for p in wavs]
+    for a, b in zip(wavs, streamed):
+        np.testing.assert_array_equal(soundfile.read(a)[0], soundfile.read(b)[0])
+    assert "RTF" in run.stderr  # the progress bar shows the real-time factor
 
     bad = subprocess.run(cmd[:2] + ["--model", "x", "--out", "y", "--temperature", "0"], capture_output=True, text=True)
     assert bad.returncode == 2 and "--temperature must be > 0" in bad.stderr

@@ -269,3 +269,24 @@ def test_checkpointing_in_time_keeps_only_a_few_values_per_step():
     per_step = chunked_bytes / ids.shape[1]
     assert per_step < 4 * (config.vocab_size + 4 * config.hidden_size), (per_step, plain_bytes / ids.shape[1])
     assert chunked_bytes < plain_bytes / 20
+
+
+@pytest.mark.parametrize("groups", [16, 4, 1])
+@pytest.mark.parametrize("factor", [2, 5])
+def test_pooling_equals_torch_strided_convolutions(groups, factor):
+    # DownPool / UpPool compute their kernel = stride convolutions as contractions: the same as torch's convs
+    from modeling_poolformer.modeling_poolformer import PoolformerDownPool, PoolformerUpPool
+
+    config = PoolformerConfig(hidden_size=16, pooling_groups=groups, lru_width=16, num_gate_blocks=2)
+    down, up = PoolformerDownPool(config, factor), PoolformerUpPool(config, factor, num_blocks=3)
+    for module in (down, up):
+        torch.nn.init.normal_(module.proj.weight)
+        torch.nn.init.normal_(module.proj.bias)
+    x = torch.randn(3, 4 * factor, 16, requires_grad=True)
+    got, want = down(x), down.proj(x.transpose(1, 2)).transpose(1, 2)
+    torch.testing.assert_close(got, want)
+    grads = torch.autograd.grad(got.square().sum(), (x, down.proj.weight))
+    want_grads = torch.autograd.grad(want.square().sum(), (x, down.proj.weight))
+    torch.testing.assert_close(grads, want_grads, rtol=1e-4, atol=1e-4)
+    y = torch.randn(3, 4, 16)
+    torch.testing.assert_close(up(y), up.proj(y.transpose(1, 2)).transpose(1, 2))

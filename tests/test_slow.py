@@ -1,9 +1,12 @@
 """Long checks at the thesis' full size (run with `pytest -m slow`)."""
 
+import math
+
 import pytest
 import torch
+from transformers import CompileConfig
 
-from conftest import HUB_CONFIGS
+from conftest import HUB_CONFIG_NAMES, HUB_CONFIGS, hub_config
 from modeling_poolformer import PoolformerConfig, PoolformerForCausalLM
 
 pytestmark = pytest.mark.slow
@@ -43,3 +46,30 @@ def test_full_size_training_step_with_checkpointing_matches_plain():
     for a, b, c in zip(plain.parameters(), ckpt.parameters(), in_time.parameters()):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(c.grad, a.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("shift", ["fine", "coarse"])
+@pytest.mark.parametrize("name", HUB_CONFIG_NAMES)
+def test_compiled_generation_logits_equal_forward(name, shift):
+    # every config's stacks through the compiled step (shrunk widths): generate's logits == forward on its output
+    torch.manual_seed(0)
+    model = PoolformerForCausalLM(hub_config(name, causal_shift=shift, layers_per_level=1)).eval()
+    factors = model.config.pooling_factors
+    period = math.prod(factors) if factors else 4
+    prompt = torch.randint(0, 256, (2, period + 3))
+    out = model.generate(prompt, max_new_tokens=2 * period + 1, compile_config=CompileConfig(),
+                         return_dict_in_generate=True, output_logits=True)
+    with torch.no_grad():
+        want = model(out.sequences).logits[:, prompt.shape[1] - 1 : -1]
+    assert (torch.stack(out.logits, 1) - want).abs().max().item() <= 1e-3
+
+
+def test_full_size_compiled_generation_equals_eager():
+    torch.manual_seed(0)
+    model = PoolformerForCausalLM(PoolformerConfig.from_pretrained(HUB_CONFIGS / "sc09")).eval()
+    prompt = torch.randint(0, 256, (1, 37))
+    kwargs = dict(max_new_tokens=2 * 160 + 5, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    eager = model.generate(prompt, disable_compile=True, **kwargs)
+    compiled = model.generate(prompt, compile_config=CompileConfig(), **kwargs)
+    assert torch.equal(compiled.sequences, eager.sequences)
+    assert (torch.stack(compiled.logits) - torch.stack(eager.logits)).abs().max().item() <= 1e-4

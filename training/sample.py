@@ -2,6 +2,10 @@
 
     python training/sample.py --model DIR_OR_REPO --num-samples 4 --seconds 1 --out samples/
     python training/sample.py --model DIR_OR_REPO --prompt speech.wav --prompt-seconds 0.25 --seconds 1 --out samples/
+    python training/sample.py --model DIR_OR_REPO --num-samples 1 --seconds 10 --stream --out samples/
+
+With --stream every WAV is written while it is generated (a valid file at any moment; the bar shows the real-time
+factor).
 
 Unconditional samples start from the zero token (128); a prompt WAV is resampled to the model's rate, quantised with
 the model's codec and continued.
@@ -35,6 +39,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=16, help="clips generated together")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--stream", action="store_true", help="write the WAVs while generating")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     for name in ("num_samples", "batch_size"):
@@ -68,6 +73,11 @@ def main(argv=None):
     waves, paths, start = [], [], time.perf_counter()
     for first in range(0, args.num_samples, args.batch_size):
         count = min(args.batch_size, args.num_samples - first)
+        batch_paths = [out / f"sample_{first + i:04d}.wav" for i in range(count)]
+        streamer = None
+        if args.stream:  # the prompt's audio too, as in the files written after generation
+            streamer = model.audio_streamer(batch_paths, skip_prompt=False, progress=not args.no_progress,
+                                            total=new_tokens)
         sequences = model.generate(
             prompt.to(args.device).expand(count, -1),
             max_new_tokens=new_tokens,
@@ -76,11 +86,13 @@ def main(argv=None):
             top_k=args.top_k or None,
             top_p=args.top_p if args.top_p < 1 else None,
             generator=generator,
-            progress=not args.no_progress,
+            progress=not args.no_progress and not args.stream,
+            streamer=streamer,
         )
-        for row in model.tokens_to_waveform(sequences):
-            index = len(paths)
-            paths.append(write_wav(out / f"sample_{index:04d}.wav", row, rate))
+        for path, row in zip(batch_paths, model.tokens_to_waveform(sequences)):
+            if not args.stream:
+                write_wav(path, row, rate)
+            paths.append(path)
             waves.append(row)
     elapsed = time.perf_counter() - start
     png = save_spectrogram(waves[:8], rate, out / "spectrograms.png", titles=[p.name for p in paths[:8]])
