@@ -9,16 +9,14 @@ re-running the full forward for every sample; for each batch size with each intr
 import argparse
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
 from transformers import CompileConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.run import eager_loop  # noqa: E402
-from modeling_poolformer import PoolformerConfig, PoolformerForCausalLM  # noqa: E402
+from modeling_poolformer import PoolformerConfig, PoolformerForCausalLM
+from run import eager_loop  # this folder's run.py (the script's folder is on sys.path)
 
 
 def amortised_blocks(config):

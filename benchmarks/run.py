@@ -17,7 +17,6 @@ Writes `<out>/results.md` (the tables) and `<out>/results.json`. Sections:
 """
 
 import argparse
-import ctypes
 import json
 import math
 import os
@@ -31,23 +30,14 @@ from pathlib import Path
 
 import torch
 
+from modeling_poolformer import PoolformerConfig, PoolformerForCausalLM, linear_scan, sequential_scan
+from modeling_poolformer.modeling_poolformer import _numba_kernels
+from training.utils import tune_cpu_allocator
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from modeling_poolformer import PoolformerConfig, PoolformerForCausalLM, linear_scan, sequential_scan  # noqa: E402
-from modeling_poolformer.modeling_poolformer import _numba_kernels  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SC09 = ROOT / "hub_configs" / "sc09"
-
-
-def keep_freed_memory_in_heap():
-    """The same allocator setting train.py uses on CPU (see there), applied to every model alike."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 2**31 - 1)
-        libc.mallopt(-1, 2**31 - 1)
-    except (OSError, AttributeError):
-        pass
 
 
 def sync():
@@ -186,7 +176,7 @@ def build_model(name, length):
 
 def child_train(name, length, batch):
     """Child process: training tokens/s of one model (a fresh process per model keeps memory apart)."""
-    keep_freed_memory_in_heap()
+    tune_cpu_allocator()  # train.py's CPU setting, for every model alike
     model, layers = build_model(name, length)
     tps, t = train_tokens_per_s(model, batch, length, repeats=2 if name == "Poolformer sc09" else 1)
     label = name if layers is None else f"{name} ({layers} layers)"
@@ -236,7 +226,7 @@ def child_generate(name, new_tokens, batch):
     """Child process: generation samples/s of one model, sampling from token 128. Poolformer: the plain eager loop,
     `generate` with eager steps, and `generate` with the compiled step (its first call, which compiles with an
     empty inductor cache, timed apart)."""
-    keep_freed_memory_in_heap()
+    tune_cpu_allocator()  # train.py's CPU setting, for every model alike
     torch.manual_seed(0)
     model, _ = build_model("Poolformer sc09" if name == "Poolformer" else name, new_tokens + 1)
     model = model.to(DEVICE).eval()
@@ -436,7 +426,7 @@ def main():
         if mode == "generate":
             return child_generate(rest[0], int(rest[1]), int(rest[2]))
         return one_step(rest[0], int(rest[1]))
-    keep_freed_memory_in_heap()
+    tune_cpu_allocator()  # train.py's CPU setting, for every model alike
     torch.manual_seed(0)
     device = torch.cuda.get_device_name() if DEVICE == "cuda" else f"CPU {platform.processor() or platform.machine()}"
     results = {"machine": {"device": device, "threads": torch.get_num_threads(), "torch": torch.__version__,

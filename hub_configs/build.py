@@ -7,13 +7,9 @@ stack: every sc09 variant has 36 pairs, like the sc09 model (4 SkipBlocks x 8 + 
 """
 
 import json
-import sys
 from pathlib import Path
 
-from transformers import GenerationConfig
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from modeling_poolformer import PoolformerConfig  # noqa: E402
+from modeling_poolformer import PoolformerConfig, audio_generation_config
 
 HERE = Path(__file__).resolve().parent
 SC09 = dict(pooling_factors=[2, 4, 4, 5], layers_per_level=4, hidden_size=128, dropout=0.2)
@@ -54,11 +50,7 @@ def main():
         for key in ("auto_map", "transformers_version"):
             data.pop(key, None)
         (out / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        gen = GenerationConfig(
-            do_sample=True, temperature=1.0, top_k=0, bos_token_id=config.bos_token_id,
-            max_new_tokens=config.sample_rate * SECONDS.get(name, 1),
-        )
-        gen_data = gen.to_diff_dict()
+        gen_data = audio_generation_config(config, seconds=SECONDS.get(name, 1)).to_diff_dict()
         gen_data.pop("transformers_version", None)
         (out / "generation_config.json").write_text(json.dumps(gen_data, indent=2, sort_keys=True) + "\n")
         print(f"{name}: wrote {out.relative_to(HERE.parent)}")

@@ -3,7 +3,7 @@ folder also loads without `trust_remote_code` in a process that imported it."""
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from .configuration_poolformer import PoolformerConfig
+from .configuration_poolformer import PoolformerConfig, audio_generation_config
 from .modeling_poolformer import (
     PoolformerAudioStreamer,
     PoolformerCache,
@@ -32,6 +32,7 @@ __all__ = [
     "PoolformerForCausalLM",
     "PoolformerModel",
     "PoolformerPreTrainedModel",
+    "audio_generation_config",
     "decode_audio",
     "encode_audio",
     "linear_scan",

@@ -48,8 +48,9 @@ def save_spectrogram(waves, rate: int, path: Union[str, Path], titles=None) -> P
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    waves = [torch.as_tensor(np.asarray(w), dtype=torch.float32) for w in waves]
+    waves = [torch.as_tensor(np.asarray(w), dtype=torch.float32).reshape(-1) for w in waves]
     n_fft = 512 if min(len(w) for w in waves) >= 512 else 64
+    waves = [torch.nn.functional.pad(w, (0, max(0, n_fft - len(w)))) for w in waves]  # very short clips: zeros
     fig, axes = plt.subplots(len(waves), 1, figsize=(8, 1.8 * len(waves)), squeeze=False)
     for i, (ax, wave) in enumerate(zip(axes[:, 0], waves)):
         spec = torch.stft(wave, n_fft, hop_length=n_fft // 4, window=torch.hann_window(n_fft), return_complex=True)

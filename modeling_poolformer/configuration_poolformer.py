@@ -1,7 +1,7 @@
 """Poolformer configuration (arXiv 2510.02206): a raw-audio language model built from RG-LRU recurrences
 nested in pooling SkipBlocks."""
 
-from transformers import PretrainedConfig
+from transformers import GenerationConfig, PretrainedConfig
 from transformers.activations import ACT2CLS
 
 _NORMS = ("layer", "rms", "none")
@@ -199,6 +199,14 @@ class PoolformerConfig(PretrainedConfig):
         super().__init__(bos_token_id=bos_token_id, tie_word_embeddings=False, **kwargs)
         self.validate_poolformer()
 
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        """As transformers' (which applies `from_pretrained(..., field=value)` overrides after `__init__`), then the
+        same validation as `__init__`: an override gets no pass."""
+        out = super().from_dict(config_dict, **kwargs)
+        (out[0] if isinstance(out, tuple) else out).validate_poolformer()
+        return out
+
     @property
     def num_levels(self):
         """Number of pooling levels plus the innermost stack."""
@@ -286,4 +294,12 @@ class PoolformerConfig(PretrainedConfig):
              "bos_token_id", f"an int in [0, vocab_size={self.vocab_size})")
 
 
-__all__ = ["PoolformerConfig"]
+def audio_generation_config(config: PoolformerConfig, seconds: float = 1.0) -> GenerationConfig:
+    """The generation settings saved beside every model this project writes (`hub_configs/`, `train.py`, the
+    converter): sample the full distribution at temperature 1 from the zero token, `seconds` of audio per call.
+    `generate` reads them from the saved `generation_config.json`; the model classes set none of their own."""
+    return GenerationConfig(do_sample=True, temperature=1.0, top_k=0, bos_token_id=config.bos_token_id,
+                            max_new_tokens=int(round(config.sample_rate * seconds)))
+
+
+__all__ = ["PoolformerConfig", "audio_generation_config"]

@@ -31,7 +31,7 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from . import PoolformerConfig, PoolformerForCausalLM
+from . import PoolformerConfig, PoolformerForCausalLM, audio_generation_config
 
 PathLike = Union[str, Path]
 
@@ -468,6 +468,7 @@ def convert(checkpoint: PathLike, config: Optional[PathLike] = None, ema: bool =
             raise ConversionError(f"{name}: shape {tuple(value.shape)} in the checkpoint, {tuple(expected[name].shape)} "
                                   "in the model")
     model.load_state_dict(state, strict=True)
+    model.generation_config = audio_generation_config(model.config)
     return model.eval()
 
 

@@ -652,6 +652,10 @@ class PoolformerPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _is_stateful = True  # the cache cannot be cropped, so assisted decoding is refused
 
+    def __init__(self, config: PoolformerConfig, *args, **kwargs):
+        config.validate_poolformer()  # fields set after the config was made (config.x = ...) get checked here
+        super().__init__(config, *args, **kwargs)
+
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # forward builds its own PoolformerCache
@@ -838,13 +842,6 @@ class PoolformerForCausalLM(PoolformerPreTrainedModel, GenerationMixin):
         self.model = PoolformerModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size)
         self.post_init()
-        # audio defaults: sample at temperature 1 from the full distribution, one second per call;
-        # a generation_config.json saved with the model replaces them on load
-        self.generation_config.do_sample = True
-        self.generation_config.temperature = 1.0
-        self.generation_config.top_k = 0  # transformers would otherwise default to top-k 50
-        self.generation_config.max_new_tokens = config.sample_rate
-        self.generation_config._from_model_config = False
 
     def forward(
         self,
@@ -896,6 +893,9 @@ class PoolformerForCausalLM(PoolformerPreTrainedModel, GenerationMixin):
             loss = F.cross_entropy(
                 all_logits.float().reshape(-1, self.config.vocab_size), targets.reshape(-1), ignore_index=-100
             )
+            if not torch.compiler.is_compiling() and bool((targets == -100).all()):
+                warnings.warn("Poolformer: no label left to predict (all -100 or masked, or sequences of one "
+                              "sample): the loss is NaN.", RuntimeWarning, stacklevel=2)
             bits = loss / math.log(2.0)
 
         out = PoolformerCausalLMOutput(

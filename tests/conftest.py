@@ -1,5 +1,7 @@
+"""Shared test helpers. The suite runs against the installed packages (`pip install -e ".[test]"`): nothing here
+edits sys.path."""
+
 import os
-import sys
 from pathlib import Path
 
 # tests never reach the network
@@ -7,14 +9,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from transformers import GenerationConfig  # noqa: E402
 
-from modeling_poolformer import PoolformerConfig  # noqa: E402
+from modeling_poolformer import PoolformerConfig, PoolformerForCausalLM  # noqa: E402
 
+ROOT = Path(__file__).resolve().parent.parent
 HUB_CONFIGS = ROOT / "hub_configs"
 HUB_CONFIG_NAMES = sorted(p.name for p in HUB_CONFIGS.iterdir() if (p / "config.json").exists())
 
@@ -39,6 +40,13 @@ def shrink(config: PoolformerConfig, **overrides) -> PoolformerConfig:
 
 def hub_config(name: str, **overrides) -> PoolformerConfig:
     return shrink(PoolformerConfig.from_pretrained(HUB_CONFIGS / name), **overrides)
+
+
+def hub_model(name: str = "tiny", **overrides) -> PoolformerForCausalLM:
+    """A shrunk hub config's model in eval mode, with that config's saved generation settings."""
+    model = PoolformerForCausalLM(hub_config(name, **overrides)).eval()
+    model.generation_config = GenerationConfig.from_pretrained(HUB_CONFIGS / name)
+    return model
 
 
 @pytest.fixture(autouse=True)

@@ -1,6 +1,7 @@
 """Config fields: hub configs load, every invalid value raises a ValueError naming the field."""
 
 import pytest
+from transformers import AutoModelForCausalLM
 
 from conftest import HUB_CONFIG_NAMES, HUB_CONFIGS
 from modeling_poolformer import PoolformerConfig, PoolformerForCausalLM
@@ -14,10 +15,6 @@ def test_hub_configs_load_and_sc09_size():
     assert config.pooling_factors == [2, 4, 4, 5] and config.hidden_size == 128
     model = PoolformerForCausalLM(config)
     assert sum(p.numel() for p in model.parameters()) == 7_272_704  # the author's code; the thesis' "~7.3M"
-
-
-def test_model_type_is_not_the_vision_poolformer():
-    assert PoolformerConfig.model_type != "poolformer"
 
 
 INVALID = [
@@ -87,3 +84,16 @@ def test_every_field_has_an_invalid_case_and_a_docstring_line():
 def test_tied_embeddings_refused():
     with pytest.raises(ValueError, match="tie_word_embeddings"):
         PoolformerConfig(tie_word_embeddings=True)
+
+
+def test_overrides_and_later_edits_are_validated(tmp_path):
+    PoolformerConfig.from_pretrained(HUB_CONFIGS / "tiny").save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"PoolformerConfig\.hidden_size=-4"):
+        PoolformerConfig.from_pretrained(tmp_path, hidden_size=-4)
+    with pytest.raises(ValueError, match=r"PoolformerConfig\.quantization='a-law'"):
+        AutoModelForCausalLM.from_pretrained(tmp_path, quantization="a-law")
+    config = PoolformerConfig.from_pretrained(tmp_path, dropout=0.3)  # a valid override is applied
+    assert config.dropout == 0.3
+    config.pooling_groups = 5
+    with pytest.raises(ValueError, match=r"PoolformerConfig\.pooling_groups=5"):
+        PoolformerForCausalLM(config)

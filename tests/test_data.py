@@ -1,23 +1,18 @@
 """Data protocols on small synthetic folders laid out like the real repos, skipping of bad files, resampling."""
 
 import shutil
-import sys
 import zipfile
-from argparse import Namespace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile
-import torch
 from datasets import Audio, Dataset
 
-from conftest import ROOT
-
-sys.path.insert(0, str(ROOT / "training"))
-from data import AudioSpec, AudioTokenDataset, build_datasets, espeak_renderer, load_splits, make_spoken_digits  # noqa: E402,E501
-
-from modeling_poolformer import PoolformerConfig  # noqa: E402
+from modeling_poolformer import PoolformerConfig
+from training.data import (
+    AudioSpec, AudioTokenDataset, DataArguments, build_datasets, espeak_renderer, load_splits, make_spoken_digits,
+)
 
 
 def tone(path, seconds=0.25, rate=16000, freq=440.0):
@@ -91,8 +86,31 @@ def test_generic_folder_with_split_subfolders_and_flat(tmp_path):
     for i in range(60):
         tone(tmp_path / "flat" / f"clip{i}.wav", seconds=0.01)
     _, a = load_splits(str(tmp_path / "flat"))
-    _, b = load_splits(str(tmp_path / "flat"))
-    assert 0 < len(a["validation"]) < 15 and a["validation"]["path"] == b["validation"]["path"]  # stable split
+    shutil.copytree(tmp_path / "flat", tmp_path / "moved")
+    _, b = load_splits(str(tmp_path / "moved"))
+    assert 0 < len(a["validation"]) < 15 and a["validation"]["key"] == b["validation"]["key"]  # stable, wherever
+
+
+def test_one_validation_rule_for_folders_and_hub_datasets(tmp_path):
+    # train/ and test/ without validation/: a folder and a Hub-style dataset get the same stable 5% of train
+    names = [f"clip{i:02d}.wav" for i in range(40)]
+    for split, files in (("train", names), ("test", names[:3])):
+        for name in files:
+            tone(tmp_path / "folder" / split / name, seconds=0.01)
+    protocol, folder = load_splits(str(tmp_path / "folder"))
+    assert protocol == "generic" and set(folder) == {"train", "validation", "test"} and len(folder["test"]) == 3
+
+    def rows(split, files):
+        return [{"bytes": (tmp_path / "folder" / split / n).read_bytes(), "path": f"{split}/{n}"} for n in files]
+
+    (tmp_path / "repo" / "data").mkdir(parents=True)
+    for split, files in (("train", names), ("test", names[:3])):
+        ds = Dataset.from_dict({"audio": rows(split, files)}).cast_column("audio", Audio(decode=False))
+        ds.to_parquet(str(tmp_path / "repo" / "data" / f"{split}-00000-of-00001.parquet"))
+    _, hub = load_splits(str(tmp_path / "repo"), cache_dir=str(tmp_path / "cache"))
+    held = sorted(Path(a["path"]).name for a in hub["validation"]["audio"])
+    assert held == sorted(Path(k).name for k in folder["validation"]["key"]) and 1 <= len(held) < 8
+    assert len(hub["train"]) + len(held) == 40 and len(hub["test"]) == 3
 
 
 def test_hub_style_parquet_dataset_and_column_errors(tmp_path):
@@ -126,9 +144,7 @@ def test_corrupt_and_empty_files_are_skipped_and_counted(tmp_path, caplog):
     root = make_sc09(tmp_path / "sc09")
     (root / "one" / "broken_nohash_0.wav").write_bytes(b"RIFF\x00\x00not really a wav file" * 10)
     soundfile.write(root / "two" / "empty_nohash_0.wav", np.zeros(0), 16000)
-    args = Namespace(dataset=str(root), protocol="auto", audio_column="audio", cache_dir=None, seq_len=4000,
-                     mode=None, no_minmax=False)
-    _, spec, sets = build_datasets(args, PoolformerConfig())
+    _, spec, sets = build_datasets(DataArguments(dataset=str(root), seq_len=4000), PoolformerConfig())
     assert len(sets["train"].skipped) == 2 and len(sets["train"]) == 9
     assert "skipped 2 unreadable or empty files" in caplog.text
     for item in sets["train"]:  # a whole epoch, no crash
@@ -150,15 +166,25 @@ def test_items_pad_mask_resample_and_windows(tmp_path):
     assert len(windows) == 2 and all(w["attention_mask"].all() for w in windows)
 
 
-def test_linear_protocol_overrides_model_quantization(tmp_path):
+def test_protocol_quantization_is_returned_not_written_into_the_config(tmp_path):
     for i in (1, 3900, 4100):
         tone(tmp_path / "b" / f"{i}.wav", seconds=0.05)
-    args = Namespace(dataset=str(tmp_path / "b"), protocol="beethoven", audio_column="audio", cache_dir=None,
-                     seq_len=1000, mode=None, no_minmax=False)
     config = PoolformerConfig()
-    _, spec, sets = build_datasets(args, config)
-    assert spec.quantization == "linear" and config.quantization == "linear" and spec.mode == "pad"
+    _, spec, sets = build_datasets(DataArguments(dataset=str(tmp_path / "b"), protocol="beethoven", seq_len=1000),
+                                   config)
+    assert spec.quantization == "linear" and config.quantization == "mu-law" and spec.mode == "pad"
     assert set(sets) == {"train", "validation", "test"}
+
+
+def test_paths_that_do_not_exist_are_not_taken_for_hub_repos(tmp_path):
+    for value in ("/no/such/dir", "./missing", str(tmp_path / "nothing" / "here")):
+        with pytest.raises(ValueError, match="no such file or folder"):
+            DataArguments(dataset=value)
+        with pytest.raises(ValueError, match="no such file or folder"):
+            load_splits(value)
+    DataArguments(dataset="krandiash/sc09")  # a repo id stays one (nothing is downloaded here)
+    with pytest.raises(ValueError, match="--seq_len must be >= 1"):
+        DataArguments(seq_len=0)
 
 
 @pytest.mark.parametrize("prefer_library", [False, True])

@@ -4,6 +4,7 @@ depth analysis."""
 import json
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -12,11 +13,10 @@ import torch
 from conftest import ROOT
 from test_train import FAST, env, run, summary
 
-sys.path.insert(0, str(ROOT / "training"))
-from data import load_splits, make_spoken_digits  # noqa: E402
-from metrics import DigitClassifier, am_score, modified_inception_score, sample_quality  # noqa: E402
-from train_classifier import DigitClips  # noqa: E402
-from train_classifier import main as train_classifier  # noqa: E402
+from training.data import load_splits, make_spoken_digits
+from training.metrics import DigitClassifier, am_score, modified_inception_score, sample_quality
+from training.train_classifier import DigitClips
+from training.train_classifier import main as train_classifier
 
 SCRIPTS = ROOT / "training"
 
@@ -139,3 +139,64 @@ def test_analyze_writes_stats_and_png(trained, digits, tmp_path):
     png = (tmp_path / "decay.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert "|a| at r=1" in proc.stdout
+
+
+def test_validation_nll_counts_every_item_once_under_data_parallelism(tmp_path):
+    # 5 items over 2 ranks (accelerate's debug launcher, in a fresh process: forking this one, with its thread
+    # pools, can hang): accelerate repeats items to even out the last batch; they must not count twice
+    script = textwrap.dedent(f"""
+        import json, torch
+        from accelerate import Accelerator, debug_launcher
+        from modeling_poolformer import PoolformerConfig, PoolformerForCausalLM
+        from training.metrics import nll_bits
+
+        def rank():
+            accelerator = Accelerator(cpu=True)
+            torch.manual_seed(0)
+            model = PoolformerForCausalLM(PoolformerConfig.from_pretrained({str(ROOT / "hub_configs" / "tiny")!r}))
+            items = [dict(input_ids=torch.randint(0, 256, (30,)), attention_mask=torch.ones(30, dtype=torch.long))
+                     for _ in range(5)]
+            for item in items:
+                item["labels"] = item["input_ids"].clone()
+            loader = torch.utils.data.DataLoader(items, batch_size=2)
+            alone = nll_bits(model, loader)  # every rank: all 5 items in one process
+            shared = nll_bits(model, accelerator.prepare(loader), accelerator)
+            if accelerator.is_main_process:
+                open({str(tmp_path / "nll.json")!r}, "w").write(json.dumps(dict(alone=alone, shared=shared)))
+
+        debug_launcher(rank, num_processes=2)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "nll.json").read_text())
+    assert result["shared"][2] == result["alone"][2] == 5 * 29
+    assert result["shared"][0] == pytest.approx(result["alone"][0], rel=1e-9)
+
+
+def test_evaluate_modules_load_and_match_the_scripts(trained, digits, classifier):
+    # bits_per_sample and sc09_quality through `evaluate.load`, against the code the scripts use
+    import evaluate
+
+    from modeling_poolformer import PoolformerForCausalLM
+    from training.metrics import nll_bits
+
+    model = PoolformerForCausalLM.from_pretrained(trained / "model").eval()
+    _, splits = load_splits(str(digits), "sc09")
+    clips = DigitClips(splits["validation"])
+    items = [clips.tokens[i] for i in range(6)]
+    loader = torch.utils.data.DataLoader(items, batch_size=3)
+    metric = evaluate.load(str(ROOT / "training" / "evaluate_modules" / "bits_per_sample"))
+    with torch.no_grad():
+        for batch in loader:
+            metric.add_batch(predictions=model(batch["input_ids"]).logits.numpy(), references=batch["labels"].numpy())
+    got = metric.compute()
+    want = nll_bits(model, loader)
+    assert got["predicted_samples"] == want[2] and got["bits_per_sample"] == pytest.approx(want[0], rel=1e-5)
+
+    quality = evaluate.load(str(ROOT / "training" / "evaluate_modules" / "sc09_quality"))
+    waves = torch.stack([clips[i][0] for i in range(20)])
+    got = quality.compute(predictions=waves[:10].numpy(), reference_waveforms=waves.numpy(),
+                          classifier=str(classifier[0]))
+    want = sample_quality(DigitClassifier.load(classifier[0]), waves[:10], waves)
+    for key in ("fid", "is", "mis", "am"):
+        assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), key

@@ -13,12 +13,8 @@ import soundfile
 import torch
 from transformers import CompileConfig
 
-from conftest import HUB_CONFIG_NAMES, ROOT, hub_config
-from modeling_poolformer import PoolformerAudioStreamer, PoolformerCache, PoolformerForCausalLM, decode_audio, encode_audio
-
-
-def _model(name="tiny", **overrides):
-    return PoolformerForCausalLM(hub_config(name, **overrides)).eval()
+from conftest import HUB_CONFIG_NAMES, ROOT, hub_config, hub_model
+from modeling_poolformer import PoolformerAudioStreamer, PoolformerCache, decode_audio, encode_audio
 
 
 def _period(config):
@@ -28,7 +24,7 @@ def _period(config):
 @pytest.mark.parametrize("shift", ["fine", "coarse"])
 @pytest.mark.parametrize("name", HUB_CONFIG_NAMES)
 def test_cached_decoding_equals_full_forward(name, shift):
-    model = _model(name, causal_shift=shift, conv1d_width=3)
+    model = hub_model(name, causal_shift=shift, conv1d_width=3)
     length = 3 * _period(model.config) + 7
     ids = torch.randint(0, 256, (2, length))
     with torch.no_grad():
@@ -50,7 +46,7 @@ def test_cached_decoding_equals_full_forward(name, shift):
 
 
 def test_cache_is_preallocated_and_written_in_place():
-    model = _model("sc09", conv1d_width=3)
+    model = hub_model("sc09", conv1d_width=3)
     period = _period(model.config)
     cache = PoolformerCache(model.config)
     with torch.no_grad():
@@ -88,7 +84,7 @@ def test_step_phases_select_the_active_levels():
 
 
 def test_cache_batch_operations_match_reordered_inputs():
-    model = _model()
+    model = hub_model()
     ids = torch.randint(0, 256, (3, 19))
     nxt = torch.randint(0, 256, (3, 5))
     with torch.no_grad():
@@ -126,7 +122,7 @@ def _argmax_rollout(model, prompt, steps):
 
 @pytest.mark.parametrize("name", ["tiny", "sc09-coarse-shift"])
 def test_greedy_generate_equals_argmax_rollout(name):
-    model = _model(name)
+    model = hub_model(name)
     steps = _period(model.config) + 9
     want = _argmax_rollout(model, torch.full((1, 1), 128), steps)
     assert torch.equal(model.generate(max_new_tokens=steps, do_sample=False), want)
@@ -137,7 +133,7 @@ def test_greedy_generate_equals_argmax_rollout(name):
 @pytest.mark.parametrize("shift", ["fine", "coarse"])
 @pytest.mark.parametrize("name", HUB_CONFIG_NAMES)
 def test_generated_logits_equal_forward_on_the_produced_sequence(name, shift):
-    model = _model(name, causal_shift=shift)
+    model = hub_model(name, causal_shift=shift)
     prompt = torch.randint(0, 256, (2, _period(model.config) + 3))  # odd length, mid-group at every level
     out = model.generate(prompt, max_new_tokens=2 * _period(model.config) + 1, return_dict_in_generate=True,
                          output_logits=True)
@@ -149,7 +145,7 @@ def test_generated_logits_equal_forward_on_the_produced_sequence(name, shift):
 @pytest.mark.parametrize("options", [dict(), dict(temperature=0.7)])
 def test_seeded_sampling_draws_from_the_models_distribution(options):
     # an explicit loop of multinomial draws with the same generator reproduces generate's tokens
-    model = _model()
+    model = hub_model()
     prompt = torch.randint(0, 256, (2, 5))
     got = model.generate(prompt, max_new_tokens=30, generator=torch.Generator().manual_seed(3), **options)
     g, seq, cache = torch.Generator().manual_seed(3), prompt, PoolformerCache(model.config)
@@ -163,7 +159,7 @@ def test_seeded_sampling_draws_from_the_models_distribution(options):
 
 
 def test_generator_seed_is_reproducible_and_independent_of_global_rng():
-    model = _model()
+    model = hub_model()
     a = model.generate(max_new_tokens=40, generator=torch.Generator().manual_seed(5))
     torch.manual_seed(123)
     state = torch.get_rng_state()
@@ -178,7 +174,7 @@ def test_generator_seed_is_reproducible_and_independent_of_global_rng():
 
 
 def test_threads_set_for_generation_and_restored():
-    model = _model()
+    model = hub_model()
     seen = []
     model.register_forward_pre_hook(lambda *args: seen.append(torch.get_num_threads()))
     before = torch.get_num_threads()
@@ -191,7 +187,7 @@ def test_threads_set_for_generation_and_restored():
 
 @pytest.mark.parametrize("shift", ["fine", "coarse"])
 def test_right_padded_prompts_continue_as_alone(shift):
-    model = _model("tiny", causal_shift=shift)
+    model = hub_model("tiny", causal_shift=shift)
     lengths = [9, 4, 9, 1]
     prompts = [torch.randint(0, 256, (1, n)) for n in lengths]
     width = max(lengths)
@@ -214,10 +210,21 @@ def test_right_padded_prompts_continue_as_alone(shift):
         model.generate(batch, attention_mask=mask.flip(1), max_new_tokens=2)
 
 
-def test_beam_search_and_dict_outputs_and_streamer():
-    model = _model()
-    out = model.generate(torch.randint(0, 256, (2, 6)), max_new_tokens=8, num_beams=3, do_sample=False)
-    assert out.shape == (2, 14)
+def test_beam_search_scores_are_the_models_log_likelihoods():
+    # beams reorder the cache at every step: a wrong reorder gives scores that the returned sequences do not have
+    model = hub_model()
+    prompt = torch.randint(0, 256, (2, 6))
+    out = model.generate(prompt, max_new_tokens=8, num_beams=3, num_return_sequences=3, do_sample=False,
+                         length_penalty=0.0, return_dict_in_generate=True, output_scores=True)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(out.sequences).logits[:, 5:-1].double(), -1)
+    want = logp.gather(-1, out.sequences[:, 6:, None]).squeeze(-1).sum(-1)
+    torch.testing.assert_close(out.sequences_scores.double(), want, rtol=1e-4, atol=1e-4)
+    assert torch.equal(out.sequences[::3, :6], prompt) and (want[::3] >= want[2::3]).all()  # best beam first
+
+
+def test_dict_outputs_and_streamer():
+    model = hub_model()
 
     class Collect:
         def __init__(self):
@@ -244,7 +251,7 @@ def test_compiled_decoding_equals_eager_with_one_graph_per_stack_shape(name, gra
     from torch._dynamo.utils import counters
 
     # tiny: pooling [2, 4], every stack 1 pair -> one graph; sc09-pool-2 shrunk: stacks of 1 and 2 pairs -> two
-    model = _model(name, layers_per_level=[1, 2]) if name == "sc09-pool-2" else _model(name)
+    model = hub_model(name, layers_per_level=[1, 2]) if name == "sc09-pool-2" else hub_model(name)
     prompt = torch.randint(0, 256, (2, 5))
     kwargs = dict(max_new_tokens=21, do_sample=False, return_dict_in_generate=True, output_logits=True)
     eager = model.generate(prompt, disable_compile=True, **kwargs)
@@ -266,7 +273,7 @@ def test_without_a_compiler_generation_decodes_eagerly_with_one_warning(monkeypa
     monkeypatch.setattr(inductor_config.cpp, "cxx", ("/nonexistent/c++",))
     _can_compile.cache_clear()
     try:
-        model = _model()
+        model = hub_model()
         with pytest.warns(UserWarning, match="No C\\+\\+ compiler"):
             first = model.generate(max_new_tokens=5, do_sample=False, compile_config=CompileConfig())
         with warnings.catch_warnings():
@@ -278,7 +285,7 @@ def test_without_a_compiler_generation_decodes_eagerly_with_one_warning(monkeypa
 
 
 def test_audio_streamer_writes_wavs_while_generating(tmp_path):
-    model = _model()
+    model = hub_model()
     sizes = []
 
     class Watching(PoolformerAudioStreamer):
@@ -297,7 +304,7 @@ def test_audio_streamer_writes_wavs_while_generating(tmp_path):
 
 
 def test_audio_streamer_yields_chunks_to_another_thread():
-    model = _model()
+    model = hub_model()
     streamer = model.audio_streamer(chunk_size=64, timeout=120)
     result = []
     thread = threading.Thread(target=lambda: result.append(model.generate(max_new_tokens=300, streamer=streamer)))
@@ -325,7 +332,7 @@ def test_codec_round_trip_within_one_bin(quantization):
 
 
 def test_save_wav_readable_at_16khz(tmp_path):
-    model = _model()
+    model = hub_model()
     tokens = model.generate(max_new_tokens=800, num_return_sequences=2)
     paths = model.save_wav(tokens, tmp_path / "clip.wav")
     assert [p.name for p in paths] == ["clip_0.wav", "clip_1.wav"]
@@ -336,14 +343,14 @@ def test_save_wav_readable_at_16khz(tmp_path):
 
 
 def test_sample_cli_writes_wavs_and_spectrogram(tmp_path):
-    model = _model()
+    model = hub_model()
     model.save_pretrained(tmp_path / "model")
     rate = 16000
     t = np.arange(rate // 4) / rate
     soundfile.write(tmp_path / "prompt.wav", 0.5 * np.sin(2 * np.pi * 440 * t), 22050)  # resampled to 16 kHz
     cmd = [sys.executable, str(ROOT / "training" / "sample.py"), "--model", str(tmp_path / "model"),
-           "--num-samples", "3", "--batch-size", "2", "--seconds", "0.05", "--out", str(tmp_path / "out"),
-           "--prompt", str(tmp_path / "prompt.wav"), "--prompt-seconds", "0.1", "--top-k", "40", "--no-progress"]
+           "--num_samples", "3", "--batch_size", "2", "--seconds", "0.05", "--out", str(tmp_path / "out"),
+           "--prompt", str(tmp_path / "prompt.wav"), "--prompt_seconds", "0.1", "--top_k", "40", "--no_progress"]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     wavs = sorted((tmp_path / "out").glob("*.wav"))
@@ -364,3 +371,19 @@ def test_sample_cli_writes_wavs_and_spectrogram(tmp_path):
 
     bad = subprocess.run(cmd[:2] + ["--model", "x", "--out", "y", "--temperature", "0"], capture_output=True, text=True)
     assert bad.returncode == 2 and "--temperature must be > 0" in bad.stderr
+
+
+def test_sample_cli_checks_paths_first_and_handles_a_one_sample_clip(tmp_path):
+    script = [sys.executable, str(ROOT / "training" / "sample.py"), "--out", str(tmp_path / "out"), "--no_progress"]
+    bad = subprocess.run(script + ["--model", "/no/such/dir"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "--model /no/such/dir: no such file or folder" in bad.stderr
+    hub_model().save_pretrained(tmp_path / "model")
+    bad = subprocess.run(script + ["--model", str(tmp_path / "model"), "--prompt", str(tmp_path / "missing.wav")],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "missing.wav: not a readable audio file" in bad.stderr
+    assert "Loading weights" not in bad.stderr  # refused before the model was loaded
+    one = subprocess.run(script + ["--model", str(tmp_path / "model"), "--num_samples", "1", "--seconds", "0.0000625"],
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert soundfile.info(tmp_path / "out" / "sample_0000.wav").frames == 1
+    assert (tmp_path / "out" / "spectrograms.png").read_bytes()[:4] == b"\x89PNG"

@@ -7,12 +7,13 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import HUB_CONFIG_NAMES, ROOT, hub_config
+from conftest import HUB_CONFIG_NAMES, ROOT, hub_config, hub_model
 from modeling_poolformer import PoolformerConfig, PoolformerForCausalLM
 
 POOLED = [n for n in HUB_CONFIG_NAMES if PoolformerConfig.from_pretrained(ROOT / "hub_configs" / n).pooling_factors]
@@ -290,3 +291,88 @@ def test_pooling_equals_torch_strided_convolutions(groups, factor):
     torch.testing.assert_close(grads, want_grads, rtol=1e-4, atol=1e-4)
     y = torch.randn(3, 4, 16)
     torch.testing.assert_close(up(y), up.proj(y.transpose(1, 2)).transpose(1, 2))
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.bfloat16, 0.15), (torch.float16, 0.03)])
+def test_half_precision_models_run_and_agree_with_fp32(dtype, tolerance):
+    # the recurrence stays fp32 inside; everything else runs in the model's dtype
+    small = dict(hidden_size=32, lru_width=32, num_gate_blocks=4, pooling_groups=32)
+    reference = hub_model("sc09", **small)
+    model = hub_model("sc09", **small)
+    model.load_state_dict(reference.state_dict())
+    model = model.to(dtype)
+    ids = torch.randint(0, 256, (2, 400))
+    with torch.no_grad():
+        want = torch.log_softmax(reference(ids).logits.double(), -1)
+        logits = model(ids).logits
+        assert logits.dtype == dtype
+        assert (torch.log_softmax(logits.double(), -1) - want).abs().max().item() <= tolerance
+        out = model.generate(ids[:, :37], max_new_tokens=20, do_sample=False, return_dict_in_generate=True,
+                             output_logits=True)
+        stepped = torch.stack(out.logits, 1)
+        assert (stepped - model(out.sequences).logits[:, 36:-1].float()).abs().max().item() <= tolerance
+    assert all(t.dtype == torch.float32 for s in out.past_key_values.stacks for t in s.recurrent_states)
+
+
+def test_no_label_left_warns_that_the_loss_is_nan():
+    model = hub_model()
+    ids = torch.randint(0, 256, (2, 6))
+    with pytest.warns(RuntimeWarning, match="no label left"):
+        out = model(ids, labels=torch.full_like(ids, -100))
+    assert torch.isnan(out.loss)
+    with pytest.warns(RuntimeWarning, match="no label left"):
+        model(ids, attention_mask=torch.zeros_like(ids), labels=ids)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.isfinite(model(ids, labels=ids).loss)
+
+
+def _link_distributions(names, target):
+    """Links the installed distributions `names` and everything they require (not their extras) into `target`: a
+    site folder holding just those packages."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    target.mkdir()
+    todo, seen = list(names), set()
+    while todo:
+        name = canonicalize_name(todo.pop())
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            continue
+        for req in map(Requirement, dist.requires or []):
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append(req.name)
+        for top in {f.parts[0] for f in dist.files or [] if f.parts[0] != ".."}:
+            if not (target / top).exists():
+                (target / top).symlink_to(dist.locate_file(top))
+    return seen
+
+
+def test_loads_and_generates_with_only_torch_transformers_and_safetensors(tmp_path):
+    # a process that sees torch, transformers, safetensors and their own requirements, nothing else: the Hub
+    # folder still loads, generates, streams and writes WAVs (with the standard library's `wave`)
+    model = hub_model()
+    model.save_pretrained(tmp_path / "saved")
+    present = _link_distributions(["torch", "transformers", "safetensors"], tmp_path / "site")
+    assert not {"soundfile", "soxr", "numba", "accelerate", "datasets"} & present
+    script = textwrap.dedent(f"""
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "saved")!r}, trust_remote_code=True)
+        tokens = model.generate(max_new_tokens=200, streamer=model.audio_streamer({str(tmp_path / "live.wav")!r}))
+        paths = model.save_wav(tokens, {str(tmp_path / "after.wav")!r})
+        print("OK", tokens.shape, [p.stat().st_size for p in paths])
+    """)
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(tmp_path / "site"), "HF_HUB_OFFLINE": "1",
+           "HF_MODULES_CACHE": str(tmp_path / "modules"), "HOME": str(tmp_path)}
+    run = subprocess.run([sys.executable, "-S", "-c", script], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr[-3000:]
+    assert "OK torch.Size([1, 201]) [444]" in run.stdout  # a 44-byte header and 200 16-bit samples
+    assert (tmp_path / "live.wav").read_bytes() == (tmp_path / "after.wav").read_bytes()

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,9 +15,7 @@ from safetensors.torch import load_file
 
 from conftest import ROOT
 from hub_server import HubServer
-
-sys.path.insert(0, str(ROOT / "training"))
-from data import make_spoken_digits  # noqa: E402
+from training.data import make_spoken_digits
 
 TRAIN = str(ROOT / "training" / "train.py")
 FAST = ["--seq_len", "1200", "--batch_size", "4", "--num_samples", "1", "--sample_seconds", "0.02",
@@ -103,16 +102,24 @@ def test_sigterm_checkpoints_and_resumes(cache_dir, tmp_path):
 
 def test_two_process_data_parallel_on_cpu(cache_dir, tmp_path):
     out = tmp_path / "ddp"
+    data = ["--dataset", str(cache_dir / "spoken_digits_v1"), "--seq_len", "1200"]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", TRAIN,
-           "--dataset", str(cache_dir / "spoken_digits_v1"), *FAST, "--max_steps", "4", "--eval_every", "4",
-           "--max_eval_batches", "2", "--checkpoint_chunk_size", "500", "--output_dir", str(out)]
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", TRAIN, *data, *FAST,
+           "--max_steps", "4", "--eval_every", "4", "--checkpoint_chunk_size", "500", "--output_dir", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env())
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     # the 1201-step items ran in time chunks under DDP (checkpointing in time composes with gradient all-reduce)
     assert json.loads((out / "model" / "config.json").read_text())["checkpoint_chunk_size"] == 500
     s = summary(out)
     assert len(s["replica_checksums"]) == 2 and s["replica_checksums"][0] == s["replica_checksums"][1]
+    # validation of 60 clips in batches of 4 on 2 ranks (the last batch evened out with repeats) equals one
+    # process going through each clip once
+    single = subprocess.run([sys.executable, str(ROOT / "training" / "evaluate.py"), "--model", str(out / "model"),
+                             *data, "--split", "validation", "--out", str(tmp_path / "eval.json")],
+                            capture_output=True, text=True, timeout=600, env=env())
+    assert single.returncode == 0, single.stderr[-3000:]
+    alone = json.loads((tmp_path / "eval.json").read_text())
+    assert alone["items"] == 60 and s["val_bits_per_sample"] == pytest.approx(alone["nll_bits_per_sample"], rel=1e-6)
     load = textwrap.dedent(f"""
         import torch
         from transformers import AutoModelForCausalLM
@@ -160,3 +167,73 @@ def test_bad_arguments_fail_before_training(tmp_path):
     proc = subprocess.run([sys.executable, TRAIN, "--checkpoint_chunk_size", "-1"], capture_output=True, text=True,
                           env=env())
     assert proc.returncode == 2 and "--checkpoint_chunk_size" in proc.stderr
+
+
+def _checkpoints(out):
+    return sorted(p.name for p in (Path(out) / "checkpoints").iterdir())
+
+
+def test_a_finished_run_is_not_overwritten_and_rotation_stays_within_a_run(cache_dir, tmp_path):
+    out = tmp_path / "run"
+    args = ["--dataset", str(cache_dir / "spoken_digits_v1"), *FAST, "--max_steps", "3", "--save_every", "1",
+            "--checkpoints_total_limit", "2", "--eval_every", "100", "--max_eval_batches", "1", "--output_dir", str(out)]
+    run(args)
+    exported = (out / "model" / "model.safetensors").read_bytes()
+    alien = tmp_path / "alien"
+    shutil.copytree(out / "checkpoints" / "step_00000003", alien)  # a checkpoint of that run, for later
+
+    proc = subprocess.run([sys.executable, TRAIN, *args], capture_output=True, text=True, env=env(), timeout=300)
+    assert proc.returncode == 2 and "holds another run" in proc.stderr and "--overwrite_output_dir" in proc.stderr
+    assert (out / "model" / "model.safetensors").read_bytes() == exported
+
+    run([*args, "--overwrite_output_dir", "--stop_after_steps", "2", "--seed", "1"])  # a new run, preempted
+    assert _checkpoints(out) == ["step_00000001", "step_00000002"] and not (out / "model").exists()
+    shutil.copytree(alien, out / "checkpoints" / "step_00000099")  # another run's, at a higher step
+    run([*args, "--resume_from_checkpoint", "latest", "--seed", "1"])  # resumes the new run, not step 99
+    assert summary(out)["steps"] == 3
+    # rotation removed this run's step 1 only
+    assert _checkpoints(out) == ["step_00000002", "step_00000003", "step_00000099"]
+
+
+def test_a_damaged_checkpoint_fails_naming_the_file(cache_dir, tmp_path):
+    out = tmp_path / "run"
+    args = ["--dataset", str(cache_dir / "spoken_digits_v1"), *FAST, "--max_steps", "4", "--eval_every", "100",
+            "--max_eval_batches", "1", "--dropout", "0.1", "--output_dir", str(out)]
+    run([*args, "--stop_after_steps", "2"])
+    ckpt = out / "checkpoints" / "step_00000002"
+    rng = ckpt / "random_states_0.pkl"
+    rng.write_bytes(rng.read_bytes()[: rng.stat().st_size // 2])  # truncated
+    resume = [sys.executable, TRAIN, *args, "--resume_from_checkpoint", "latest"]
+    proc = subprocess.run(resume, capture_output=True, text=True, env=env(), timeout=300)
+    assert proc.returncode == 2 and "random_states_0.pkl" in proc.stderr and "damaged" in proc.stderr
+    (ckpt / "model.safetensors").unlink()
+    proc = subprocess.run(resume, capture_output=True, text=True, env=env(), timeout=300)
+    assert proc.returncode == 2 and "model.safetensors is missing" in proc.stderr
+    assert "pytorch_model.bin" not in proc.stderr
+
+
+def test_sigterm_to_the_launcher_checkpoints_and_leaves_no_process(cache_dir, tmp_path):
+    # `accelerate launch` with one process exits at once on SIGTERM; the training process notices and stops cleanly
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", TRAIN, "--dataset", str(cache_dir / "spoken_digits_v1"),
+           *FAST, "--max_steps", "10000", "--save_every", "2", "--eval_every", "100000", "--max_eval_batches", "1",
+           "--output_dir", str(out)]
+    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while not list((out / "checkpoints").glob("step_*")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)  # to the launcher only
+    output, _ = proc.communicate(timeout=300)  # returns once every writer of the pipe, the trainer too, is gone
+    assert "resume with --resume_from_checkpoint latest" in output, output[-3000:]
+    stopped = int(output.split("stopped at step ")[1].split()[0])
+    assert (out / "checkpoints" / f"step_{stopped:08d}").is_dir()
+    left = [p for p in Path("/proc").glob("[0-9]*") if str(out) in _cmdline(p)]
+    assert not left, "a training process outlived its launcher"
+
+
+def _cmdline(proc_dir):
+    try:
+        return (proc_dir / "cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return ""

@@ -7,20 +7,17 @@ fast ones? Prints per-block statistics of |a| and writes the thesis-style plot o
 |a_t| = exp(-c r_t softplus(Lambda)) with the recurrence-gate values r_t the model produces on real clips.
 """
 
-import argparse
 import json
-import sys
-from argparse import Namespace
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "training"))
-from data import PROTOCOLS, build_datasets  # noqa: E402
+from training.data import DataArguments, build_datasets
+from training.utils import check_local_or_hub, parse_arguments
 
 
 def rglru_blocks(model):
@@ -95,22 +92,21 @@ def plot(stats, path, title):
     plt.close(fig)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True)
-    p.add_argument("--dataset", help="as in train.py (default: built-in spoken digits)")
-    p.add_argument("--protocol", default="auto", choices=PROTOCOLS)
-    p.add_argument("--split", default="validation")
-    p.add_argument("--num_clips", type=int, default=8, help="clips run through the model for the gate values")
-    p.add_argument("--seq_len", type=int)
-    p.add_argument("--cache_dir")
-    p.add_argument("--out", default="decay_vs_depth.png")
-    p.add_argument("--json", help="also write the statistics here")
-    args = p.parse_args(argv)
+@dataclass
+class AnalyzeArguments:
+    model: str = field(metadata={"help": "a saved model folder or a Hub repo id"})
+    split: str = "validation"
+    num_clips: int = field(default=8, metadata={"help": "clips run through the model for the gate values"})
+    out: str = "decay_vs_depth.png"
+    json: Optional[str] = field(default=None, metadata={"help": "also write the statistics here"})
 
+    def __post_init__(self):
+        check_local_or_hub(self.model, "--model")
+
+
+def main(argv=None):
+    args, data_args = parse_arguments((AnalyzeArguments, DataArguments), argv, __doc__)
     model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True).eval()
-    data_args = Namespace(dataset=args.dataset, protocol=args.protocol, audio_column="audio",
-                          cache_dir=args.cache_dir, seq_len=args.seq_len, mode=None, no_minmax=False)
     _, _, datasets = build_datasets(data_args, model.config)
     data = datasets.get(args.split) or datasets["train"]
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(data, range(min(args.num_clips, len(data)))),

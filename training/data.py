@@ -9,8 +9,12 @@ with espeak-ng. Protocols fix the split and the quantisation of the thesis' data
 | sc09       | `validation_list.txt` / `testing_list.txt`, rest is train  | mu-law       | one clip per file, padded     |
 | beethoven  | file index 0-3807 / 3808-4067 / 4068-4327                  | linear       | one clip per file, padded     |
 | youtubemix | files in name order: first 88% / next 6% / last 6%         | mu-law       | fixed windows cut from files  |
-| generic    | the dataset's own splits, else train/validation/test       | the model's  | windows (or padded clips)     |
-|            | subfolders, else a stable 5% of files for validation       |              |                               |
+| generic    | the dataset's own splits, or train/validation/test         | the model's  | windows (or padded clips)     |
+|            | subfolders, or all files as train                          |              |                               |
+
+One rule for every source without a validation split (a Hub dataset or a folder, with or without a test split): a
+stable 5% of the training items (at least one) becomes the validation split, chosen by a hash of each item's file
+path (or its row number), so the same item always lands on the same side.
 
 Audio is decoded with soundfile (no FFmpeg), mixed to mono, resampled to the model's rate with soxr, optionally
 min-max scaled per clip, quantised, and prefixed with the zero token. Padding is masked out of the loss
@@ -25,7 +29,7 @@ import shutil
 import subprocess
 import tempfile
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -34,8 +38,9 @@ import soundfile
 import torch
 from datasets import Audio, Dataset, DatasetDict, load_dataset
 
+from modeling_poolformer import encode_audio
 from modeling_poolformer.audio import resample
-from modeling_poolformer.modeling_poolformer import encode_audio
+from training.utils import check_local_or_hub
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +55,32 @@ PROTOCOL_DEFAULTS = {
     "generic": dict(quantization=None, mode="window", seq_len=16000),
 }
 KNOWN_REPOS = {"krandiash/sc09": "sc09", "krandiash/beethoven": "beethoven", "krandiash/youtubemix": "youtubemix"}
+VALIDATION_FRACTION = 0.05
+
+
+@dataclass
+class DataArguments:
+    """The data flags of every script (train, evaluate, train_classifier, analyze), parsed with transformers'
+    `HfArgumentParser`."""
+
+    dataset: Optional[str] = field(default=None, metadata={
+        "help": "a Hub dataset repo id or a local folder (audio files, zips, or parquet/arrow); default: the "
+                "built-in spoken digits"})
+    protocol: str = field(default="auto", metadata={"help": "split and quantisation protocol", "choices": PROTOCOLS})
+    audio_column: str = field(default="audio", metadata={"help": "audio column of a generic Hub dataset"})
+    seq_len: Optional[int] = field(default=None, metadata={
+        "help": "samples per item (default: the protocol's, 16000 for SC09)"})
+    mode: Optional[str] = field(default=None, metadata={
+        "help": "pad whole clips, or cut fixed windows (default: the protocol's)", "choices": ("pad", "window")})
+    no_minmax: bool = field(default=False, metadata={"help": "skip per-clip min-max scaling before quantisation"})
+    cache_dir: Optional[str] = field(default=None, metadata={
+        "help": "where datasets and the rendered default set are cached"})
+
+    def __post_init__(self):
+        if self.seq_len is not None and self.seq_len < 1:
+            raise ValueError(f"--seq_len must be >= 1, got {self.seq_len}")
+        if self.dataset is not None:
+            check_local_or_hub(self.dataset, "--dataset")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -211,19 +242,37 @@ def split_youtubemix(root: Path, files: list) -> dict:
     return {"train": files[:n_train], "validation": files[n_train : n_train + n_val], "test": files[n_train + n_val :]}
 
 
-def split_generic(root: Path, files: list, validation_fraction: float = 0.05) -> dict:
-    aliases = {"train": "train", "validation": "validation", "valid": "validation", "val": "validation",
-               "dev": "validation", "test": "test"}
+SPLIT_ALIASES = {"train": "train", "validation": "validation", "valid": "validation", "val": "validation",
+                 "dev": "validation", "test": "test"}
+
+
+def split_generic(root: Path, files: list) -> dict:
+    """train/validation/test subfolders (or their aliases) when the files are laid out so, else all files train;
+    a missing validation split is carved out of train by `load_splits`."""
     splits = {s: [] for s in SPLITS}
     top = {f.relative_to(root).parts[0].lower() for f in files if len(f.relative_to(root).parts) > 1}
-    if top and top <= set(aliases):
+    if top and top <= set(SPLIT_ALIASES):
         for f in files:
-            splits[aliases[f.relative_to(root).parts[0].lower()]].append(f)
-        return splits
-    for f in files:  # stable: the same file always lands in the same split
-        h = int(hashlib.sha1(f.relative_to(root).as_posix().encode()).hexdigest()[:8], 16) / 2**32
-        splits["validation" if h < validation_fraction else "train"].append(f)
+            splits[SPLIT_ALIASES[f.relative_to(root).parts[0].lower()]].append(f)
+    else:
+        splits["train"] = list(files)
     return splits
+
+
+def carve_validation(train: Dataset) -> tuple:
+    """(train, validation): a stable VALIDATION_FRACTION of the items (at least one) by a hash of each item's path
+    (relative to the dataset folder; its row number when it has none). The one rule for every source without a
+    validation split."""
+    column = next((c for c in ("key", "path") if c in train.column_names), None)
+    paths = train[column] if column else [a.get("path") for a in train["audio"]]
+    keys = [p if p else f"row {i}" for i, p in enumerate(paths)]
+    hashes = [int(hashlib.sha1(k.encode()).hexdigest()[:8], 16) / 2**32 for k in keys]
+    held = [i for i, h in enumerate(hashes) if h < VALIDATION_FRACTION]
+    if not held:
+        held = [min(range(len(hashes)), key=hashes.__getitem__)]
+    held_set = set(held)
+    kept = [i for i in range(len(keys)) if i not in held_set]
+    return train.select(kept), train.select(held)
 
 
 SPLITTERS = {"sc09": split_sc09, "beethoven": split_beethoven, "youtubemix": split_youtubemix, "generic": split_generic}
@@ -238,9 +287,10 @@ def load_splits(dataset: Optional[str], protocol: str = "auto", audio_column: st
     cache = Path(cache_dir or Path.home() / ".cache" / "poolformer-hf")
     if dataset is None:
         root, protocol = make_spoken_digits(cache / "spoken_digits_v1", sample_rate=sample_rate), "sc09"
-    elif Path(dataset).is_dir():
-        root = Path(dataset)
+    elif Path(dataset).expanduser().is_dir():
+        root = Path(dataset).expanduser()
     else:
+        check_local_or_hub(dataset, "--dataset")
         if protocol == "auto":
             protocol = KNOWN_REPOS.get(dataset, "generic")
         if protocol == "generic":
@@ -260,11 +310,20 @@ def load_splits(dataset: Optional[str], protocol: str = "auto", audio_column: st
     out = {}
     for name, paths in splits.items():
         if paths:
-            ds = Dataset.from_dict({"audio": [str(p) for p in paths], "path": [str(p) for p in paths]})
+            rel = [p.relative_to(root).as_posix() for p in paths]  # the hash of a path must not depend on `root`
+            ds = Dataset.from_dict({"audio": [str(p) for p in paths], "path": [str(p) for p in paths], "key": rel})
             out[name] = ds.cast_column("audio", Audio(decode=False))
     if "train" not in out:
         raise ValueError(f"protocol {protocol!r} found no training files under {root}")
-    return protocol, out
+    return protocol, _with_validation(out)
+
+
+def _with_validation(splits: dict) -> dict:
+    if "validation" not in splits and "train" in splits and len(splits["train"]) > 1:
+        splits["train"], splits["validation"] = carve_validation(splits["train"])
+        logger.info("no validation split: %d of %d training items held out for validation (stable hash)",
+                    len(splits["validation"]), len(splits["validation"]) + len(splits["train"]))
+    return splits
 
 
 def _hub_splits(data, audio_column: str) -> dict:
@@ -280,10 +339,7 @@ def _hub_splits(data, audio_column: str) -> dict:
         if audio_column != "audio":
             ds = ds.rename_column(audio_column, "audio")
         out[names.get(split, split)] = ds
-    if "validation" not in out and "train" in out and len(out["train"]) > 1:
-        parts = out["train"].train_test_split(test_size=max(1, len(out["train"]) // 20), seed=0, shuffle=True)
-        out["train"], out["validation"] = parts["train"], parts["test"]
-    return out
+    return _with_validation(out)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -359,17 +415,15 @@ class AudioTokenDataset(torch.utils.data.Dataset):
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def build_datasets(args, config) -> tuple:
-    """(protocol, {split: AudioTokenDataset}) from the script's arguments and the model config."""
-    protocol, splits = load_splits(args.dataset, args.protocol, args.audio_column, args.cache_dir, config.sample_rate)
+def build_datasets(data_args: DataArguments, config) -> tuple:
+    """(protocol, spec, {split: AudioTokenDataset}). The spec's quantisation is the protocol's (the model config's
+    for `generic`); the config is only read: a caller whose model quantises otherwise decides what to do."""
+    protocol, splits = load_splits(data_args.dataset, data_args.protocol, data_args.audio_column, data_args.cache_dir,
+                                   config.sample_rate)
     defaults = PROTOCOL_DEFAULTS[protocol]
-    quantization = defaults["quantization"] or config.quantization
-    if quantization != config.quantization:
-        logger.warning("protocol %s quantises with %s but the model config says %s: using %s and updating the config",
-                       protocol, quantization, config.quantization, quantization)
-        config.quantization = quantization
     spec = AudioSpec(
-        sample_rate=config.sample_rate, quantization=quantization, levels=config.vocab_size, bos=config.bos_token_id,
-        seq_len=args.seq_len or defaults["seq_len"], mode=args.mode or defaults["mode"], minmax=not args.no_minmax,
+        sample_rate=config.sample_rate, quantization=defaults["quantization"] or config.quantization,
+        levels=config.vocab_size, bos=config.bos_token_id, seq_len=data_args.seq_len or defaults["seq_len"],
+        mode=data_args.mode or defaults["mode"], minmax=not data_args.no_minmax,
     )
     return protocol, spec, {name: AudioTokenDataset(ds, spec, name) for name, ds in splits.items()}

@@ -12,56 +12,48 @@ the digit classifier of `train_classifier.py`; reference statistics from the tra
 states the protocol used.
 """
 
-import argparse
 import json
-import sys
 import time
-from argparse import Namespace
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, Optional
 
 import torch
 from transformers import AutoModelForCausalLM
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "training"))
-from data import PROTOCOLS, build_datasets  # noqa: E402
-from metrics import DigitClassifier, nll_bits, sample_quality  # noqa: E402
-
-from modeling_poolformer import decode_audio  # noqa: E402
+from modeling_poolformer import decode_audio
+from training.data import DataArguments, build_datasets
+from training.metrics import DigitClassifier, nll_bits, sample_quality
+from training.utils import check_file, check_local_or_hub, parse_arguments
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    a = p.add_argument
-    a("--model", required=True, help="a saved model folder or a Hub repo id")
-    a("--dataset", help="as in train.py (default: built-in spoken digits)")
-    a("--protocol", default="auto", choices=PROTOCOLS)
-    a("--audio_column", default="audio")
-    a("--split", default="test", choices=("train", "validation", "test"))
-    a("--seq_len", type=int, help="samples per item (default: the protocol's)")
-    a("--mode", choices=("pad", "window"))
-    a("--no_minmax", action="store_true")
-    a("--cache_dir")
-    a("--batch_size", type=int, default=8)
-    a("--max_batches", type=int, help="evaluate only the first batches (a quick estimate)")
-    a("--no_nll", action="store_true", help="skip the NLL")
-    a("--quality", action="store_true", help="SC09 sample quality: FID, IS, mIS, AM")
-    a("--classifier", help="digit classifier checkpoint (.safetensors, or a torch state dict)")
-    a("--num_generate", type=int, default=256, help="generated clips (the thesis protocol uses 10240)")
-    a("--seconds", type=float, default=1.0, help="length of generated clips")
-    a("--generate_batch_size", type=int, default=64)
-    a("--num_reference", type=int, default=2048, help="training clips for the reference statistics")
-    a("--trim", action="store_true", help="SaShiMi's likelihood trimming: keep NLL ranks 40%%-95%%")
-    a("--seed", type=int, default=0)
-    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    a("--out", default="eval_results.json")
-    args = p.parse_args(argv)
-    if args.quality and not args.classifier:
-        p.error("--quality needs --classifier (train one with training/train_classifier.py)")
-    if args.batch_size < 1 or args.num_generate < 2:
-        p.error("--batch_size must be >= 1 and --num_generate >= 2")
-    return args
+@dataclass
+class EvaluateArguments:
+    model: str = field(metadata={"help": "a saved model folder or a Hub repo id"})
+    split: Literal["train", "validation", "test"] = "test"
+    batch_size: int = 8
+    max_batches: Optional[int] = field(default=None, metadata={"help": "evaluate only the first batches (an estimate)"})
+    no_nll: bool = field(default=False, metadata={"help": "skip the NLL"})
+    quality: bool = field(default=False, metadata={"help": "SC09 sample quality: FID, IS, mIS, AM"})
+    classifier: Optional[str] = field(default=None, metadata={
+        "help": "digit classifier checkpoint (.safetensors, or a torch state dict)"})
+    num_generate: int = field(default=256, metadata={"help": "generated clips (the thesis protocol uses 10240)"})
+    seconds: float = field(default=1.0, metadata={"help": "length of generated clips"})
+    generate_batch_size: int = 64
+    num_reference: int = field(default=2048, metadata={"help": "training clips for the reference statistics"})
+    trim: bool = field(default=False, metadata={"help": "SaShiMi's likelihood trimming: keep NLL ranks 40%%-95%%"})
+    seed: int = 0
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    out: str = "eval_results.json"
+
+    def __post_init__(self):
+        if self.quality and not self.classifier:
+            raise ValueError("--quality needs --classifier (train one with training/train_classifier.py)")
+        if self.batch_size < 1 or self.num_generate < 2:
+            raise ValueError("--batch_size must be >= 1 and --num_generate >= 2")
+        check_local_or_hub(self.model, "--model")
+        if self.classifier:
+            check_file(self.classifier, "--classifier")
 
 
 @torch.no_grad()
@@ -95,14 +87,16 @@ def generate_clips(model, args):
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    args, data_args = parse_arguments((EvaluateArguments, DataArguments), argv, __doc__)
     torch.manual_seed(args.seed)
     model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True).to(args.device).eval()
     config = model.config
-    data_args = Namespace(dataset=args.dataset, protocol=args.protocol, audio_column=args.audio_column,
-                          cache_dir=args.cache_dir, seq_len=args.seq_len, mode=args.mode, no_minmax=args.no_minmax)
     protocol, spec, datasets = build_datasets(data_args, config)
-    result = {"model": args.model, "dataset": args.dataset or "built-in spoken digits", "protocol": protocol,
+    if spec.quantization != config.quantization:
+        raise SystemExit(f"evaluate.py: error: protocol {protocol} quantises with {spec.quantization}, the model with "
+                         f"{config.quantization}: its NLL would not be comparable (--protocol generic uses the "
+                         "model's)")
+    result = {"model": args.model, "dataset": data_args.dataset or "built-in spoken digits", "protocol": protocol,
               "quantization": spec.quantization, "minmax": spec.minmax, "seq_len": spec.seq_len, "mode": spec.mode}
 
     if not args.no_nll:
@@ -119,7 +113,7 @@ def main(argv=None):
         print(f"{args.split}: {bits:.4f} bits/sample over {count} samples")
 
     if args.quality:
-        from train_classifier import DigitClips
+        from training.train_classifier import DigitClips
 
         classifier = DigitClassifier.load(args.classifier)
         generated, gen_nll, gen_protocol = generate_clips(model, args)

@@ -26,10 +26,20 @@ N_MELS = 32
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def nll_per_item(logits: torch.Tensor, labels: torch.Tensor) -> tuple:
+    """(total NLL in nats, number of predicted samples) per item of a batch, float64: logits[:, t] predicts
+    labels[:, t + 1], labels of -100 are not predicted."""
+    labels = labels[:, 1:]
+    nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels, ignore_index=-100, reduction="none")
+    return nll.double().sum(1), (labels != -100).sum(1).double()
+
+
 @torch.no_grad()
 def nll_bits(model, dataloader, accelerator=None, max_batches=None, progress=False):
     """(bits per sample, total NLL in nats, number of predicted samples). Batches are dicts with `input_ids`,
-    `attention_mask`, `labels` (-100 where masked); logits[t] predicts input_ids[t + 1]."""
+    `attention_mask`, `labels` (-100 where masked); logits[t] predicts input_ids[t + 1]. Under data parallelism
+    the per-item sums go through `gather_for_metrics`, which drops the items that `accelerator.prepare` repeats
+    to even out the last batch, so every item counts once."""
     model.eval()
     device = accelerator.device if accelerator is not None else next(model.parameters()).device
     total = torch.zeros((), device=device, dtype=torch.float64)
@@ -44,12 +54,11 @@ def nll_bits(model, dataloader, accelerator=None, max_batches=None, progress=Fal
             break
         batch = {k: v.to(device) for k, v in batch.items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        labels = batch["labels"][:, 1:]
-        nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels, ignore_index=-100, reduction="sum")
-        total += nll.double()
-        count += (labels != -100).sum().double()
-    if accelerator is not None:
-        total, count = accelerator.reduce(total, "sum"), accelerator.reduce(count, "sum")
+        item_nll, item_count = nll_per_item(logits, batch["labels"])
+        if accelerator is not None:
+            item_nll, item_count = accelerator.gather_for_metrics((item_nll, item_count))
+        total += item_nll.sum()
+        count += item_count.sum()
     return (total / count.clamp_min(1) / math.log(2)).item(), total.item(), int(count.item())
 
 

@@ -1,61 +1,66 @@
 """Generate audio with a Poolformer model: WAV files plus one spectrogram PNG of the batch.
 
-    python training/sample.py --model DIR_OR_REPO --num-samples 4 --seconds 1 --out samples/
-    python training/sample.py --model DIR_OR_REPO --prompt speech.wav --prompt-seconds 0.25 --seconds 1 --out samples/
-    python training/sample.py --model DIR_OR_REPO --num-samples 1 --seconds 10 --stream --out samples/
-
-With --stream every WAV is written while it is generated (a valid file at any moment; the bar shows the real-time
-factor).
+    python training/sample.py --model DIR_OR_REPO --num_samples 4 --seconds 1 --out samples/
+    python training/sample.py --model DIR_OR_REPO --prompt speech.wav --prompt_seconds 0.25 --seconds 1 --out samples/
+    python training/sample.py --model DIR_OR_REPO --num_samples 1 --seconds 10 --stream --out samples/
 
 Unconditional samples start from the zero token (128); a prompt WAV is resampled to the model's rate, quantised with
-the model's codec and continued.
+the model's codec and continued. With --stream every WAV is written while it is generated (a valid file at any
+moment; the bar shows the real-time factor).
 """
 
-import argparse
 import json
-import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
+import soundfile
 import torch
 from transformers import AutoModelForCausalLM
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from modeling_poolformer.audio import encode_audio, load_audio, save_spectrogram, write_wav  # noqa: E402
+from modeling_poolformer.audio import encode_audio, load_audio, save_spectrogram, write_wav
+from training.utils import check_local_or_hub, parse_arguments
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="a saved model folder or a Hub repo id")
-    p.add_argument("--num-samples", type=int, default=4)
-    p.add_argument("--seconds", type=float, default=1.0, help="length of each generated clip (after any prompt)")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--prompt", help="a WAV (or FLAC, ...) file to continue")
-    p.add_argument("--prompt-seconds", type=float, default=0.5, help="how much of the prompt file to use")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
-    p.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling")
-    p.add_argument("--batch-size", type=int, default=16, help="clips generated together")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--stream", action="store_true", help="write the WAVs while generating")
-    p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
-    for name in ("num_samples", "batch_size"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.seconds <= 0 or args.prompt_seconds <= 0:
-        p.error("--seconds and --prompt-seconds must be > 0")
-    if args.temperature <= 0:
-        p.error("--temperature must be > 0 (use --greedy for argmax decoding)")
-    if not 0 < args.top_p <= 1:
-        p.error("--top-p must be in (0, 1]")
-    return args
+@dataclass
+class SampleArguments:
+    model: str = field(metadata={"help": "a saved model folder or a Hub repo id"})
+    out: str = field(metadata={"help": "output folder"})
+    num_samples: int = 4
+    seconds: float = field(default=1.0, metadata={"help": "length of each generated clip (after any prompt)"})
+    prompt: Optional[str] = field(default=None, metadata={"help": "a WAV (or FLAC, ...) file to continue"})
+    prompt_seconds: float = field(default=0.5, metadata={"help": "how much of the prompt file to use"})
+    temperature: float = 1.0
+    top_k: int = field(default=0, metadata={"help": "0 = off"})
+    top_p: float = field(default=1.0, metadata={"help": "1.0 = off"})
+    greedy: bool = field(default=False, metadata={"help": "argmax decoding instead of sampling"})
+    batch_size: int = field(default=16, metadata={"help": "clips generated together"})
+    seed: int = 0
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    stream: bool = field(default=False, metadata={"help": "write the WAVs while generating"})
+    no_progress: bool = False
+
+    def __post_init__(self):
+        for name in ("num_samples", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1")
+        if self.seconds <= 0 or self.prompt_seconds <= 0:
+            raise ValueError("--seconds and --prompt_seconds must be > 0")
+        if self.temperature <= 0:
+            raise ValueError("--temperature must be > 0 (use --greedy for argmax decoding)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("--top_p must be in (0, 1]")
+        check_local_or_hub(self.model, "--model")
+        if self.prompt is not None:  # before the model is loaded
+            try:
+                soundfile.info(self.prompt)
+            except Exception as e:  # noqa: BLE001 - soundfile raises several kinds
+                raise ValueError(f"--prompt {self.prompt}: not a readable audio file ({e})") from None
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    (args,) = parse_arguments(SampleArguments, argv, __doc__)
     model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True).to(args.device).eval()
     config = model.config
     rate = config.sample_rate

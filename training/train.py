@@ -6,12 +6,16 @@
 
 The thesis recipe: AdamW (0.9, 0.999, wd 1e-4), lr 2e-3 with 1000 warm-up steps then constant or cosine, grad-norm
 clip 200, updates skipped when the grad norm is >= 1000 or not finite, an EMA of the weights (0.999, warmed up as
-min(0.999, (1 + n) / (10 + n)) after n updates) used for validation, samples and export. Checkpoints are written atomically every --save_every steps and on SIGTERM/SIGINT;
-`--resume_from_checkpoint latest` continues exactly. The final EMA model is exported with `save_pretrained`
-(safetensors + modeling code + generation config + model card) and optionally pushed to the Hub.
+min(0.999, (1 + n) / (10 + n)) after n updates) used for validation, samples and export.
+
+Nothing is lost: checkpoints are written atomically (with a manifest of their files' sizes and hashes, checked
+before a resume) every --save_every steps and when the run is stopped (SIGTERM/SIGINT, to this process or to its
+launcher); `--resume_from_checkpoint latest` continues exactly; a folder holding another run is refused unless
+--overwrite_output_dir. The final EMA model is exported with `save_pretrained` (safetensors, modeling code,
+generation config, a model card) and optionally pushed to the Hub.
 """
 
-import argparse
+import hashlib
 import json
 import logging
 import math
@@ -20,100 +24,95 @@ import shutil
 import signal
 import sys
 import time
+import uuid
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal, Optional
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from huggingface_hub import ModelCard, ModelCardData
 from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, get_scheduler
 
+from modeling_poolformer import PoolformerConfig, PoolformerForCausalLM, audio_generation_config
+from modeling_poolformer.audio import save_spectrogram, write_wav
+from training.data import DataArguments, build_datasets
+from training.metrics import nll_bits
+from training.utils import parse_arguments, tune_cpu_allocator
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "training"))
-from data import PROTOCOLS, build_datasets  # noqa: E402
-from metrics import nll_bits  # noqa: E402
-
-from modeling_poolformer import PoolformerConfig, PoolformerForCausalLM  # noqa: E402
-from modeling_poolformer.audio import save_spectrogram, write_wav  # noqa: E402
-
+RUN_FILE = "poolformer_run.json"  # in the output folder: which run owns it
+MANIFEST = "manifest.json"  # in every checkpoint: its run, step and files (bytes, sha256)
 logger = logging.getLogger("train")
 
 
-def tune_cpu_allocator(long_sequences: bool):
-    """glibc's malloc settings for CPU training (no-op outside glibc, and when MALLOC_MMAP_THRESHOLD_ is set).
-    Normal lengths: keep freed memory in the heap; glibc otherwise hands every freed tensor above 32 MB back to the
-    OS and the next step page-faults it in again (steps ~1.5x faster). Long sequences trained in checkpointed time
-    chunks: send every freed tensor of 1 MB or more straight back instead, since the heap otherwise fragments and
-    holds ~2.5x the step's real peak (measured at T = 2^18)."""
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return
-    try:
-        import ctypes
+@dataclass
+class ModelArguments:
+    model_config: str = field(default=str(ROOT / "hub_configs" / "tiny"),
+                              metadata={"help": "folder with config.json (one of hub_configs/)"})
+    dropout: Optional[float] = field(default=None, metadata={"help": "override the config's dropout"})
+    checkpoint_chunk_size: Optional[int] = field(default=None, metadata={
+        "help": "train long --seq_len in checkpointed time chunks of this length (0 = off)"})
 
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 2**20 if long_sequences else 2**31 - 1)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
-        pass
+    def __post_init__(self):
+        if not (Path(self.model_config) / "config.json").exists():
+            raise ValueError(f"--model_config {self.model_config!r}: no config.json there")
+        if self.checkpoint_chunk_size is not None and self.checkpoint_chunk_size < 0:
+            raise ValueError("--checkpoint_chunk_size must be >= 0 (0 = off)")
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    a = p.add_argument
-    a("--model_config", default=str(ROOT / "hub_configs" / "tiny"), help="folder with config.json (hub_configs/...)")
-    a("--dataset", help="Hub dataset repo id or local folder; default: built-in spoken digits (espeak-ng)")
-    a("--protocol", default="auto", choices=PROTOCOLS, help="split/quantisation protocol of the data")
-    a("--audio_column", default="audio", help="audio column of a generic Hub dataset")
-    a("--seq_len", type=int, help="samples per training item (default: the protocol's, 16000 for SC09)")
-    a("--mode", choices=("pad", "window"), help="pad whole clips, or cut fixed windows (default: the protocol's)")
-    a("--no_minmax", action="store_true", help="skip per-clip min-max scaling before quantisation")
-    a("--cache_dir", help="where datasets and the rendered default set are cached")
-    a("--output_dir", default="runs/poolformer")
-    a("--max_steps", type=int, help="optimizer steps (overrides --num_epochs)")
-    a("--num_epochs", type=float, default=None)
-    a("--batch_size", type=int, default=8, help="per process")
-    a("--gradient_accumulation_steps", type=int, default=1)
-    a("--learning_rate", type=float, default=2e-3)
-    a("--weight_decay", type=float, default=1e-4)
-    a("--warmup_steps", type=int, help="default: 1000, or a tenth of the run when that is shorter")
-    a("--lr_schedule", default="constant", choices=("constant", "cosine"))
-    a("--grad_clip", type=float, default=200.0)
-    a("--skip_grad_norm", type=float, default=1000.0, help="skip the update when the grad norm is >= this")
-    a("--ema_decay", type=float, default=0.999)
-    a("--dropout", type=float, help="override the config's dropout")
-    a("--checkpoint_chunk_size", type=int, help="train long --seq_len in checkpointed time chunks of this length")
-    a("--mixed_precision", default=None, choices=("no", "fp16", "bf16"), help="default: accelerate config")
-    a("--eval_every", type=int, default=500)
-    a("--max_eval_batches", type=int, help="cap validation batches (default: the whole split)")
-    a("--save_every", type=int, default=1000)
-    a("--checkpoints_total_limit", type=int, default=3)
-    a("--sample_every", type=int, default=0, help="write WAV samples every N steps (0: only at the end)")
-    a("--num_samples", type=int, default=4)
-    a("--sample_seconds", type=float, default=1.0)
-    a("--resume_from_checkpoint", help="a checkpoint folder, or 'latest' in output_dir")
-    a("--stop_after_steps", type=int, help="checkpoint and exit after this many steps (as a preemption would)")
-    a("--push_to_hub", action="store_true")
-    a("--hub_model_id", help="repo id for --push_to_hub (default: the output folder's name)")
-    a("--hub_token", default=None, help="default: HF_TOKEN or the cached login")
-    a("--hub_private", action="store_true")
-    a("--log_with", default="tensorboard", help="accelerate tracker(s): tensorboard, wandb, all, none")
-    a("--num_workers", type=int, default=0)
-    a("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    for name in ("batch_size", "gradient_accumulation_steps", "eval_every", "save_every", "num_samples"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name} must be >= 1")
-    if args.max_steps is not None and args.max_steps < 1:
-        p.error("--max_steps must be >= 1")
-    if args.seq_len is not None and args.seq_len < 1:
-        p.error("--seq_len must be >= 1")
-    if args.checkpoint_chunk_size is not None and args.checkpoint_chunk_size < 0:
-        p.error("--checkpoint_chunk_size must be >= 0 (0 = off)")
-    if not (Path(args.model_config) / "config.json").exists():
-        p.error(f"--model_config {args.model_config!r}: no config.json there")
-    return args
+@dataclass
+class TrainArguments:
+    output_dir: str = "runs/poolformer"
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "start over in an output_dir that holds another run (its checkpoints, model and summary are deleted)"})
+    max_steps: Optional[int] = field(default=None, metadata={"help": "optimizer steps (overrides --num_epochs)"})
+    num_epochs: Optional[float] = None
+    batch_size: int = field(default=8, metadata={"help": "per process"})
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 2e-3
+    weight_decay: float = 1e-4
+    warmup_steps: Optional[int] = field(default=None, metadata={"help": "default: 1000, or a tenth of a shorter run"})
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    grad_clip: float = 200.0
+    skip_grad_norm: float = field(default=1000.0, metadata={"help": "skip the update when the grad norm is >= this"})
+    ema_decay: float = 0.999
+    mixed_precision: Optional[Literal["no", "fp16", "bf16"]] = field(default=None, metadata={
+        "help": "default: accelerate's config"})
+    eval_every: int = 500
+    max_eval_batches: Optional[int] = field(default=None, metadata={"help": "default: the whole validation split"})
+    save_every: int = 1000
+    checkpoints_total_limit: int = 3
+    sample_every: int = field(default=0, metadata={"help": "write WAV samples every N steps (0: only at the end)"})
+    num_samples: int = 4
+    sample_seconds: float = 1.0
+    resume_from_checkpoint: Optional[str] = field(default=None, metadata={
+        "help": "a checkpoint folder, or 'latest' (the newest of this output_dir's run)"})
+    stop_after_steps: Optional[int] = field(default=None, metadata={
+        "help": "checkpoint and exit after this many steps (as a preemption would)"})
+    push_to_hub: bool = False
+    hub_model_id: Optional[str] = field(default=None, metadata={"help": "default: the output folder's name"})
+    hub_token: Optional[str] = field(default=None, metadata={"help": "default: HF_TOKEN or the cached login"})
+    hub_private: bool = False
+    log_with: str = field(default="tensorboard", metadata={"help": "accelerate tracker(s): tensorboard, wandb, all, none"})
+    num_workers: int = 0
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("batch_size", "gradient_accumulation_steps", "eval_every", "save_every", "num_samples",
+                     "checkpoints_total_limit"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError("--max_steps must be >= 1")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checkpoints: atomic, with a manifest; rotation and `latest` within one run
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 class Progress:
@@ -129,79 +128,184 @@ class Progress:
         vars(self).update(state)
 
 
-def save_checkpoint(accelerator, args, progress):
-    """accelerator.save_state into a temporary folder, renamed when complete: never a half-written checkpoint."""
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_json(path: Path, data: dict):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def save_checkpoint(accelerator, args, progress, run_id) -> Path:
+    """accelerator.save_state into a temporary folder, a manifest of its files, then a rename: a checkpoint is
+    complete or absent. Only this run's old checkpoints are rotated out."""
     root = Path(args.output_dir) / "checkpoints"
-    final = root / f"step_{progress.step:08d}"
-    tmp = root / f".tmp_step_{progress.step:08d}"
+    final, tmp = root / f"step_{progress.step:08d}", root / f".tmp_step_{progress.step:08d}"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        files = {p.relative_to(tmp).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+                 for p in sorted(tmp.rglob("*")) if p.is_file()}
+        _write_json(tmp / MANIFEST, {"run_id": run_id, "step": progress.step, "files": files})
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        for old in sorted(root.glob("step_*"))[: -args.checkpoints_total_limit]:
+        for old in run_checkpoints(args.output_dir, run_id)[: -args.checkpoints_total_limit]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
 
 
-def latest_checkpoint(output_dir):
-    found = sorted((Path(output_dir) / "checkpoints").glob("step_*"))
-    return found[-1] if found else None
+def run_checkpoints(output_dir, run_id) -> list:
+    """This run's complete checkpoints, oldest first."""
+    found = []
+    for path in (Path(output_dir) / "checkpoints").glob("step_*"):
+        try:
+            manifest = json.loads((path / MANIFEST).read_text())
+        except (OSError, ValueError):
+            continue
+        if manifest.get("run_id") == run_id:
+            found.append((manifest["step"], path))
+    return [path for _, path in sorted(found)]
 
 
-def evaluate(model, dataloader, accelerator, max_batches=None):
-    """Validation NLL in bits per sample (metrics.nll_bits: total NLL over unmasked samples / their count)."""
-    return nll_bits(model, dataloader, accelerator, max_batches)[0]
+def verify_checkpoint(path: Path) -> dict:
+    """The manifest, after checking that every file it lists is there with its size and hash: a checkpoint that
+    cannot be restored completely fails here, naming the file, instead of resuming with part of its state."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a complete checkpoint of train.py ({MANIFEST}: {e})") from None
+    for name, meta in manifest["files"].items():
+        file = path / name
+        if not file.is_file():
+            raise ValueError(f"checkpoint {path} is incomplete: {name} is missing")
+        if file.stat().st_size != meta["bytes"] or _sha256(file) != meta["sha256"]:
+            raise ValueError(f"checkpoint {path} is damaged: {name} differs from the one written at step "
+                             f"{manifest['step']} (size or hash)")
+    return manifest
 
 
-def write_samples(model, args, folder, seed):
-    """Unconditional samples from the zero token at temperature 1: WAVs and a spectrogram PNG."""
-    model.eval()
-    new_tokens = max(1, int(args.sample_seconds * model.config.sample_rate))
-    generator = torch.Generator(device=model.device).manual_seed(seed)
-    tokens = model.generate(max_new_tokens=new_tokens, num_return_sequences=args.num_samples, do_sample=True,
-                            temperature=1.0, top_k=0, generator=generator)
-    waves = model.tokens_to_waveform(tokens)
-    paths = [write_wav(Path(folder) / f"sample_{i}.wav", w, model.config.sample_rate) for i, w in enumerate(waves)]
-    save_spectrogram(waves, model.config.sample_rate, Path(folder) / "spectrograms.png")
-    return paths
+def claim_output_dir(accelerator, args) -> str:
+    """The run id that owns output_dir. A new run in a folder holding another run's results is refused unless
+    --overwrite_output_dir (which clears them); a resumed run continues its checkpoint's id."""
+    out = Path(args.output_dir)
+    if args.resume_from_checkpoint:
+        if args.resume_from_checkpoint == "latest":
+            owner = json.loads((out / RUN_FILE).read_text())["run_id"] if (out / RUN_FILE).exists() else None
+            found = run_checkpoints(out, owner) if owner else []
+            if not found:
+                raise UsageError(f"--resume_from_checkpoint latest: {out} holds no checkpoint of its run")
+            args.resume_from_checkpoint = str(found[-1])
+        path = Path(args.resume_from_checkpoint)
+        if not path.is_dir():
+            raise UsageError(f"--resume_from_checkpoint {path}: no such checkpoint folder")
+        try:
+            run_id = verify_checkpoint(path)["run_id"]
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    else:
+        previous = [p.name for p in (out / RUN_FILE, out / "checkpoints", out / "model", out / "train_summary.json")
+                    if p.exists()]
+        if previous and not args.overwrite_output_dir:
+            raise UsageError(
+                f"--output_dir {out} holds another run ({', '.join(previous)}). Continue it with "
+                "--resume_from_checkpoint latest, start over with --overwrite_output_dir, or pick another --output_dir."
+            )
+        run_id = uuid.uuid4().hex
+        if previous and accelerator.is_main_process:
+            logger.warning("--overwrite_output_dir: deleting the previous run's %s in %s", ", ".join(previous), out)
+            for name in ("checkpoints", "model"):
+                shutil.rmtree(out / name, ignore_errors=True)
+            (out / "train_summary.json").unlink(missing_ok=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(out / RUN_FILE, {"run_id": run_id})
+    accelerator.wait_for_everyone()
+    return run_id
 
 
-def model_card(args, config, protocol, spec, progress, val_bits, sample_names, num_params):
-    data = args.dataset or "built-in spoken digits (espeak-ng, SC09 layout)"
-    lines = [
-        "---", "library_name: transformers", "tags: [audio, poolformer, rg-lru, raw-audio-generation]", "---", "",
-        f"# Poolformer ({Path(args.model_config).name})", "",
-        "A raw-audio language model (Poolformer, arXiv 2510.02206): RG-LRU recurrences in pooling SkipBlocks.",
-        "Load it with `AutoModelForCausalLM.from_pretrained(repo, trust_remote_code=True)`; these are the EMA weights.",
-        "", "## Model", "",
-        f"- parameters: {num_params:,}",
-        f"- width {config.hidden_size}, pooling {config.pooling_factors}, pairs per level {config.layers_per_level}, "
-        f"{'complex' if config.complex_recurrence else 'real'} RG-LRU, norm {config.norm}, pooling {config.pooling} "
-        f"(G={config.pooling_groups}), shift {config.causal_shift}, skips {config.skip}",
-        "", "## Data", "",
-        f"- dataset: {data} (protocol {protocol})",
-        f"- {spec.sample_rate} Hz, 8-bit {spec.quantization}, per-clip min-max {'on' if spec.minmax else 'off'}, "
-        f"items of {spec.seq_len} samples ({spec.mode})",
-        "", "## Training", "",
-        f"- optimizer steps: {progress.step} (skipped updates: {progress.skipped}), batch {args.batch_size} per process "
-        f"x {args.gradient_accumulation_steps} accumulation, lr {args.learning_rate} ({args.lr_schedule}, "
-        f"{args.warmup_steps if args.warmup_steps is not None else 'auto'} warm-up), EMA {args.ema_decay}",
-        f"- validation NLL: {val_bits:.4f} bits/sample (EMA weights, mean over all unmasked samples)",
-        "", "## Samples", "",
-        "Unconditional, temperature 1, from the zero token: " + ", ".join(f"`samples/{n}`" for n in sample_names),
-        "",
-    ]
-    return "\n".join(lines)
+class UsageError(ValueError):
+    """A problem with the arguments or the output folder, found before training: exit code 2."""
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+# ---------------------------------------------------------------------------------------------------------------------
+# Stopping: signals to this process, or its launcher going away
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class StopRequest:
+    """Set by SIGTERM/SIGINT, or when the process that launched this one dies: `accelerate launch` exits on SIGTERM
+    without passing it on, and a scheduler that sent it is about to kill the container. The training loop then
+    finishes its step, checkpoints and exits; with several processes they agree on the step (an all-reduce)."""
+
+    def __init__(self):
+        self.reason = None
+        self.parent = os.getppid()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        launched = any(k in os.environ for k in ("ACCELERATE_MIXED_PRECISION", "TORCHELASTIC_RUN_ID", "LOCAL_RANK"))
+        if launched:  # Linux: the kernel sends SIGTERM when the launcher dies (not when a shell does: nohup stays)
+            try:
+                import ctypes
+
+                ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+            except (OSError, AttributeError):
+                pass
+        self.watch_parent = launched
+
+    def _on_signal(self, signum, frame):
+        self.reason = f"signal {signal.Signals(signum).name}"
+
+    def requested(self, accelerator) -> bool:
+        if self.reason is None and self.watch_parent and os.getppid() != self.parent:
+            self.reason = "the launcher exited"
+        flag = torch.tensor(float(self.reason is not None), device=accelerator.device)
+        if accelerator.num_processes > 1:
+            flag = accelerator.reduce(flag, "max")
+            if self.reason is None and flag.item():
+                self.reason = "another process was stopped"
+        return bool(flag.item())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Setup, loop, export
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    args: TrainArguments
+    data_args: DataArguments
+    model_args: ModelArguments
+    accelerator: Accelerator
+    run_id: str
+    protocol: str
+    spec: object
+    datasets: dict
+    model: torch.nn.Module
+    ema: AveragedModel
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    train_dl: object
+    val_dl: object
+    progress: Progress
+    max_steps: int
+    num_params: int
+    val_history: list
+
+
+def setup(model_args: ModelArguments, data_args: DataArguments, args: TrainArguments) -> Run:
+    """Everything before the first step; every error here comes before training starts."""
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
         mixed_precision=args.mixed_precision,
@@ -211,23 +315,25 @@ def main(argv=None):
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
     set_seed(args.seed)
+    run_id = claim_output_dir(accelerator, args)
 
-    # ---- data and model (every error here comes before training starts)
-    config = PoolformerConfig.from_pretrained(args.model_config)
-    if args.dropout is not None:
-        config.dropout = args.dropout
-    if args.checkpoint_chunk_size is not None:
-        config.checkpoint_chunk_size = args.checkpoint_chunk_size
+    config = PoolformerConfig.from_pretrained(model_args.model_config)
+    if model_args.dropout is not None:
+        config.dropout = model_args.dropout
+    if model_args.checkpoint_chunk_size is not None:
+        config.checkpoint_chunk_size = model_args.checkpoint_chunk_size
     if not torch.cuda.is_available():
         tune_cpu_allocator(long_sequences=config.checkpoint_chunk_size > 0)
     with accelerator.main_process_first():  # the main process renders/downloads/unpacks first
-        protocol, spec, datasets = build_datasets(args, config)
-    if "validation" not in datasets:
-        raise ValueError(f"protocol {protocol!r} gave no validation split; add files or use a dataset with one")
+        protocol, spec, datasets = build_datasets(data_args, config)
+    if spec.quantization != config.quantization:
+        logger.warning("protocol %s quantises with %s, the model config says %s: the model is trained with %s",
+                       protocol, spec.quantization, config.quantization, spec.quantization)
+        config.quantization = spec.quantization
     model = PoolformerForCausalLM(config)
-    generation_config = Path(args.model_config) / "generation_config.json"
-    if generation_config.exists():
-        model.generation_config = GenerationConfig.from_pretrained(args.model_config)
+    saved = Path(model_args.model_config) / "generation_config.json"
+    model.generation_config = (GenerationConfig.from_pretrained(model_args.model_config) if saved.exists()
+                               else audio_generation_config(config))
 
     def ema_update(ema_params, params, num_averaged):
         # the usual EMA warm-up: the decay grows to --ema_decay, so short runs are not stuck near the init
@@ -246,7 +352,7 @@ def main(argv=None):
 
     train_dl, val_dl = loader("train", True), loader("validation", False)
     if len(train_dl) == 0:
-        raise ValueError(f"{len(datasets['train'])} training items < --batch_size {args.batch_size}")
+        raise UsageError(f"{len(datasets['train'])} training items < --batch_size {args.batch_size}")
     steps_per_epoch = math.ceil(len(train_dl) / accelerator.num_processes / args.gradient_accumulation_steps)
     max_steps = args.max_steps or math.ceil((args.num_epochs or 1.0) * steps_per_epoch)
     warmup = args.warmup_steps if args.warmup_steps is not None else min(1000, max_steps // 10)
@@ -258,13 +364,9 @@ def main(argv=None):
     ema.to(accelerator.device)
     progress = Progress()
     accelerator.register_for_checkpointing(ema, progress)
-
-    if args.resume_from_checkpoint:
-        path = latest_checkpoint(args.output_dir) if args.resume_from_checkpoint == "latest" else Path(args.resume_from_checkpoint)
-        if path is None or not path.is_dir():
-            raise ValueError(f"--resume_from_checkpoint {args.resume_from_checkpoint!r}: no checkpoint found")
-        accelerator.load_state(str(path))
-        logger.info("resumed from %s at step %d", path, progress.step)
+    if args.resume_from_checkpoint:  # verified by claim_output_dir
+        accelerator.load_state(args.resume_from_checkpoint)
+        logger.info("resumed from %s at step %d", args.resume_from_checkpoint, progress.step)
 
     if accelerator.is_main_process:
         logger.info("protocol %s: %s; %d parameters; %d optimizer steps", protocol,
@@ -272,28 +374,44 @@ def main(argv=None):
         skipped = {k: len(v.skipped) for k, v in datasets.items() if v.skipped}
         if skipped:
             logger.warning("unreadable or empty files skipped: %s", skipped)
-        accelerator.init_trackers("poolformer", config={k: v for k, v in vars(args).items()
+        flat = {**asdict(model_args), **asdict(data_args), **asdict(args)}
+        accelerator.init_trackers("poolformer", config={k: v for k, v in flat.items()
                                                         if isinstance(v, (int, float, str, bool))})
+    return Run(args, data_args, model_args, accelerator, run_id, protocol, spec, datasets, model, ema, optimizer,
+               scheduler, train_dl, val_dl, progress, max_steps, num_params, [])
 
-    stop = {"signal": None}  # SIGTERM/SIGINT: finish the step, checkpoint, exit
 
-    def on_signal(signum, frame):
-        stop["signal"] = signum
+def evaluate(run: Run) -> float:
+    """Validation NLL of the EMA weights in bits per sample (metrics.nll_bits: every item once)."""
+    return nll_bits(run.ema.module, run.val_dl, run.accelerator, run.args.max_eval_batches)[0]
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
 
-    # ---- the loop
-    bar = tqdm(total=max_steps, initial=progress.step, disable=not accelerator.is_local_main_process, desc="train")
-    val_bits, val_history = float("nan"), []
+def write_samples(model, args, folder, seed):
+    """Unconditional samples from the zero token at temperature 1: WAVs and a spectrogram PNG."""
+    model.eval()
+    new_tokens = max(1, int(args.sample_seconds * model.config.sample_rate))
+    generator = torch.Generator(device=model.device).manual_seed(seed)
+    tokens = model.generate(max_new_tokens=new_tokens, num_return_sequences=args.num_samples, do_sample=True,
+                            temperature=1.0, top_k=0, generator=generator)
+    waves = model.tokens_to_waveform(tokens)
+    paths = [write_wav(Path(folder) / f"sample_{i}.wav", w, model.config.sample_rate) for i, w in enumerate(waves)]
+    save_spectrogram(waves, model.config.sample_rate, Path(folder) / "spectrograms.png")
+    return paths
+
+
+def train_loop(run: Run) -> bool:
+    """Optimizer steps until max_steps (True) or a stop request (False; a checkpoint is written either way)."""
+    args, accelerator, model, progress = run.args, run.accelerator, run.model, run.progress
+    stop = StopRequest()
+    bar = tqdm(total=run.max_steps, initial=progress.step, disable=not accelerator.is_local_main_process, desc="train")
     if progress.step == 0:  # the untrained baseline, for the record
-        val_history.append((0, evaluate(ema.module, val_dl, accelerator, args.max_eval_batches)))
-        accelerator.log({"val/bits_per_sample": val_history[-1][1]}, step=0)
+        run.val_history.append((0, evaluate(run)))
+        accelerator.log({"val/bits_per_sample": run.val_history[-1][1]}, step=0)
     tokens_seen, clock = 0, time.perf_counter()
-    done = progress.step >= max_steps
-    while not done:
-        train_dl.set_epoch(progress.epoch)
-        batches = accelerator.skip_first_batches(train_dl, progress.batch_in_epoch) if progress.batch_in_epoch else train_dl
+    while progress.step < run.max_steps:
+        run.train_dl.set_epoch(progress.epoch)
+        batches = (accelerator.skip_first_batches(run.train_dl, progress.batch_in_epoch) if progress.batch_in_epoch
+                   else run.train_dl)
         model.train()
         for batch in batches:
             progress.batch_in_epoch += 1
@@ -306,81 +424,140 @@ def main(argv=None):
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.grad_clip)
                 # grads are all-reduced, so every rank takes the same decision
                 if torch.isfinite(grad_norm) and grad_norm < args.skip_grad_norm:
-                    optimizer.step()
-                    ema.update_parameters(accelerator.unwrap_model(model))
+                    run.optimizer.step()
+                    run.ema.update_parameters(accelerator.unwrap_model(model))
                 else:
                     progress.skipped += 1
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                run.scheduler.step()
+                run.optimizer.zero_grad(set_to_none=True)
             progress.step += 1
             bar.update(1)
 
             loss_value = accelerator.reduce(loss.detach(), "mean").item()
-            elapsed = time.perf_counter() - clock
             logs = {"train/loss": loss_value, "train/bits_per_sample": loss_value / math.log(2),
-                    "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": float(grad_norm),
-                    "train/tokens_per_s": tokens_seen / max(elapsed, 1e-9), "train/skipped_updates": progress.skipped}
+                    "train/lr": run.scheduler.get_last_lr()[0], "train/grad_norm": float(grad_norm),
+                    "train/tokens_per_s": tokens_seen / max(time.perf_counter() - clock, 1e-9),
+                    "train/skipped_updates": progress.skipped}
             tokens_seen, clock = 0, time.perf_counter()
             bar.set_postfix(loss=f"{loss_value:.3f}", bits=f"{loss_value / math.log(2):.3f}")
-            if progress.step % args.eval_every == 0 or progress.step == max_steps:
-                val_bits = evaluate(ema.module, val_dl, accelerator, args.max_eval_batches)
-                logs["val/bits_per_sample"] = val_bits
-                val_history.append((progress.step, val_bits))
+            if progress.step % args.eval_every == 0 or progress.step == run.max_steps:
+                logs["val/bits_per_sample"] = evaluate(run)
+                run.val_history.append((progress.step, logs["val/bits_per_sample"]))
                 model.train()
                 if accelerator.is_main_process:
-                    bar.write(f"step {progress.step}: validation {val_bits:.4f} bits/sample (EMA)")
+                    bar.write(f"step {progress.step}: validation {logs['val/bits_per_sample']:.4f} bits/sample (EMA)")
             accelerator.log(logs, step=progress.step)
             if args.sample_every and progress.step % args.sample_every == 0 and accelerator.is_main_process:
-                write_samples(ema.module, args, Path(args.output_dir) / "samples" / f"step_{progress.step:08d}", args.seed)
+                write_samples(run.ema.module, args, Path(args.output_dir) / "samples" / f"step_{progress.step:08d}",
+                              args.seed)
                 model.train()
-            done = progress.step >= max_steps
-            preempt = stop["signal"] is not None or progress.step == args.stop_after_steps
+            done = progress.step >= run.max_steps
+            preempt = stop.requested(accelerator) or progress.step == args.stop_after_steps
             if progress.step % args.save_every == 0 or done or preempt:
-                save_checkpoint(accelerator, args, progress)
+                save_checkpoint(accelerator, args, progress, run.run_id)
             if preempt:
                 bar.close()
                 logger.info("stopped at step %d (%s); resume with --resume_from_checkpoint latest", progress.step,
-                            f"signal {stop['signal']}" if stop["signal"] else "--stop_after_steps")
+                            stop.reason or "--stop_after_steps")
                 accelerator.end_training()
-                return None
+                return False
             if done:
                 break
         else:
             progress.epoch, progress.batch_in_epoch = progress.epoch + 1, 0
     bar.close()
+    return True
 
-    # ---- replicas must agree; then export the EMA model
-    checksum = torch.stack([p.detach().double().sum() for p in accelerator.unwrap_model(model).parameters()]).sum()
+
+def model_card(run: Run, val_bits: float, sample_names: list) -> ModelCard:
+    args, config, spec, progress = run.args, run.ema.module.config, run.spec, run.progress
+    data = run.data_args.dataset or "built-in spoken digits (espeak-ng, SC09 layout)"
+    card_data = ModelCardData(
+        library_name="transformers", license="apache-2.0",
+        tags=["audio", "poolformer", "rg-lru", "raw-audio", "custom_code"],
+        datasets=[run.data_args.dataset] if run.data_args.dataset and not Path(run.data_args.dataset).exists() else None,
+    )
+    content = f"""---
+{card_data.to_yaml()}
+---
+
+# Poolformer ({Path(run.model_args.model_config).name})
+
+A raw-audio language model (Poolformer, arXiv 2510.02206): RG-LRU recurrences in pooling SkipBlocks.
+Load it with `AutoModelForCausalLM.from_pretrained(repo, trust_remote_code=True)`; these are the EMA weights.
+
+## Model
+
+- parameters: {run.num_params:,}
+- width {config.hidden_size}, pooling {config.pooling_factors}, pairs per level {config.layers_per_level},
+  {'complex' if config.complex_recurrence else 'real'} RG-LRU, norm {config.norm}, pooling {config.pooling}
+  (G={config.pooling_groups}), shift {config.causal_shift}, skips {config.skip}
+
+## Data
+
+- dataset: {data} (protocol {run.protocol})
+- {spec.sample_rate} Hz, 8-bit {spec.quantization}, per-clip min-max {'on' if spec.minmax else 'off'}, items of
+  {spec.seq_len} samples ({spec.mode})
+
+## Training
+
+- optimizer steps: {progress.step} (skipped updates: {progress.skipped}), batch {args.batch_size} per process x
+  {args.gradient_accumulation_steps} accumulation x {run.accelerator.num_processes} processes, lr {args.learning_rate}
+  ({args.lr_schedule}, {args.warmup_steps if args.warmup_steps is not None else 'auto'} warm-up), EMA {args.ema_decay}
+- validation NLL: {val_bits:.4f} bits/sample (EMA weights, mean over all unmasked samples)
+
+## Samples
+
+Unconditional, temperature 1, from the zero token: {", ".join(f"`samples/{n}`" for n in sample_names)}
+"""
+    return ModelCard(content)
+
+
+def export(run: Run) -> Path:
+    """Replicas must agree; then the EMA model, samples, model card and summary; optionally the Hub."""
+    accelerator, args, progress = run.accelerator, run.args, run.progress
+    checksum = torch.stack([p.detach().double().sum() for p in accelerator.unwrap_model(run.model).parameters()]).sum()
     checksums = accelerator.gather(checksum.reshape(1)).tolist()
-    if math.isnan(val_bits):
-        val_bits = evaluate(ema.module, val_dl, accelerator, args.max_eval_batches)
-    export = Path(args.output_dir) / "model"
+    val_bits = run.val_history[-1][1] if run.val_history and run.val_history[-1][0] == progress.step else evaluate(run)
+    out = Path(args.output_dir) / "model"
     if accelerator.is_main_process:
         if max(checksums) - min(checksums) > 1e-6 * max(1.0, abs(checksums[0])):
             raise RuntimeError(f"replicas diverged: parameter checksums {checksums}")
-        final = ema.module
-        final.save_pretrained(export, safe_serialization=True)
-        samples = write_samples(final, args, export / "samples", args.seed)
-        (export / "README.md").write_text(
-            model_card(args, final.config, protocol, spec, progress, val_bits, [p.name for p in samples], num_params))
+        final = run.ema.module
+        final.save_pretrained(out, safe_serialization=True)
+        samples = write_samples(final, args, out / "samples", args.seed)
+        model_card(run, val_bits, [p.name for p in samples]).save(out / "README.md")
         summary = dict(steps=progress.step, skipped_updates=progress.skipped, val_bits_per_sample=val_bits,
-                       val_history=val_history,
-                       replica_checksums=checksums, protocol=protocol, parameters=num_params,
-                       items={k: len(v) for k, v in datasets.items()},
-                       skipped_files={k: len(v.skipped) for k, v in datasets.items()})
-        (Path(args.output_dir) / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        logger.info("exported %s (validation %.4f bits/sample)", export, val_bits)
+                       val_history=run.val_history, replica_checksums=checksums, protocol=run.protocol,
+                       parameters=run.num_params, run_id=run.run_id,
+                       items={k: len(v) for k, v in run.datasets.items()},
+                       skipped_files={k: len(v.skipped) for k, v in run.datasets.items()})
+        _write_json(Path(args.output_dir) / "train_summary.json", summary)
+        logger.info("exported %s (validation %.4f bits/sample)", out, val_bits)
         if args.push_to_hub:
             from huggingface_hub import HfApi
 
             api = HfApi(token=args.hub_token)
             repo_id = args.hub_model_id or Path(args.output_dir).resolve().name
             repo_id = api.create_repo(repo_id, private=args.hub_private, exist_ok=True).repo_id
-            api.upload_folder(folder_path=str(export), repo_id=repo_id, commit_message=f"Poolformer, step {progress.step}")
+            api.upload_folder(folder_path=str(out), repo_id=repo_id, commit_message=f"Poolformer, step {progress.step}")
             logger.info("pushed to %s", repo_id)
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return export
+    return out
+
+
+def main(argv=None):
+    model_args, data_args, args = parse_arguments((ModelArguments, DataArguments, TrainArguments), argv, __doc__)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    try:
+        run = setup(model_args, data_args, args)
+    except UsageError as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if train_loop(run):
+        return export(run)
+    return None
 
 
 if __name__ == "__main__":

@@ -8,21 +8,18 @@ quantisation as the language model's data, so real and generated clips carry the
 Prints validation and test accuracy; writes a safetensors file that `evaluate.py --classifier` loads.
 """
 
-import argparse
 import json
-import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "training"))
-from data import DIGITS, AudioSpec, AudioTokenDataset, load_splits  # noqa: E402
-from metrics import DigitClassifier  # noqa: E402
-
-from modeling_poolformer import decode_audio  # noqa: E402
+from modeling_poolformer import decode_audio
+from training.data import DIGITS, AudioSpec, AudioTokenDataset, DataArguments, load_splits
+from training.metrics import DigitClassifier
+from training.utils import parse_arguments
 
 
 class DigitClips(torch.utils.data.Dataset):
@@ -54,20 +51,24 @@ def accuracy(model, loader):
     return right / max(total, 1)
 
 
+@dataclass
+class ClassifierArguments:
+    out: str = field(metadata={"help": "output .safetensors file"})
+    epochs: int = 20
+    batch_size: int = 32
+    learning_rate: float = 3e-3
+    quantization: Literal["mu-law", "linear"] = "mu-law"
+    seed: int = 0
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", help="SC09-layout folder or Hub repo (default: built-in spoken digits)")
-    p.add_argument("--cache_dir")
-    p.add_argument("--out", required=True, help="output .safetensors file")
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--learning_rate", type=float, default=3e-3)
-    p.add_argument("--quantization", default="mu-law", choices=("mu-law", "linear"))
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+    args, data_args = parse_arguments((ClassifierArguments, DataArguments), argv, __doc__)
+    if data_args.protocol not in ("auto", "sc09") or data_args.seq_len or data_args.mode or data_args.no_minmax:
+        raise SystemExit("train_classifier.py: error: the classifier reads SC09 clips as they are (--protocol sc09; "
+                         "--seq_len, --mode and --no_minmax do not apply)")
     torch.manual_seed(args.seed)
 
-    _, splits = load_splits(args.dataset, "sc09", cache_dir=args.cache_dir)
+    _, splits = load_splits(data_args.dataset, "sc09", data_args.audio_column, data_args.cache_dir)
     sets = {name: DigitClips(ds, args.quantization) for name, ds in splits.items()}
     loaders = {name: torch.utils.data.DataLoader(s, batch_size=args.batch_size, shuffle=(name == "train"),
                                                  generator=torch.Generator().manual_seed(args.seed))
