@@ -2,18 +2,28 @@
 
     python benchmarks/run.py [--quick] [--out benchmarks/results] [--only scan,train,peers,generate,length]
 
-Writes `<out>/results.md` (the tables) and `<out>/results.json`. Sections:
+Writes `<out>/results.md` (the tables) and `<out>/results.json`; sections left out of `--only` keep the results an
+earlier run wrote there. Sections:
 1. scan: RG-LRU scan forward + backward (B=4, T=16000, 128 complex units) per implementation, against a memcpy of
    the bytes the scan must move (read a, u, write h; read dL/dh, a, h, write dL/da, dL/du);
-2. train: training tokens/s of the SC09 config vs its no-pooling ablation (T=16000);
+2. train: training tokens/s of the SC09 config vs its no-pooling ablation (T=16000), eager and under
+   `torch.compile` (the scan is one opaque custom op in the graph);
 3. peers: training tokens/s vs transformers' MambaForCausalLM, RecurrentGemmaForCausalLM and a GPT-2, parameter
    counts matched within 10%, same T and batch;
 4. generate: generation samples/s at batch 1, 16, 64: the plain eager loop of `model(token, past_key_values=cache)`
    calls vs `generate` with eager steps vs `generate` with the compiled step (its first call, with an empty inductor
    cache, timed apart), and the peers' `generate` (batch 1, 16);
 5. length: time and peak memory of one training step as T grows (B=1, checkpointing on), with the
-   transformer beside it until it runs out of memory or time;
-6. on a GPU (when present) the same sections run on it.
+   transformer beside it until it runs out of memory or time.
+
+On a CUDA machine every section runs on the GPU, with the GPU's sizes: the scan compares the Triton kernel with the
+chunked torch scan; training runs under bf16 autocast (the recurrence stays fp32) at T=16000 for all models, with
+Mamba on the `mamba-ssm`/`causal-conv1d` CUDA kernels and GPT-2 on flash attention (`flash-attn`) or SDPA when
+those packages are installed (the tables say which ran); peak memory is `torch.cuda.max_memory_allocated`. The
+one command is
+
+    pip install -e ".[train]" && pip install mamba-ssm causal-conv1d flash-attn --no-build-isolation
+    python benchmarks/run.py --out benchmarks/results-gpu
 """
 
 import argparse
@@ -31,13 +41,15 @@ from pathlib import Path
 import torch
 
 from modeling_poolformer import PoolformerConfig, PoolformerForCausalLM, linear_scan, sequential_scan
-from modeling_poolformer.modeling_poolformer import _numba_kernels
+from modeling_poolformer.modeling_poolformer import _numba_kernels, _triton_scan
 from training.utils import tune_cpu_allocator
 
 ROOT = Path(__file__).resolve().parent.parent
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SC09 = ROOT / "hub_configs" / "sc09"
+# GPUs train in bf16 autocast (the recurrence stays fp32 inside), CPUs in fp32, every model alike
+AUTOCAST = torch.autocast("cuda", dtype=torch.bfloat16, enabled=DEVICE == "cuda")
 
 
 def sync():
@@ -60,6 +72,16 @@ def best_of(fn, repeats=3, warmup=1):
 
 def params(model):
     return sum(p.numel() for p in model.parameters())
+
+
+def reset_peak():
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gb():
+    """Peak GPU memory since `reset_peak` (NaN on CPU, where section 5 reads the process's peak RSS instead)."""
+    return torch.cuda.max_memory_allocated() / 1e9 if DEVICE == "cuda" else float("nan")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -86,8 +108,9 @@ def bench_scan(quick):
     copy = best_of(lambda: dst.copy_(a), repeats=5)
     bound = 4 * copy  # 8 passes over an array of this size; one copy is 2 (read + write)
     rows = []
-    impls = ["numba", "loop", "chunked"] if DEVICE == "cpu" else ["chunked"]
+    impls = ["numba", "loop", "chunked"] if DEVICE == "cpu" else ["triton", "chunked"]
     impls = [i for i in impls if i != "numba" or _numba_kernels() is not None]
+    impls = [i for i in impls if i != "triton" or _triton_scan() is not None]
     for impl in impls:
         t = best_of(fwd_bwd(lambda x, y, impl=impl: linear_scan(x, y, implementation=impl)))
         rows.append({"implementation": impl, "seconds": t, "over_bound": t / bound})
@@ -103,20 +126,26 @@ def bench_scan(quick):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def train_tokens_per_s(model, batch, length, repeats=2):
+def train_tokens_per_s(model, batch, length, repeats=2, compile=False):
+    """(tokens/s, step seconds, peak GB) of full training steps (forward, backward, AdamW), after a warm-up step
+    (which compiles, with `compile`)."""
     model.to(DEVICE).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.randint(0, 256, (batch, length), device=DEVICE)
+    forward = torch.compile(model) if compile else model
 
     def step():
-        loss = model(input_ids=ids, labels=ids).loss
+        with AUTOCAST:
+            loss = forward(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    reset_peak()
     t = best_of(step, repeats=repeats)
+    peak = peak_gb()
     model.to("cpu")
-    return batch * length / t, t
+    return batch * length / t, t, peak
 
 
 def poolformer(path=SC09, **overrides):
@@ -125,14 +154,21 @@ def poolformer(path=SC09, **overrides):
 
 
 def bench_train(quick):
-    batch, length = (1, 4000) if quick else (1, 16000)
+    length = 4000 if quick else 16000
+    batch = 8 if DEVICE == "cuda" else 1
     rows = []
     for name, path in (("sc09 (pooling [2,4,4,5])", SC09), ("sc09-no-pooling", ROOT / "hub_configs" / "sc09-no-pooling")):
-        model = poolformer(path, dropout=0.0)
-        tps, t = train_tokens_per_s(model, batch, length)
-        rows.append({"model": name, "params": params(model), "tokens_per_s": tps, "step_s": t})
-    rows[0]["speedup_vs_no_pooling"] = rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"]
-    return {"batch": batch, "length": length, "rows": rows}
+        for compile in (False, True):
+            model = poolformer(path, dropout=0.0)
+            tps, t, peak = train_tokens_per_s(model, batch, length, compile=compile)
+            rows.append({"model": name, "compiled": compile, "params": params(model), "tokens_per_s": tps,
+                         "step_s": t, "peak_gb": peak})
+            torch._dynamo.reset()
+    eager = [r for r in rows if not r["compiled"]]
+    best = [max(r["tokens_per_s"] for r in rows if r["model"] == m) for m in (eager[0]["model"], eager[1]["model"])]
+    return {"batch": batch, "length": length, "rows": rows,
+            "speedup_vs_no_pooling": eager[0]["tokens_per_s"] / eager[1]["tokens_per_s"],
+            "speedup_vs_no_pooling_best": best[0] / best[1]}
 
 
 def matched(build, target, choices):
@@ -160,8 +196,31 @@ def peers(target, length):
             hidden_size=256, lru_width=256, intermediate_size=1536, num_hidden_layers=n, num_attention_heads=4,
             attention_window_size=1024, **common)),
         "GPT-2": lambda n: GPT2LMHeadModel(GPT2Config(n_embd=256, n_layer=n, n_head=8, n_positions=max(length, 1024),
-                                                      **common)),
+                                                      attn_implementation=attention_kernel(), **common)),
     }
+
+
+def attention_kernel():
+    """GPT-2's attention: flash attention on a GPU with `flash-attn` installed, else torch's SDPA."""
+    import importlib.util
+
+    return "flash_attention_2" if DEVICE == "cuda" and importlib.util.find_spec("flash_attn") else "sdpa"
+
+
+def kernels(name):
+    """Which kernels a model runs on, for the tables."""
+    if name.startswith("Poolformer"):
+        from modeling_poolformer.modeling_poolformer import _resolve_scan
+
+        return f"scan: {_resolve_scan('auto', DEVICE)}"
+    if name == "MambaForCausalLM":
+        from transformers.models.mamba import modeling_mamba
+
+        fast = DEVICE == "cuda" and getattr(modeling_mamba, "is_fast_path_available", False)
+        return "mamba-ssm CUDA kernels" if fast else "torch (no mamba-ssm kernels)"
+    if name == "GPT-2":
+        return attention_kernel()
+    return "torch"
 
 
 def build_model(name, length):
@@ -178,21 +237,29 @@ def child_train(name, length, batch):
     """Child process: training tokens/s of one model (a fresh process per model keeps memory apart)."""
     tune_cpu_allocator()  # train.py's CPU setting, for every model alike
     model, layers = build_model(name, length)
-    tps, t = train_tokens_per_s(model, batch, length, repeats=2 if name == "Poolformer sc09" else 1)
+    repeats = 2 if name == "Poolformer sc09" or DEVICE == "cuda" else 1
+    tps, t, peak = train_tokens_per_s(model, batch, length, repeats=repeats)
     label = name if layers is None else f"{name} ({layers} layers)"
-    print(json.dumps({"model": label, "params": params(model), "tokens_per_s": tps, "step_s": t}))
+    print(json.dumps({"model": label, "params": params(model), "tokens_per_s": tps, "step_s": t, "peak_gb": peak,
+                      "kernels": kernels(name)}))
 
 
 def run_child(args, timeout):
-    proc = subprocess.run([sys.executable, __file__, "--child", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout)
+    try:
+        proc = subprocess.run([sys.executable, __file__, "--child", *map(str, args)], capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:  # a row, not the end of the run
+        return {"error": f"over {timeout} s"}
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["killed (out of memory?)"])[-1][-200:]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def bench_peers(quick):
-    batch, length = (1, 1024) if quick else (1, 2048)
+    if DEVICE == "cuda":  # the thesis' setting: one-second clips
+        batch, length = (2, 4000) if quick else (4, 16000)
+    else:  # the transformer's quadratic cost bounds T on a CPU
+        batch, length = (1, 1024) if quick else (1, 2048)
     rows = []
     for name in ("Poolformer sc09", "MambaForCausalLM", "RecurrentGemmaForCausalLM", "GPT-2"):
         row = run_child(["train", name, length, batch], timeout=1800)
@@ -230,6 +297,10 @@ def child_generate(name, new_tokens, batch):
     torch.manual_seed(0)
     model, _ = build_model("Poolformer sc09" if name == "Poolformer" else name, new_tokens + 1)
     model = model.to(DEVICE).eval()
+    if name == "Poolformer":  # the audio sampling defaults a trained model ships (full distribution, temperature 1)
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(SC09)
     bos = torch.full((1, 1), 128, device=DEVICE)
     if name != "Poolformer":
         def gen(n):
@@ -297,14 +368,19 @@ def one_step(kind, length):
     else:
         model, _ = build_model("GPT-2", length)
         model.activation_checkpointing_enable()
-    model.train()
-    ids = torch.randint(0, 256, (1, length))
+    model.to(DEVICE).train()
+    ids = torch.randint(0, 256, (1, length), device=DEVICE)
     times = []
+    reset_peak()
     for _ in range(2 if length <= 2**16 else 1):
+        sync()
         start = time.perf_counter()
-        model(input_ids=ids, labels=ids).loss.backward()
+        with AUTOCAST:
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        sync()
         times.append(time.perf_counter() - start)
-    print(json.dumps({"step_s": min(times)}))
+    print(json.dumps({"step_s": min(times), "gpu_peak_gb": peak_gb()}))
 
 
 def measure_step(kind, length, timeout):
@@ -331,7 +407,10 @@ def measure_step(kind, length, timeout):
     if code != 0:
         oom = code == -9 or "memory" in stderr.lower()
         return {"status": "out of memory" if oom else stderr.strip()[-200:], "peak_gb": peak}
-    return {"status": "ok", "peak_gb": peak, **json.loads(stdout.strip().splitlines()[-1])}
+    row = json.loads(stdout.strip().splitlines()[-1])
+    if DEVICE == "cuda":  # the GPU's peak, not the host process's
+        peak = row["gpu_peak_gb"]
+    return {"status": "ok", "peak_gb": peak, **row}
 
 
 def bench_length(quick):
@@ -353,6 +432,10 @@ def bench_length(quick):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def gb(x):
+    return "-" if x is None or math.isnan(x) else f"{x:.2f}"
+
+
 def markdown(results):
     m = results["machine"]
     lines = [f"Machine: {m['device']}, {m['threads']} threads, torch {m['torch']}, {m['when']}.", ""]
@@ -365,20 +448,28 @@ def markdown(results):
         lines.append("")
     if "train" in results:
         t = results["train"]
-        lines += [f"**2. Training throughput, pooling vs none** (B={t['batch']}, T={t['length']})", "",
-                  "| model | params | tokens/s | step (s) |", "|---|---|---|---|"]
-        lines += [f"| {r['model']} | {r['params']:,} | {r['tokens_per_s']:.0f} | {r['step_s']:.2f} |" for r in t["rows"]]
-        lines += ["", f"Pooling speed-up: **{t['rows'][0]['speedup_vs_no_pooling']:.2f}x** (thesis: 1.87x)", ""]
+        lines += [f"**2. Training throughput, pooling vs none** (B={t['batch']}, T={t['length']}, "
+                  f"{'bf16 autocast' if m.get('gpu') else 'fp32'}; compiled: `torch.compile(model)`, first step "
+                  "untimed)", "", "| model | torch.compile | params | tokens/s | step (s) | peak GPU memory (GB) |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {r['model']} | {'yes' if r.get('compiled') else 'no'} | {r['params']:,} | "
+                  f"{r['tokens_per_s']:.0f} | {r['step_s']:.2f} | {gb(r.get('peak_gb'))} |"
+                  for r in t["rows"]]
+        eager = t.get("speedup_vs_no_pooling", t["rows"][0].get("speedup_vs_no_pooling", float("nan")))
+        lines += ["", f"Pooling speed-up: **{eager:.2f}x** eager, "
+                  f"{t.get('speedup_vs_no_pooling_best', eager):.2f}x best of eager and compiled (thesis: 1.87x)", ""]
     if "peers" in results:
         p = results["peers"]
         lines += [f"**3. Training throughput vs peers** (B={p['batch']}, T={p['length']}, sizes matched within 10%)", "",
-                  "| model | params | tokens/s | step (s) | Poolformer speed-up |", "|---|---|---|---|---|"]
+                  "| model | kernels | params | tokens/s | step (s) | peak GPU memory (GB) | Poolformer speed-up |",
+                  "|---|---|---|---|---|---|---|"]
         for r in p["rows"]:
             if "error" in r:
-                lines.append(f"| {r['model']} | - | {r['error']} | - | - |")
+                lines.append(f"| {r['model']} | - | - | {r['error']} | - | - | - |")
                 continue
             speed = f"{r['poolformer_speedup']:.2f}x" if "poolformer_speedup" in r else "-"
-            lines.append(f"| {r['model']} | {r['params']:,} | {r['tokens_per_s']:.0f} | {r['step_s']:.2f} | {speed} |")
+            lines.append(f"| {r['model']} | {r.get('kernels', '-')} | {r['params']:,} | {r['tokens_per_s']:.0f} | "
+                         f"{r['step_s']:.2f} | {gb(r.get('peak_gb'))} | {speed} |")
         lines.append("")
     if "generate" in results:
         g = results["generate"]
@@ -396,8 +487,9 @@ def markdown(results):
     if "length" in results:
         lines += [f"**5. One training step vs sequence length** (B=1, fresh process per point; Poolformer: per-block "
                   f"checkpointing up to T={CHUNK}, checkpointed time chunks of {CHUNK} beyond; GPT-2: per-layer "
-                  "checkpointing; glibc returns freed tensors >= 1 MB to the OS)",
-                  "", "| T | Poolformer step (s) | Poolformer peak RSS (GB) | GPT-2 step (s) | GPT-2 peak RSS (GB) |",
+                  "checkpointing; peak = the process's RSS on CPU, where glibc returns freed tensors >= 1 MB to the OS; "
+                  "peak allocated memory on a GPU)",
+                  "", "| T | Poolformer step (s) | Poolformer peak (GB) | GPT-2 step (s) | GPT-2 peak (GB) |",
                   "|---|---|---|---|---|"]
         for r in results["length"]["rows"]:
             def cell(x):
@@ -429,12 +521,15 @@ def main():
     tune_cpu_allocator()  # train.py's CPU setting, for every model alike
     torch.manual_seed(0)
     device = torch.cuda.get_device_name() if DEVICE == "cuda" else f"CPU {platform.processor() or platform.machine()}"
-    results = {"machine": {"device": device, "threads": torch.get_num_threads(), "torch": torch.__version__,
-                           "when": time.strftime("%Y-%m-%d"), "quick": args.quick}}
+    results = {"machine": {"device": device, "gpu": DEVICE == "cuda", "threads": torch.get_num_threads(),
+                           "torch": torch.__version__, "when": time.strftime("%Y-%m-%d"), "quick": args.quick}}
     sections = {"scan": bench_scan, "train": bench_train, "peers": bench_peers, "generate": bench_generate,
                 "length": bench_length}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if (out / "results.json").is_file():  # sections not run this time keep their earlier results
+        earlier = json.loads((out / "results.json").read_text())
+        results = {**{k: v for k, v in earlier.items() if k != "machine"}, **results}
     for name in args.only.split(","):
         print(f"[{name}]", flush=True)
         start = time.time()

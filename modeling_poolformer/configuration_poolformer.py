@@ -10,7 +10,7 @@ _SHIFTS = ("fine", "coarse")
 _SKIPS = ("short", "long")
 _EMBEDDINGS = ("sinusoidal", "learned", "mlp")
 _QUANTIZATIONS = ("mu-law", "linear")
-_SCAN_IMPLEMENTATIONS = ("auto", "numba", "loop", "chunked")
+_SCAN_IMPLEMENTATIONS = ("auto", "numba", "loop", "chunked", "triton")
 _AUTO_MAP = {
     "AutoConfig": "configuration_poolformer.PoolformerConfig",
     "AutoModel": "modeling_poolformer.PoolformerModel",
@@ -97,8 +97,9 @@ class PoolformerConfig(PretrainedConfig):
             Bound on the gradient of `sqrt(1 - |a|^2)`, which is infinite at `|a| = 1`.
         scan_implementation (`str`, defaults to `"auto"`):
             How the recurrence runs over a sequence: `"numba"` (compiled CPU kernels, the fastest on CPU),
-            `"loop"` (one fused torch op per step), `"chunked"` (a chunked parallel scan, for GPUs) or `"auto"`
-            (numba on CPU when it is installed, else the loop; chunked on accelerators). All give the same result.
+            `"loop"` (one fused torch op per step), `"chunked"` (a chunked parallel scan in torch ops), `"triton"`
+            (GPU kernels) or `"auto"` (numba on CPU when it is installed, else the loop; Triton on CUDA when it is
+            installed, else chunked). All give the same result.
         scan_chunk_size (`int`, defaults to 0):
             Chunk length of the chunked scan; 0 picks about `sqrt(T)` per call.
         activation_checkpointing (`bool`, defaults to `False`):

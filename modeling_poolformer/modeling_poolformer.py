@@ -15,6 +15,7 @@ import copy
 import functools
 import itertools
 import math
+import os
 import queue
 import time
 import warnings
@@ -212,16 +213,33 @@ def _numba_kernels():
     return forward, backward, block_size
 
 
-SCAN_IMPLEMENTATIONS = ("auto", "numba", "loop", "chunked")
+SCAN_IMPLEMENTATIONS = ("auto", "numba", "loop", "chunked", "triton")
 
 
-def _resolve_scan(implementation: str, a: torch.Tensor) -> str:
+def _triton_scan():
+    """The Triton scan (GPUs; CPU tensors under TRITON_INTERPRET=1), or None without Triton."""
+    try:  # a relative import in this form is what save_pretrained follows to ship triton_scan.py with the model
+        from .triton_scan import available, triton_scan
+    except ImportError:  # this file loaded on its own (not as part of a package)
+        return None
+    return triton_scan if available() else None
+
+
+@torch.compiler.assume_constant_result  # a compiled graph bakes the choice in instead of tracing numba's import
+def _resolve_scan(implementation: str, device_type: str) -> str:
     if implementation == "auto":
-        if a.device.type != "cpu":
+        if device_type == "cuda":
+            return "triton" if _triton_scan() is not None else "chunked"
+        if device_type != "cpu":
             return "chunked"
         return "numba" if _numba_kernels() is not None else "loop"
-    if implementation == "numba" and (a.device.type != "cpu" or _numba_kernels() is None):
+    if implementation == "numba" and (device_type != "cpu" or _numba_kernels() is None):
         raise RuntimeError("scan_implementation='numba' needs numba installed and tensors on the CPU")
+    if implementation == "triton":
+        if _triton_scan() is None:
+            raise RuntimeError("scan_implementation='triton' needs the triton package")
+        if device_type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError("scan_implementation='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU ones)")
     return implementation
 
 
@@ -235,38 +253,82 @@ def _scan(a, u, h0, implementation, chunk):
         out = torch.empty_like(u, memory_format=torch.contiguous_format)
         forward(_numpy(a), _numpy(u), _numpy(h0), out.numpy(), block_size(u.shape[0], u.shape[2]))
         return out
+    if implementation == "triton":
+        return _triton_scan()(a, u, h0)[0]
     if implementation == "loop":
         return _loop_scan(a, u, h0)
     return _chunked_scan(a, u, h0, chunk if chunk > 0 else max(8, int(math.sqrt(u.shape[1]))))
 
 
-class _LinearScan(torch.autograd.Function):
-    """Autograd for the scan. Backward is the same recurrence run backwards in time with conjugated decays:
-    `g_t = dL/dh_t + conj(a_{t+1}) g_{t+1}`, then `dL/du_t = g_t`, `dL/da_t = g_t conj(h_{t-1})`."""
+def _scan_backward(a, h, h0, grad_h, implementation, chunk):
+    """The scan's gradients: the same recurrence run backwards in time with conjugated decays,
+    `g_t = dL/dh_t + conj(a_{t+1}) g_{t+1}`, then `dL/du_t = g_t`, `dL/da_t = g_t conj(h_{t-1})`,
+    `dL/dh0 = conj(a_0) g_0`."""
+    if implementation == "numba":
+        _, backward, block_size = _numba_kernels()
+        grad_a, grad_u, grad_h0 = torch.empty_like(h), torch.empty_like(h), torch.empty_like(h0)
+        backward(_numpy(a), _numpy(h), _numpy(h0), _numpy(grad_h), grad_a.numpy(), grad_u.numpy(),
+                 grad_h0.numpy(), block_size(h.shape[0], h.shape[2]))
+        return grad_a, grad_u, grad_h0
+    if implementation == "triton":  # reads a_{t+1} and walks backwards itself: no shifted or flipped copies
+        g = _triton_scan()(a, grad_h, torch.zeros_like(h0), reverse=True, shift_conj=True)[0]
+    else:  # step s of the reversed scan multiplies by conj(a_{T-s}); its first one is unused
+        a_next = torch.cat([a[:, 1:], torch.zeros_like(a[:, :1])], dim=1).conj().flip(1)
+        g = _scan(a_next, grad_h.flip(1), torch.zeros_like(h0), implementation, chunk).flip(1)
+    h_prev = torch.cat([h0.unsqueeze(1), h[:, :-1]], dim=1)
+    return g * h_prev.conj(), g, a[:, 0].conj() * g[:, 0]
 
-    @staticmethod
-    def forward(ctx, a, u, h0, implementation, chunk):
-        h = _scan(a, u, h0, implementation, chunk)
-        ctx.save_for_backward(a, h, h0)
-        ctx.implementation, ctx.chunk = implementation, chunk
-        return h
 
-    @staticmethod
+# The scan as a torch custom operator with autograd, on real tensors (complex values as (re, im) pairs in a last dim
+# of 2): under torch.compile it is one opaque call (numba, Triton and numpy are not traced), and a compiled graph
+# around it holds no complex tensors, which inductor cannot generate code for.
+
+
+def _pairs_to_complex(*tensors):
+    return [torch.view_as_complex(t.contiguous()) for t in tensors]
+
+
+def _define_scan_ops():
+    @torch.library.custom_op("poolformer::linear_scan", mutates_args=())
+    def scan_op(a: torch.Tensor, u: torch.Tensor, h0: torch.Tensor, is_complex: bool, implementation: str,
+                chunk: int) -> torch.Tensor:
+        if not is_complex:
+            return _scan(a, u, h0, implementation, chunk)
+        return torch.view_as_real(_scan(*_pairs_to_complex(a, u, h0), implementation, chunk)).clone()
+
+    @torch.library.custom_op("poolformer::linear_scan_backward", mutates_args=())
+    def backward_op(a: torch.Tensor, h: torch.Tensor, h0: torch.Tensor, grad_h: torch.Tensor, is_complex: bool,
+                    implementation: str, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if not is_complex:
+            return _scan_backward(a, h, h0, grad_h, implementation, chunk)
+        grads = _scan_backward(*_pairs_to_complex(a, h, h0, grad_h), implementation, chunk)
+        return tuple(torch.view_as_real(g).clone() for g in grads)
+
+    @scan_op.register_fake
+    def _(a, u, h0, is_complex, implementation, chunk):
+        return torch.empty_like(u)
+
+    @backward_op.register_fake
+    def _(a, h, h0, grad_h, is_complex, implementation, chunk):
+        return torch.empty_like(a), torch.empty_like(h), torch.empty_like(h0)
+
+    def setup_context(ctx, inputs, output):
+        a, _, h0, ctx.is_complex, ctx.implementation, ctx.chunk = inputs
+        ctx.save_for_backward(a, output, h0)
+
     def backward(ctx, grad_h):
         a, h, h0 = ctx.saved_tensors
-        if ctx.implementation == "numba":
-            _, backward, block_size = _numba_kernels()
-            grad_a, grad_u, grad_h0 = torch.empty_like(h), torch.empty_like(h), torch.empty_like(h0)
-            backward(_numpy(a), _numpy(h), _numpy(h0), _numpy(grad_h), grad_a.numpy(), grad_u.numpy(),
-                     grad_h0.numpy(), block_size(h.shape[0], h.shape[2]))
-            return grad_a, grad_u, grad_h0, None, None
-        # reverse-time coefficients: step s of the reversed scan multiplies by conj(a_{T-s}); its first one is unused
-        a_next = torch.cat([a[:, 1:], torch.zeros_like(a[:, :1])], dim=1).conj().flip(1)
-        g = _scan(a_next, grad_h.flip(1), torch.zeros_like(h0), ctx.implementation, ctx.chunk).flip(1)
-        h_prev = torch.cat([h0.unsqueeze(1), h[:, :-1]], dim=1)
-        grad_a = g * h_prev.conj()
-        grad_h0 = a[:, 0].conj() * g[:, 0]
-        return grad_a, g, grad_h0, None, None
+        grads = backward_op(a, h, h0, grad_h.contiguous(), ctx.is_complex, ctx.implementation, ctx.chunk)
+        return *grads, None, None, None
+
+    scan_op.register_autograd(backward, setup_context=setup_context)
+    return torch.ops.poolformer.linear_scan
+
+
+try:  # another copy of this file (the package, or a Hub folder's) may have defined them already in this process
+    _scan_op = torch.ops.poolformer.linear_scan
+except AttributeError:
+    _scan_op = _define_scan_ops()
 
 
 def linear_scan(
@@ -275,8 +337,9 @@ def linear_scan(
     """`h_t = a_t * h_{t-1} + u_t` over dim 1 for (B, T, N) real or complex tensors, differentiable.
 
     `implementation`: "numba" (compiled CPU kernels), "loop" (one fused torch op per step), "chunked" (a chunked
-    parallel scan, chunks of `chunk` steps or ~sqrt(T)), or "auto": numba on CPU when installed, else the loop;
-    chunked on accelerators. All agree with `sequential_scan` to float tolerance."""
+    parallel scan, chunks of `chunk` steps or ~sqrt(T)), "triton" (GPU kernels), or "auto": numba on CPU when
+    installed, else the loop; Triton on CUDA when installed, else chunked. All agree with `sequential_scan` to float
+    tolerance."""
     if a.shape != u.shape or a.dim() != 3:
         raise ValueError(f"linear_scan: a and u must both be (B, T, N); got {tuple(a.shape)} and {tuple(u.shape)}")
     if implementation not in SCAN_IMPLEMENTATIONS:
@@ -285,7 +348,11 @@ def linear_scan(
         h0 = torch.zeros_like(u[:, 0])
     if u.shape[1] == 1 and not torch.is_grad_enabled():  # a generation step
         return (a[:, 0] * h0 + u[:, 0]).unsqueeze(1)
-    return _LinearScan.apply(a, u, h0, _resolve_scan(implementation, a), max(chunk, 0))
+    implementation, chunk = _resolve_scan(implementation, a.device.type), max(chunk, 0)
+    if not u.is_complex():
+        return _scan_op(a, u, h0, False, implementation, chunk)
+    pairs = [torch.view_as_real(t) for t in (a, u, h0)]
+    return torch.view_as_complex(_scan_op(*pairs, True, implementation, chunk))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -385,16 +452,18 @@ class PoolformerRGLRU(nn.Module):
 
     def _scan(self, log_a, theta, scale, x, state):
         """The recurrence over a chunk with the parallel scan -> (real and imaginary parts of h concatenated,
-        the last h as (re, im) pairs)."""
+        the last h as (re, im) pairs). Complex values travel as real (re, im) pairs (see `_scan_op`)."""
+        magnitude = torch.exp(log_a)
+        implementation = _resolve_scan(self.scan_implementation, x.device.type)
         if not self.is_complex:
-            h0 = None if state is None else state.to(x.dtype)
-            h = linear_scan(torch.exp(log_a), scale * x, h0, self.scan_implementation, self.chunk)
+            h0 = torch.zeros_like(x[:, 0]) if state is None else state.to(x.dtype)
+            h = _scan_op(magnitude, scale * x, h0, False, implementation, self.chunk)
             return h, h[:, -1]
-        a = torch.polar(torch.exp(log_a), theta)
-        u = scale * torch.complex(x[..., : self.units], x[..., self.units :])
-        h0 = None if state is None else torch.view_as_complex(state.to(x.dtype))
-        h = linear_scan(a, u, h0, self.scan_implementation, self.chunk)
-        return torch.cat([h.real, h.imag], dim=-1), torch.view_as_real(h[:, -1])
+        a = torch.stack([magnitude * torch.cos(theta), magnitude * torch.sin(theta)], dim=-1)
+        u = torch.stack([scale * x[..., : self.units], scale * x[..., self.units :]], dim=-1)
+        h0 = a.new_zeros(a.shape[0], self.units, 2) if state is None else state.to(x.dtype)
+        h = _scan_op(a, u, h0, True, implementation, self.chunk)
+        return torch.cat([h[..., 0], h[..., 1]], dim=-1), h[:, -1]
 
     def _step(self, log_a, theta, scale, x, state):
         """One time step in real arithmetic (compilers generate no code for complex tensors): h = a h_prev + u with
@@ -729,7 +798,8 @@ class PoolformerModel(PoolformerPreTrainedModel):
                 raise ValueError(f"input_ids must be an integer tensor of token ids (sample values), got {got}.")
             if input_ids.dim() != 2 or input_ids.shape[1] < 1:
                 raise ValueError(f"input_ids must have shape (batch, length >= 1), got {tuple(input_ids.shape)}.")
-            lo, hi = int(input_ids.min()), int(input_ids.max())
+            # value checks read the data: not inside a compiled graph (they would break it)
+            lo, hi = (0, 0) if torch.compiler.is_compiling() else (int(input_ids.min()), int(input_ids.max()))
             if lo < 0 or hi >= self.config.vocab_size:
                 raise ValueError(
                     f"input_ids must lie in [0, {self.config.vocab_size}) (8-bit sample values), got values in [{lo}, {hi}]."
@@ -751,7 +821,7 @@ class PoolformerModel(PoolformerPreTrainedModel):
                     f"got {tuple(attention_mask.shape)}."
                 )
             mask = attention_mask.bool()
-            if (mask[:, 1:] & ~mask[:, :-1]).any():
+            if not torch.compiler.is_compiling() and (mask[:, 1:] & ~mask[:, :-1]).any():
                 raise ValueError(
                     "attention_mask must be right-padded (ones, then zeros): a recurrence cannot skip left padding. "
                     "Pad batches of different lengths on the right."

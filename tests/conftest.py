@@ -11,6 +11,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+if not torch.cuda.is_available():  # the Triton kernels run on CPU tensors in Triton's interpreter (set before import)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from transformers import GenerationConfig  # noqa: E402
 
 from modeling_poolformer import PoolformerConfig, PoolformerForCausalLM  # noqa: E402

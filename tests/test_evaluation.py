@@ -170,7 +170,8 @@ def test_validation_nll_counts_every_item_once_under_data_parallelism(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "nll.json").read_text())
     assert result["shared"][2] == result["alone"][2] == 5 * 29
-    assert result["shared"][0] == pytest.approx(result["alone"][0], rel=1e-9)
+    # float32 logits of differently shaped batches round differently (~1e-8 here); an item counted twice moves ~1%
+    assert result["shared"][0] == pytest.approx(result["alone"][0], rel=1e-6)
 
 
 def test_evaluate_modules_load_and_match_the_scripts(trained, digits, classifier):

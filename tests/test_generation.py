@@ -266,20 +266,21 @@ def test_compiled_decoding_equals_eager_with_one_graph_per_stack_shape(name, gra
     assert all(m.compiled_step is None for m in model.modules() if hasattr(m, "compiled_step"))  # forward: eager
 
 
-def test_without_a_compiler_generation_decodes_eagerly_with_one_warning(monkeypatch):
+def test_without_a_compiler_generation_decodes_eagerly_with_one_warning():
     import torch._inductor.config as inductor_config
     from modeling_poolformer.modeling_poolformer import _can_compile
 
-    monkeypatch.setattr(inductor_config.cpp, "cxx", ("/nonexistent/c++",))
     _can_compile.cache_clear()
+    # torch's own patch: monkeypatch's undo deletes the setting, which hides it from inductor for later tests
     try:
-        model = hub_model()
-        with pytest.warns(UserWarning, match="No C\\+\\+ compiler"):
-            first = model.generate(max_new_tokens=5, do_sample=False, compile_config=CompileConfig())
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")  # warned once
-            second = model.generate(max_new_tokens=5, do_sample=False, compile_config=CompileConfig())
-        assert torch.equal(first, second)
+        with inductor_config.patch({"cpp.cxx": ("/nonexistent/c++",)}):
+            model = hub_model()
+            with pytest.warns(UserWarning, match="No C\\+\\+ compiler"):
+                first = model.generate(max_new_tokens=5, do_sample=False, compile_config=CompileConfig())
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # warned once
+                second = model.generate(max_new_tokens=5, do_sample=False, compile_config=CompileConfig())
+            assert torch.equal(first, second)
     finally:
         _can_compile.cache_clear()
 

@@ -1,5 +1,6 @@
 """The model: remote-code loading, causality, odd lengths, loss conventions, input errors."""
 
+import importlib.util
 import json
 import math
 import os
@@ -30,7 +31,8 @@ def test_saved_folder_is_a_complete_repo_and_loads_with_remote_code(tmp_path):
     model = PoolformerForCausalLM(hub_config("sc09", layers_per_level=2)).eval()
     model.save_pretrained(tmp_path / "saved")
     files = sorted(os.listdir(tmp_path / "saved"))
-    assert {"config.json", "model.safetensors", "modeling_poolformer.py", "configuration_poolformer.py"} <= set(files)
+    assert {"config.json", "model.safetensors", "modeling_poolformer.py", "configuration_poolformer.py",
+            "triton_scan.py"} <= set(files)  # the GPU scan travels with the model
     auto_map = json.loads((tmp_path / "saved" / "config.json").read_text())["auto_map"]
     assert set(auto_map) == {"AutoConfig", "AutoModel", "AutoModelForCausalLM"}
 
@@ -52,11 +54,18 @@ def test_saved_folder_is_a_complete_repo_and_loads_with_remote_code(tmp_path):
         want = torch.load({str(tmp_path / 'want.pt')!r})
         assert torch.equal(got, want), (got - want).abs().max()
         print("bit-identical")
+        if {importlib.util.find_spec("triton") is not None!r}:  # the shipped Triton scan (interpreted without a GPU)
+            model = AutoModelForCausalLM.from_pretrained({str(copy)!r}, trust_remote_code=True,
+                                                         scan_implementation="triton").eval()
+            with torch.no_grad():
+                torch.testing.assert_close(model(ids).logits, want, rtol=1e-5, atol=1e-5)
+            print("triton scan from the saved folder")
     """)
     run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=_fresh_env(tmp_path),
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "bit-identical" in run.stdout
+    assert ("triton scan from the saved folder" in run.stdout) == (importlib.util.find_spec("triton") is not None)
 
 
 def test_loading_without_trust_remote_code_fails_clearly(tmp_path):

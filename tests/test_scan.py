@@ -66,7 +66,7 @@ def test_scan_argument_errors():
     with pytest.raises(ValueError, match="a and u must both be"):
         linear_scan(torch.zeros(2, 3, 4), torch.zeros(2, 3, 5))
     with pytest.raises(ValueError, match="implementation must be one of"):
-        linear_scan(torch.zeros(2, 3, 4), torch.zeros(2, 3, 4), implementation="triton")
+        linear_scan(torch.zeros(2, 3, 4), torch.zeros(2, 3, 4), implementation="cuda")
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
@@ -81,3 +81,114 @@ def test_model_logits_agree_across_scan_implementations(implementation):
     ids = torch.randint(0, 256, (2, 500))
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The Triton kernels, in Triton's interpreter on CPU tensors (conftest sets TRITON_INTERPRET=1 without a GPU); small
+# sizes, since the interpreter runs each program in numpy. Odd sizes leave partial tiles in time and channels.
+# ---------------------------------------------------------------------------------------------------------------------
+
+triton_scan = pytest.importorskip("modeling_poolformer.triton_scan")
+needs_triton = pytest.mark.skipif(not triton_scan.available(), reason="triton is not installed (a test extra)")
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.complex64])
+@pytest.mark.parametrize("batch,length,units", [(1, 1, 3), (3, 37, 5), (2, 70, 37)])
+@pytest.mark.parametrize("with_h0", [False, True])
+def test_triton_scan_equals_sequential(dtype, batch, length, units, with_h0):
+    a, u, h0 = _inputs(dtype, batch=batch, length=length, units=units, with_h0=with_h0)
+    torch.testing.assert_close(linear_scan(a, u, h0, "triton"), sequential_scan(a, u, h0), rtol=1e-5, atol=1e-5)
+    out, last = triton_scan.triton_scan(a, u, torch.zeros_like(u[:, 0]) if h0 is None else h0, block_t=16, block_n=4)
+    torch.testing.assert_close(last, out[:, -1], rtol=0, atol=0)  # the final state, for prefill and checkpointing
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.complex64])
+def test_triton_scan_gradients_equal_sequential(dtype):
+    a, u, h0 = _inputs(dtype, batch=2, length=37, units=5, requires_grad=True)
+    weight = torch.randn(2, 37, 5, dtype=dtype)
+
+    def grads(fn):
+        loss = (fn(a, u, h0) * weight).real.sum() if dtype.is_complex else (fn(a, u, h0) * weight).sum()
+        return torch.autograd.grad(loss, (a, u, h0))
+
+    for got, want in zip(grads(lambda *x: linear_scan(*x, "triton")), grads(sequential_scan)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float64, pytest.param(torch.complex128, marks=pytest.mark.slow)])
+def test_triton_scan_gradcheck(dtype):
+    a, u, h0 = _inputs(dtype, batch=2, length=7, units=2, requires_grad=True)
+    # fast mode (random directions): each interpreted call takes a fraction of a second
+    assert torch.autograd.gradcheck(lambda a, u, h0: linear_scan(a, u, h0, "triton"), (a, u, h0), fast_mode=True)
+
+
+@needs_triton
+def test_model_with_triton_scan_equals_numba_or_loop():
+    from conftest import hub_config
+    from modeling_poolformer import PoolformerForCausalLM
+
+    ref = PoolformerForCausalLM(hub_config("tiny", scan_implementation="loop")).train()
+    model = PoolformerForCausalLM(hub_config("tiny", scan_implementation="triton")).train()
+    model.load_state_dict(ref.state_dict())
+    ids = torch.randint(0, 256, (2, 40))
+    outs = [m(ids, labels=ids) for m in (ref, model)]
+    torch.testing.assert_close(outs[1].logits, outs[0].logits, rtol=1e-5, atol=1e-5)
+    for m, out in zip((ref, model), outs):
+        out.loss.backward()
+    for a, b in zip(ref.parameters(), model.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training under torch.compile and bf16 autocast: the scan is one opaque custom op, and it runs in fp32.
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _loss_and_grads(model, ids, forward=None):
+    model.zero_grad(set_to_none=True)
+    loss = (model if forward is None else forward)(ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+
+def test_compiled_training_step_is_one_graph_and_equals_eager():
+    from conftest import hub_model
+
+    torch._dynamo.reset()
+    model = hub_model("tiny").train()
+    ids = torch.randint(0, 256, (2, 300))
+    want_loss, want_grads = _loss_and_grads(model, ids)
+    compiled = torch.compile(model, fullgraph=True)  # raises on any graph break
+    for _ in range(2):  # the second call reuses the graph
+        loss, grads = _loss_and_grads(model, ids, compiled)
+        torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-5)
+        for got, want in zip(grads, want_grads):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    torch._dynamo.reset()
+
+
+def test_bf16_autocast_training_keeps_the_recurrence_in_fp32(monkeypatch):
+    from conftest import hub_model
+    from modeling_poolformer import modeling_poolformer
+
+    seen, scan = [], modeling_poolformer._scan
+
+    def recording_scan(a, u, h0, implementation, chunk):
+        seen.append((a.dtype, u.dtype, h0.dtype))
+        return scan(a, u, h0, implementation, chunk)
+
+    monkeypatch.setattr(modeling_poolformer, "_scan", recording_scan)
+    model = hub_model("tiny").train()
+    ids = torch.randint(0, 256, (2, 300))
+    want_loss, want_grads = _loss_and_grads(model, ids)
+    seen.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, grads = _loss_and_grads(model, ids)
+    assert seen and all(dtype in (torch.float32, torch.complex64) for dtypes in seen for dtype in dtypes)
+    assert abs(loss.item() - want_loss.item()) < 0.05 * want_loss.item()
+    cosines = [torch.nn.functional.cosine_similarity(g.flatten(), w.flatten(), dim=0) for g, w in zip(grads, want_grads)
+               if w.abs().max() > 0]
+    assert min(cosines) > 0.9, f"bf16 gradients point elsewhere than fp32 ones: cosine {min(cosines):.3f}"

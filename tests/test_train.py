@@ -237,3 +237,28 @@ def _cmdline(proc_dir):
         return (proc_dir / "cmdline").read_bytes().decode(errors="replace")
     except OSError:
         return ""
+
+
+def test_bf16_mixed_precision_run(cache_dir, tmp_path):
+    """`--mixed_precision bf16` trains under bf16 autocast (the recurrence stays fp32 inside) and exports."""
+    out = tmp_path / "run"
+    run(["--cache_dir", str(cache_dir), "--output_dir", str(out), "--max_steps", "6", "--eval_every", "6",
+         "--max_eval_batches", "2", "--mixed_precision", "bf16", *FAST])
+    s = summary(out)
+    assert s["mixed_precision"] == "bf16" and s["steps"] == 6 and s["skipped_updates"] == 0
+    (_, start), (_, end) = s["val_history"][0], s["val_history"][-1]
+    assert end < start, f"validation bits/sample went from {start:.3f} to {end:.3f}"
+    assert (out / "model" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_compiled_training_under_accelerate_dynamo_backend(cache_dir, tmp_path):
+    """`accelerate launch --dynamo_backend inductor` compiles the training forward (the scan an opaque op in it)."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+           "--mixed_precision", "bf16", "--dynamo_backend", "inductor", TRAIN, "--cache_dir", str(cache_dir),
+           "--output_dir", str(out), "--max_steps", "4", "--eval_every", "4", "--max_eval_batches", "2", *FAST]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, env=env())
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    s = summary(out)
+    assert (s["mixed_precision"], s["dynamo_backend"], s["steps"]) == ("bf16", "inductor", 4)

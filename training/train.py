@@ -531,7 +531,9 @@ def export(run: Run) -> Path:
                        val_history=run.val_history, replica_checksums=checksums, protocol=run.protocol,
                        parameters=run.num_params, run_id=run.run_id,
                        items={k: len(v) for k, v in run.datasets.items()},
-                       skipped_files={k: len(v.skipped) for k, v in run.datasets.items()})
+                       skipped_files={k: len(v.skipped) for k, v in run.datasets.items()},
+                       mixed_precision=accelerator.mixed_precision,
+                       dynamo_backend=str(accelerator.state.dynamo_plugin.backend.value).lower())
         _write_json(Path(args.output_dir) / "train_summary.json", summary)
         logger.info("exported %s (validation %.4f bits/sample)", out, val_bits)
         if args.push_to_hub:
