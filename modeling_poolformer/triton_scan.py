@@ -11,6 +11,9 @@ from the last step, and with SHIFT_CONJ it uses conj(a_{t+1}) as the decay of st
 Imported lazily by `modeling_poolformer.linear_scan`; without Triton the chunked torch scan is used instead.
 """
 
+import functools
+from typing import Optional
+
 import torch
 
 try:
@@ -84,17 +87,30 @@ def available() -> bool:
     return triton is not None
 
 
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _as_floats(x: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(x.contiguous()) if x.is_complex() else x.contiguous()
 
 
 def triton_scan(a: torch.Tensor, u: torch.Tensor, h0: torch.Tensor, reverse: bool = False, shift_conj: bool = False,
-                block_t: int = 64, block_n: int = 32) -> tuple:
+                block_t: int = 64, block_n: Optional[int] = None) -> tuple:
     """(h, h_last) for (B, T, N) a, u and (B, N) h0, real or complex. `reverse=True, shift_conj=True` runs the
-    gradient recurrence g_t = x_t + conj(a_{t+1}) g_{t+1} (with `u` = x) from the end."""
+    gradient recurrence g_t = x_t + conj(a_{t+1}) g_{t+1} (with `u` = x) from the end.
+
+    `block_n` channels per program; by default 32, halved (down to 4: one 32-byte memory sector of complex64 pairs
+    per time step) on a GPU until there are enough programs to fill it, since programs only split batch and channels,
+    never time."""
     if triton is None:
         raise RuntimeError("scan_implementation='triton' needs the triton package")
     batch, steps, units = u.shape
+    if block_n is None:
+        block_n = 32
+        while u.is_cuda and block_n > 4 and batch * triton.cdiv(units, block_n) < 4 * _multiprocessors(u.device):
+            block_n //= 2
     out = torch.empty_like(u)
     last = torch.empty_like(h0)
     a_f, u_f, h0_f = _as_floats(a), _as_floats(u), _as_floats(h0)
