@@ -120,7 +120,7 @@ def sequential_scan(a: torch.Tensor, u: torch.Tensor, h0: Optional[torch.Tensor]
 def _loop_scan(a: torch.Tensor, u: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
     """One fused multiply-add per step into a preallocated output: on CPU, where per-op overhead rather than
     parallelism bounds pure-torch code, this beats the chunked scan below."""
-    out = torch.empty_like(u)
+    out = torch.empty_like(u, memory_format=torch.contiguous_format)
     h = h0
     for t, (a_t, u_t) in enumerate(zip(a.unbind(1), u.unbind(1))):
         h = torch.addcmul(u_t, a_t, h, out=out[:, t])
@@ -257,7 +257,8 @@ def _scan(a, u, h0, implementation, chunk):
         return _triton_scan()(a, u, h0)[0]
     if implementation == "loop":
         return _loop_scan(a, u, h0)
-    return _chunked_scan(a, u, h0, chunk if chunk > 0 else max(8, int(math.sqrt(u.shape[1]))))
+    # contiguous, like every other implementation's output: the custom op's fake kernel promises it to the compiler
+    return _chunked_scan(a, u, h0, chunk if chunk > 0 else max(8, int(math.sqrt(u.shape[1])))).contiguous()
 
 
 def _scan_backward(a, h, h0, grad_h, implementation, chunk):
@@ -294,7 +295,7 @@ def _define_scan_ops():
                 chunk: int) -> torch.Tensor:
         if not is_complex:
             return _scan(a, u, h0, implementation, chunk)
-        return torch.view_as_real(_scan(*_pairs_to_complex(a, u, h0), implementation, chunk)).clone()
+        return torch.view_as_real(_scan(*_pairs_to_complex(a, u, h0), implementation, chunk))
 
     @torch.library.custom_op("poolformer::linear_scan_backward", mutates_args=())
     def backward_op(a: torch.Tensor, h: torch.Tensor, h0: torch.Tensor, grad_h: torch.Tensor, is_complex: bool,
@@ -302,15 +303,15 @@ def _define_scan_ops():
         if not is_complex:
             return _scan_backward(a, h, h0, grad_h, implementation, chunk)
         grads = _scan_backward(*_pairs_to_complex(a, h, h0, grad_h), implementation, chunk)
-        return tuple(torch.view_as_real(g).clone() for g in grads)
+        return tuple(torch.view_as_real(g) for g in grads)
 
     @scan_op.register_fake
     def _(a, u, h0, is_complex, implementation, chunk):
-        return torch.empty_like(u)
+        return u.new_empty(u.shape)
 
     @backward_op.register_fake
     def _(a, h, h0, grad_h, is_complex, implementation, chunk):
-        return torch.empty_like(a), torch.empty_like(h), torch.empty_like(h0)
+        return a.new_empty(a.shape), h.new_empty(h.shape), h0.new_empty(h0.shape)
 
     def setup_context(ctx, inputs, output):
         a, _, h0, ctx.is_complex, ctx.implementation, ctx.chunk = inputs

@@ -111,8 +111,9 @@ def triton_scan(a: torch.Tensor, u: torch.Tensor, h0: torch.Tensor, reverse: boo
         block_n = 32
         while u.is_cuda and block_n > 4 and batch * triton.cdiv(units, block_n) < 4 * _multiprocessors(u.device):
             block_n //= 2
-    out = torch.empty_like(u)
-    last = torch.empty_like(h0)
+    # contiguous outputs, so that the float views the kernel writes through are the outputs themselves
+    out = torch.empty_like(u, memory_format=torch.contiguous_format)
+    last = torch.empty_like(h0, memory_format=torch.contiguous_format)
     a_f, u_f, h0_f = _as_floats(a), _as_floats(u), _as_floats(h0)
     out_f, last_f = _as_floats(out), _as_floats(last)
     grid = (batch, triton.cdiv(units, block_n))

@@ -83,6 +83,18 @@ def test_model_logits_agree_across_scan_implementations(implementation):
         torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("implementation", [i for i in IMPLEMENTATIONS if i != "auto"])
+@pytest.mark.parametrize("is_complex", [False, True])
+def test_scan_custom_op_passes_opcheck(implementation, is_complex):
+    """torch's own checks of the custom op: its fake kernels (shapes and strides the compiler is promised), its
+    registered autograd and its schema, against real runs. The chunk of 7 leaves a padded last chunk."""
+    from modeling_poolformer.modeling_poolformer import _scan_op
+
+    a, u, h0 = _inputs(torch.complex128 if is_complex else torch.float64, length=30)
+    args = [(torch.view_as_real(t) if is_complex else t).clone().requires_grad_() for t in (a, u, h0)]
+    torch.library.opcheck(_scan_op, (*args, is_complex, implementation, 7))
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The Triton kernels, in Triton's interpreter on CPU tensors (conftest sets TRITON_INTERPRET=1 without a GPU); small
 # sizes, since the interpreter runs each program in numpy. Odd sizes leave partial tiles in time and channels.
