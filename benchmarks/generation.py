@@ -1,5 +1,5 @@
 """Generation speed of the SC09 config on this machine, measured side by side in one process: the plain eager loop
-of `model(token, past_key_values=cache)` calls, `generate` with eager steps, `generate` with the compiled step, and
+of `model(token, cache=cache)` calls, `generate` with eager steps, `generate` with the compiled step, and
 re-running the full forward for every sample; for each batch size with each intra-op thread count (what
 `generate`'s default thread count rests on).
 

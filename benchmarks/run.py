@@ -10,7 +10,7 @@ earlier run wrote there. Sections:
    `torch.compile` (the scan is one opaque custom op in the graph);
 3. peers: training tokens/s vs transformers' MambaForCausalLM, RecurrentGemmaForCausalLM and a GPT-2, parameter
    counts matched within 10%, same T and batch;
-4. generate: generation samples/s at batch 1, 16, 64: the plain eager loop of `model(token, past_key_values=cache)`
+4. generate: generation samples/s at batch 1, 16, 64: the plain eager loop of `model(token, cache=cache)`
    calls vs `generate` with eager steps vs `generate` with the compiled step (its first call, with an empty inductor
    cache, timed apart), and the peers' `generate` (batch 1, 16);
 5. length: time and peak memory of one training step as T grows (B=1, checkpointing on), with the
@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from modeling_poolformer import PoolformerConfig, PoolformerForCausalLM, linear_scan, sequential_scan
-from modeling_poolformer.modeling_poolformer import _numba_kernels, _triton_scan
+from modeling_poolformer.scan import numba_kernels, triton_available
 from training.utils import tune_cpu_allocator
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -109,8 +109,8 @@ def bench_scan(quick):
     bound = 4 * copy  # 8 passes over an array of this size; one copy is 2 (read + write)
     rows = []
     impls = ["numba", "loop", "chunked"] if DEVICE == "cpu" else ["triton", "chunked"]
-    impls = [i for i in impls if i != "numba" or _numba_kernels() is not None]
-    impls = [i for i in impls if i != "triton" or _triton_scan() is not None]
+    impls = [i for i in impls if i != "numba" or numba_kernels() is not None]
+    impls = [i for i in impls if i != "triton" or triton_available()]
     for impl in impls:
         t = best_of(fwd_bwd(lambda x, y, impl=impl: linear_scan(x, y, implementation=impl)))
         rows.append({"implementation": impl, "seconds": t, "over_bound": t / bound})
@@ -210,9 +210,9 @@ def attention_kernel():
 def kernels(name):
     """Which kernels a model runs on, for the tables."""
     if name.startswith("Poolformer"):
-        from modeling_poolformer.modeling_poolformer import _resolve_scan
+        from modeling_poolformer.scan import resolve_scan_implementation
 
-        return f"scan: {_resolve_scan('auto', DEVICE)}"
+        return f"scan: {resolve_scan_implementation('auto', DEVICE)}"
     if name == "MambaForCausalLM":
         from transformers.models.mamba import modeling_mamba
 
@@ -279,12 +279,12 @@ def bench_peers(quick):
 
 @torch.no_grad()
 def eager_loop(model, batch, new_tokens):
-    """The baseline: a plain loop of `model(token, past_key_values=cache)` calls with multinomial sampling."""
+    """The baseline: a plain loop of `model(token, cache=cache)` calls with multinomial sampling."""
     from modeling_poolformer import PoolformerCache
 
     cache, token = PoolformerCache(model.config), torch.full((batch, 1), 128, device=DEVICE)
     for _ in range(new_tokens):
-        logits = model(token, past_key_values=cache).logits[:, -1]
+        logits = model(token, cache=cache).logits[:, -1]
         token = torch.multinomial(torch.softmax(logits.float(), -1), 1)
 
 

@@ -3,18 +3,16 @@ folder also loads without `trust_remote_code` in a process that imported it."""
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
+from .audio import PoolformerAudioStreamer, decode_audio, encode_audio
 from .configuration_poolformer import PoolformerConfig, audio_generation_config
 from .modeling_poolformer import (
-    PoolformerAudioStreamer,
     PoolformerCache,
     PoolformerForCausalLM,
     PoolformerModel,
     PoolformerPreTrainedModel,
-    decode_audio,
-    encode_audio,
-    linear_scan,
-    sequential_scan,
+    nats_to_bits,
 )
+from .scan import linear_scan, sequential_scan
 
 # `save_pretrained` then writes `auto_map` and copies the modeling files: a saved folder is a complete Hub repo
 PoolformerConfig.register_for_auto_class()
@@ -36,5 +34,6 @@ __all__ = [
     "decode_audio",
     "encode_audio",
     "linear_scan",
+    "nats_to_bits",
     "sequential_scan",
 ]

@@ -1,43 +1,268 @@
-"""Audio I/O around the token codec: read any file soundfile can (wav, flac, ogg, ...) without FFmpeg, mix to mono,
-resample with soxr, write WAVs, plot spectrograms. The codec itself (`encode_audio` / `decode_audio`) lives in the
-modeling file, so a model loaded with remote code can decode its own samples."""
+"""Audio around the model: the token codec (waveforms in [-1, 1] <-> 8-bit mu-law or linear tokens, as in SaShiMi),
+WAV writing (whole files and while `generate` samples), progress bars with the real-time factor, and reading any
+file soundfile can (wav, flac, ogg, ...) without FFmpeg.
+
+The modeling file imports this module, so it travels with every saved model: a model loaded with remote code decodes
+and writes its own samples. Reading and resampling import soundfile and soxr when called, so loading a model needs
+neither.
+"""
 
 import io
+import math
+import queue
+import time
+import wave
 from pathlib import Path
-from typing import Union
+from typing import TYPE_CHECKING, Optional, Union
 
 import numpy as np
-import soundfile
-import soxr
 import torch
+from transformers.generation.streamers import BaseStreamer
 
-from .modeling_poolformer import _WavWriter, decode_audio, encode_audio
+if TYPE_CHECKING:
+    from .configuration_poolformer import PoolformerConfig
 
-__all__ = ["load_audio", "resample", "write_wav", "save_spectrogram", "encode_audio", "decode_audio"]
+__all__ = [
+    "PoolformerAudioStreamer",
+    "decode_audio",
+    "encode_audio",
+    "load_audio",
+    "resample",
+    "save_spectrogram",
+    "wav_paths",
+    "WavWriter",
+    "ProgressStreamer",
+    "write_wav",
+]
 
 
-def resample(wave: np.ndarray, rate: int, target_rate: int) -> np.ndarray:
+# ---------------------------------------------------------------------------------------------------------------------
+# Token codec
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def encode_audio(waveform: torch.Tensor, quantization: str = "mu-law", levels: int = 256) -> torch.Tensor:
+    """Float waveform in [-1, 1] -> token ids in [0, levels). mu-law: `F = sgn(x) ln(1 + mu|x|) / ln(1 + mu)`,
+    mu = levels - 1; linear: `F = x`. Then `q = floor((levels - 0.01) * (F + 1) / 2 + 0.005)`."""
+    x = waveform.double().clamp(-1.0, 1.0)
+    if quantization == "mu-law":
+        mu = levels - 1
+        x = torch.sign(x) * torch.log1p(mu * x.abs()) / math.log1p(mu)
+    elif quantization != "linear":
+        raise ValueError(f"quantization must be 'mu-law' or 'linear', got {quantization!r}")
+    return torch.floor((levels - 0.01) * (x + 1) / 2 + 0.005).long().clamp(0, levels - 1)
+
+
+def decode_audio(tokens: torch.Tensor, quantization: str = "mu-law", levels: int = 256) -> torch.Tensor:
+    """Token ids -> float32 waveform in [-1, 1]: `y = q / (levels / 2) - 1`, then the inverse mu-law."""
+    y = tokens.double() / (levels / 2) - 1
+    if quantization == "mu-law":
+        mu = levels - 1
+        y = torch.sign(y) * (torch.pow(1.0 + mu, y.abs()) - 1) / mu
+    elif quantization != "linear":
+        raise ValueError(f"quantization must be 'mu-law' or 'linear', got {quantization!r}")
+    return y.float()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# WAV output and streaming
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def wav_paths(path: Union[str, Path], count: int) -> list:
+    path = Path(path)
+    if count == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}_{i}{path.suffix or '.wav'}") for i in range(count)]
+
+
+class WavWriter:
+    """16-bit mono PCM WAV written piece by piece with the standard library's `wave` (its header is updated on
+    every write, so the file is a valid WAV at any time)."""
+
+    def __init__(self, path: Union[str, Path], sample_rate: int):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.handle = open(path, "wb")
+        self.file = wave.open(self.handle, "wb")
+        self.file.setnchannels(1)
+        self.file.setsampwidth(2)
+        self.file.setframerate(sample_rate)
+
+    def write(self, waveform: torch.Tensor):
+        pcm = (waveform.float() * 32768.0).round().clamp(-32768, 32767).to(torch.int16)  # as libsndfile scales
+        self.file.writeframes(pcm.numpy().astype("<i2").tobytes())
+        self.handle.flush()  # readable by others while generation goes on
+
+    def close(self):
+        self.file.close()
+        self.handle.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class _RealTimeBar:
+    """tqdm over generated samples, with the real-time factor: compute seconds per second of audio (< 1 is faster
+    than real time)."""
+
+    def __init__(self, sample_rate: int, total: Optional[int]):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, unit="sample", desc="generating", unit_scale=True)
+        self.sample_rate, self.start = sample_rate, time.perf_counter()
+
+    def update(self, samples: int):
+        self.bar.update(samples)
+        if self.bar.n % 400 < samples or self.bar.n == self.bar.total:
+            seconds = (time.perf_counter() - self.start) / (self.bar.n / self.sample_rate)
+            self.bar.set_postfix_str(f"RTF {seconds:.2f}", refresh=False)
+
+    def close(self):
+        self.bar.close()
+
+
+class ProgressStreamer(BaseStreamer):
+    """`generate(progress=True)`: the bar, forwarding to the user's streamer if any."""
+
+    def __init__(self, sample_rate: int, total: int, inner: Optional[BaseStreamer] = None):
+        self.inner, self.sample_rate, self.total, self.bar = inner, sample_rate, total, None
+
+    def put(self, value):
+        if self.inner is not None:
+            self.inner.put(value)
+        if self.bar is None:  # the first call carries the prompt
+            self.bar = _RealTimeBar(self.sample_rate, self.total)
+        else:
+            self.bar.update(1)
+
+    def end(self):
+        if self.inner is not None:
+            self.inner.end()
+        if self.bar is not None:
+            self.bar.close()
+
+
+class PoolformerAudioStreamer(BaseStreamer):
+    """Audio while `generate` samples it (transformers' streamer interface): writes 16-bit WAVs as samples come and/or
+    hands float32 chunks in [-1, 1] to another thread.
+
+        streamer = model.audio_streamer("out.wav", progress=True)   # out.wav, or out_0.wav, out_1.wav... per row
+        model.generate(max_new_tokens=16000, streamer=streamer)
+
+        streamer = model.audio_streamer(chunk_size=1600)             # or consume chunks while it runs:
+        threading.Thread(target=model.generate, kwargs=dict(max_new_tokens=16000, streamer=streamer)).start()
+        for chunk in streamer:                                       # (batch, <= chunk_size) numpy arrays
+            ...
+
+    Args:
+        config: the model's `PoolformerConfig` (sample rate, quantisation).
+        path: WAV file to write (one per batch row, `<stem>_<i>.wav`, for a batch), a list of paths (one per row),
+            or None.
+        chunk_size: samples per write / yielded chunk.
+        skip_prompt: leave the prompt out (default); the zero token that sequences start with is never audio.
+        progress: show a tqdm bar with the real-time factor (`total` samples, if known).
+        yield_chunks: queue chunks for iteration (default: when no `path` is given).
+        timeout: seconds the iterator waits for the next chunk before `queue.Empty`.
+    """
+
+    def __init__(self, config: "PoolformerConfig", path: Union[str, Path, list, None] = None, chunk_size: int = 1600,
+                 skip_prompt: bool = True, progress: bool = False, total: Optional[int] = None,
+                 yield_chunks: Optional[bool] = None, timeout: Optional[float] = None):
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        self.config, self.path, self.chunk_size, self.skip_prompt = config, path, chunk_size, skip_prompt
+        self.yield_chunks = path is None if yield_chunks is None else yield_chunks
+        self.progress, self.total, self.timeout = progress, total, timeout
+        self.queue, self.pending, self.writers, self.bar, self.started = queue.Queue(), [], [], None, False
+        self.paths = []
+
+    def put(self, value: torch.Tensor):
+        value = value.detach().cpu()
+        if not self.started:  # transformers first puts the prompt, (batch, T)
+            self.started = True
+            value = value.view(-1, value.shape[-1]) if value.dim() > 1 else value.view(1, -1)
+            if isinstance(self.path, (list, tuple)):
+                if len(self.path) != value.shape[0]:
+                    raise ValueError(f"{len(self.path)} WAV paths for a batch of {value.shape[0]}")
+                self.paths = [Path(p) for p in self.path]
+            elif self.path is not None:
+                self.paths = wav_paths(self.path, value.shape[0])
+            if self.paths:
+                self.writers = [WavWriter(p, self.config.sample_rate) for p in self.paths]
+            if self.progress:
+                self.bar = _RealTimeBar(self.config.sample_rate, self.total)
+            if not self.skip_prompt and value.shape[1] > 1:
+                self.pending.append(value[:, 1:])
+            return
+        self.pending.append(value.view(-1, 1))
+        if self.bar is not None:
+            self.bar.update(1)
+        if sum(t.shape[1] for t in self.pending) >= self.chunk_size:
+            self._flush()
+
+    def _flush(self):
+        if not self.pending:
+            return
+        tokens, self.pending = torch.cat(self.pending, dim=1), []
+        waves = decode_audio(tokens, self.config.quantization, self.config.vocab_size)
+        for writer, row in zip(self.writers, waves):
+            writer.write(row)
+        if self.yield_chunks:
+            self.queue.put(waves.numpy())
+
+    def end(self):
+        self._flush()
+        for writer in self.writers:
+            writer.close()
+        if self.bar is not None:
+            self.bar.close()
+        if self.yield_chunks:
+            self.queue.put(None)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        chunk = self.queue.get(timeout=self.timeout)
+        if chunk is None:
+            raise StopIteration
+        return chunk
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reading, resampling, plotting (training and evaluation)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def resample(samples: np.ndarray, rate: int, target_rate: int) -> np.ndarray:
     """Mono float waveform from `rate` to `target_rate` Hz (soxr, high quality)."""
     if rate == target_rate:
-        return wave
-    return soxr.resample(wave, rate, target_rate, quality="HQ").astype(np.float32)
+        return samples
+    import soxr
+
+    return soxr.resample(samples, rate, target_rate, quality="HQ").astype(np.float32)
 
 
 def load_audio(source: Union[str, Path, bytes], target_rate: int, max_seconds: float = None) -> np.ndarray:
     """A file path or encoded bytes -> mono float32 waveform at `target_rate`. Raises `soundfile.LibsndfileError`
     (a `RuntimeError`) on unreadable data."""
+    import soundfile
+
     data = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else str(source)
-    wave, rate = soundfile.read(data, dtype="float32", always_2d=True)
+    samples, rate = soundfile.read(data, dtype="float32", always_2d=True)
     if max_seconds is not None:
-        wave = wave[: int(round(max_seconds * rate))]
-    return resample(wave.mean(axis=1), rate, target_rate)
+        samples = samples[: int(round(max_seconds * rate))]
+    return resample(samples.mean(axis=1), rate, target_rate)
 
 
-def write_wav(path: Union[str, Path], wave, rate: int) -> Path:
+def write_wav(path: Union[str, Path], samples, rate: int) -> Path:
     """Writes a float waveform in [-1, 1] as 16-bit PCM WAV (the same writer as `model.save_wav` and the audio
     streamer)."""
-    with _WavWriter(path, rate) as writer:
-        writer.write(torch.as_tensor(np.asarray(wave) if not isinstance(wave, torch.Tensor) else wave.detach().cpu()))
+    with WavWriter(path, rate) as writer:
+        writer.write(samples.detach().cpu() if isinstance(samples, torch.Tensor) else torch.as_tensor(np.asarray(samples)))
     return Path(path)
 
 
@@ -52,11 +277,11 @@ def save_spectrogram(waves, rate: int, path: Union[str, Path], titles=None) -> P
     n_fft = 512 if min(len(w) for w in waves) >= 512 else 64
     waves = [torch.nn.functional.pad(w, (0, max(0, n_fft - len(w)))) for w in waves]  # very short clips: zeros
     fig, axes = plt.subplots(len(waves), 1, figsize=(8, 1.8 * len(waves)), squeeze=False)
-    for i, (ax, wave) in enumerate(zip(axes[:, 0], waves)):
-        spec = torch.stft(wave, n_fft, hop_length=n_fft // 4, window=torch.hann_window(n_fft), return_complex=True)
+    for i, (ax, samples) in enumerate(zip(axes[:, 0], waves)):
+        spec = torch.stft(samples, n_fft, hop_length=n_fft // 4, window=torch.hann_window(n_fft), return_complex=True)
         db = 20 * torch.log10(spec.abs() + 1e-5)
         ax.imshow(db.numpy(), origin="lower", aspect="auto", cmap="magma",
-                  extent=[0, len(wave) / rate, 0, rate / 2000], vmin=float(db.max()) - 80)
+                  extent=[0, len(samples) / rate, 0, rate / 2000], vmin=float(db.max()) - 80)
         ax.set_ylabel("kHz")
         ax.set_title(titles[i] if titles else f"sample {i}", fontsize=8)
     axes[-1, 0].set_xlabel("seconds")

@@ -1,8 +1,35 @@
 """Poolformer configuration (arXiv 2510.02206): a raw-audio language model built from RG-LRU recurrences
 nested in pooling SkipBlocks."""
 
-from transformers import GenerationConfig, PretrainedConfig
-from transformers.activations import ACT2CLS
+import warnings
+
+import transformers
+from packaging.version import Version
+
+# the releases CI runs the test suite on: the oldest `pyproject.toml` admits and the newest pip resolved when this
+# was written; outside [oldest, next major) nothing imports, past the newest it warns once
+TESTED_TRANSFORMERS = ("5.0.0", "5.24.0")
+
+
+def check_transformers_version(version: str = transformers.__version__):
+    """One clear message for a transformers release outside the supported range, instead of a trace from inside it."""
+    oldest, newest = map(Version, TESTED_TRANSFORMERS)
+    found = Version(version)
+    if found < oldest or found.major > oldest.major:
+        raise ImportError(
+            f"Poolformer needs transformers >= {oldest}, < {oldest.major + 1} (tested on {oldest} and {newest}); this "
+            f"environment has transformers {version}. Install a supported release: "
+            f"pip install 'transformers>={oldest},<{oldest.major + 1}'"
+        )
+    if found.release[:2] > newest.release[:2]:
+        warnings.warn(f"Poolformer was tested on transformers {oldest} to {newest}; this environment has {version}. "
+                      f"If something fails, pip install 'transformers=={newest}' and tell us.", stacklevel=2)
+
+
+check_transformers_version()
+
+from transformers import GenerationConfig, PretrainedConfig  # noqa: E402
+from transformers.activations import ACT2CLS  # noqa: E402
 
 _NORMS = ("layer", "rms", "none")
 _POOLINGS = ("conv", "linear")
@@ -75,9 +102,10 @@ class PoolformerConfig(PretrainedConfig):
             `"conv"`: DownPool is a strided Conv1d and UpPool a strided ConvTranspose1d, both with
             `pooling_groups` groups; `"linear"`: reshape `(L*p, D) -> (L, p*D)` followed by a Linear (and the
             mirror image for UpPool).
-        pooling_groups (`int`, defaults to 128):
-            Groups G of the pooling convolutions. G = D (depthwise, the author's code) is stable; other values are an
-            *extension* (G = 1, a full convolution, is the thesis' unstable ablation). Must divide `hidden_size`.
+        pooling_groups (`int`, *optional*):
+            Groups G of the pooling convolutions; by default `hidden_size` (depthwise, the author's code), which is
+            stable. Other values are an *extension* (G = 1, a full convolution, is the thesis' unstable ablation).
+            Must divide `hidden_size`.
         causal_shift (`str`, defaults to `"fine"`):
             How the up-pooled sequence is delayed to stay causal. `"fine"`: by `p - 1` fine steps, as in the
             author's code (coarse step j feeds fine outputs `j*p+p-1 .. j*p+2p-2`); `"coarse"` (*extension*): by one
@@ -146,7 +174,7 @@ class PoolformerConfig(PretrainedConfig):
         norm="layer",
         norm_eps=1e-6,
         pooling="conv",
-        pooling_groups=128,
+        pooling_groups=None,
         causal_shift="fine",
         skip="short",
         embedding="sinusoidal",
@@ -181,7 +209,7 @@ class PoolformerConfig(PretrainedConfig):
         self.norm = norm
         self.norm_eps = norm_eps
         self.pooling = pooling
-        self.pooling_groups = pooling_groups
+        self.pooling_groups = hidden_size if pooling_groups is None else pooling_groups
         self.causal_shift = causal_shift
         self.skip = skip
         self.embedding = embedding
@@ -225,12 +253,29 @@ class PoolformerConfig(PretrainedConfig):
         return self.lru_width // 2 if self.complex_recurrence else self.lru_width
 
     @property
-    def stack_pairs(self):
-        """(RG-LRU, MLP) pairs of every block stack, in the model's construction order: the down stack of each
-        level outermost first, the innermost stack, then the up stacks innermost first."""
-        layers = self.level_layers
-        skip = layers[: len(self.pooling_factors)]
-        return skip + [layers[-1]] + skip[::-1]
+    def block_stacks(self) -> list:
+        """The model's stacks of residual blocks as `(role, level, pairs)` rows, in cache order: the "down" stack of
+        each pooling level outermost first, the "inner" stack, then the "up" stacks innermost first. Each stack's
+        module takes its index here (`block_stack_index`) and the cache lays out its states from this table, so the
+        two cannot disagree."""
+        levels, layers = len(self.pooling_factors), self.level_layers
+        down = [("down", level, layers[level]) for level in range(levels)]
+        up = [("up", level, layers[level]) for level in reversed(range(levels))]
+        return down + [("inner", levels, layers[-1])] + up
+
+    def block_stack_index(self, role: str, level: int) -> int:
+        """Where the stack `role` ("down", "inner", "up") of pooling level `level` sits in `block_stacks`."""
+        for index, (r, l, _) in enumerate(self.block_stacks):
+            if (r, l) == (role, level):
+                return index
+        raise ValueError(f"no {role!r} residual stack at level {level} in this config")
+
+    def output_init_blocks(self, role: str, level: int) -> int:
+        """num_blocks of the thesis' init of output projections (variance 1 / (num_blocks * fan_in)) in the stack
+        `role` of `level`: 2 len(down) + 2 len(up) + 1 inside a SkipBlock (its UpPool too), 2 len(stack) for the
+        inner stack."""
+        pairs = self.level_layers[level]
+        return 2 * pairs if role == "inner" else 4 * pairs + 1
 
     def validate_poolformer(self):
         """Raise `ValueError` naming the first invalid field and what it allows."""

@@ -32,6 +32,7 @@ def test_fixtures_are_present():
             "author_nonorm_embed_tcnn.npz", "author_mlp_nopool.npz"} <= set(FIXTURES)
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("name", FIXTURES)
 def test_converted_model_reproduces_the_authors_logits(name, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
@@ -52,7 +53,7 @@ def test_converted_model_reproduces_the_authors_logits(name, tmp_path, monkeypat
         first = model(ids[:, :prefix], use_cache=True)
         steps = [first.logits]
         for t in range(prefix, prefix + 24):
-            steps.append(model(ids[:, t : t + 1], past_key_values=first.past_key_values).logits)
+            steps.append(model(ids[:, t : t + 1], cache=first.cache).logits)
     assert (torch.cat(steps, dim=1) - want[:, : prefix + 24]).abs().max().item() <= 1e-4
 
 

@@ -113,6 +113,7 @@ def test_one_validation_rule_for_folders_and_hub_datasets(tmp_path):
     assert len(hub["train"]) + len(held) == 40 and len(hub["test"]) == 3
 
 
+@pytest.mark.compat
 def test_hub_style_parquet_dataset_and_column_errors(tmp_path):
     rows = []
     for i in range(6):

@@ -46,6 +46,7 @@ def evaluate(args):
     return proc
 
 
+@pytest.mark.compat
 def test_evaluate_nll_equals_training_validation_and_ignores_batch_size(trained, digits, tmp_path):
     val_bits = summary(trained)["val_bits_per_sample"]
     results = []

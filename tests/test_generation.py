@@ -21,6 +21,7 @@ def _period(config):
     return math.prod(config.pooling_factors) if config.pooling_factors else 4
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("shift", ["fine", "coarse"])
 @pytest.mark.parametrize("name", HUB_CONFIG_NAMES)
 def test_cached_decoding_equals_full_forward(name, shift):
@@ -31,14 +32,14 @@ def test_cached_decoding_equals_full_forward(name, shift):
         full = model(ids).logits
         prompt = _period(model.config) // 2 * 2 + 1  # odd-length prompt, prefilled with the parallel scan
         out = model(ids[:, :prompt], use_cache=True)
-        cache, pieces, t = out.past_key_values, [out.logits], prompt
+        cache, pieces, t = out.cache, [out.logits], prompt
         chunks = [1, 1, 3, 1, 7, 2, 5] + [1] * length
         for n in chunks:
             if t >= length:
                 break
             n = min(n, length - t)
-            out = model(ids[:, t : t + n], past_key_values=cache, use_cache=True)
-            assert out.past_key_values is cache
+            out = model(ids[:, t : t + n], cache=cache, use_cache=True)
+            assert out.cache is cache
             pieces.append(out.logits)
             t += n
         assert cache.get_seq_length() == length
@@ -50,12 +51,12 @@ def test_cache_is_preallocated_and_written_in_place():
     period = _period(model.config)
     cache = PoolformerCache(model.config)
     with torch.no_grad():
-        model(torch.randint(0, 256, (1, 3)), past_key_values=cache)
+        model(torch.randint(0, 256, (1, 3)), cache=cache)
         addresses = [t.data_ptr() for t in cache.states()]
         shapes = [t.shape for t in cache.states()]
-        model(torch.randint(0, 256, (1, 12 * period)), past_key_values=cache)  # a long prefill
+        model(torch.randint(0, 256, (1, 12 * period)), cache=cache)  # a long prefill
         for _ in range(period + 1):
-            model(torch.randint(0, 256, (1, 1)), past_key_values=cache)
+            model(torch.randint(0, 256, (1, 1)), cache=cache)
     # fixed shapes and addresses: the same tensors whatever the length, and no views into a prompt's activations
     assert [t.data_ptr() for t in cache.states()] == addresses and [t.shape for t in cache.states()] == shapes
     assert all(t.untyped_storage().nbytes() == t.numel() * t.element_size() for t in cache.states())
@@ -65,7 +66,7 @@ def test_cache_is_preallocated_and_written_in_place():
     assert all(t.dtype == torch.float32 and t.shape[-1] == 2 for s in cache.stacks for t in s.recurrent_states)
     assert "PoolformerCache(seen_tokens=" in repr(cache)
     # every block stack has its own slot, given at construction, and every RG-LRU its place in its stack
-    stacks = [m for m in model.modules() if type(m).__name__ == "PoolformerBlockStack"]
+    stacks = [m for m in model.modules() if type(m).__name__ == "PoolformerResidualStack"]
     assert sorted(m.stack_idx for m in stacks) == list(range(9))
     assert all([b.layer.layer_idx for b in stack[::2]] == [0] for stack in stacks)
 
@@ -83,21 +84,22 @@ def test_step_phases_select_the_active_levels():
     assert seen[(1, 3, 3, 4)] == [159, 319] and len(seen[(1, 0, 0, 0)]) == 2 * 160 // 2 - 2 * 160 // 8
 
 
+@pytest.mark.compat
 def test_cache_batch_operations_match_reordered_inputs():
     model = hub_model()
     ids = torch.randint(0, 256, (3, 19))
     nxt = torch.randint(0, 256, (3, 5))
     with torch.no_grad():
-        cache = model(ids, use_cache=True).past_key_values
+        cache = model(ids, use_cache=True).cache
         order = torch.tensor([2, 0, 0])
         cache.reorder_cache(order)
-        got = model(nxt[order], past_key_values=cache, use_cache=True).logits
+        got = model(nxt[order], cache=cache, use_cache=True).logits
         want = model(torch.cat([ids[order], nxt[order]], 1)).logits[:, -5:]
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
-        cache = model(ids, use_cache=True).past_key_values
+        cache = model(ids, use_cache=True).cache
         cache.batch_repeat_interleave(2)
-        got = model(nxt.repeat_interleave(2, 0), past_key_values=cache, use_cache=True).logits
+        got = model(nxt.repeat_interleave(2, 0), cache=cache, use_cache=True).logits
         torch.testing.assert_close(got[::2], got[1::2])
         cache.batch_select_indices(torch.tensor([0, 5]))
         assert all(v.shape[0] == 2 for v in cache.states())
@@ -109,7 +111,7 @@ def test_cache_batch_operations_match_reordered_inputs():
     cache.reset()
     assert cache.get_seq_length() == 0 and all(not v.any() for v in cache.states())
     with pytest.raises(ValueError, match="holds a batch of 2, the input has 3"):
-        model(nxt, past_key_values=cache)
+        model(nxt, cache=cache)
 
 
 def _argmax_rollout(model, prompt, steps):
@@ -120,6 +122,7 @@ def _argmax_rollout(model, prompt, steps):
     return seq
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("name", ["tiny", "sc09-coarse-shift"])
 def test_greedy_generate_equals_argmax_rollout(name):
     model = hub_model(name)
@@ -130,6 +133,7 @@ def test_greedy_generate_equals_argmax_rollout(name):
     assert torch.equal(model.generate(prompt, max_new_tokens=12, do_sample=False), _argmax_rollout(model, prompt, 12))
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("shift", ["fine", "coarse"])
 @pytest.mark.parametrize("name", HUB_CONFIG_NAMES)
 def test_generated_logits_equal_forward_on_the_produced_sequence(name, shift):
@@ -150,14 +154,15 @@ def test_seeded_sampling_draws_from_the_models_distribution(options):
     got = model.generate(prompt, max_new_tokens=30, generator=torch.Generator().manual_seed(3), **options)
     g, seq, cache = torch.Generator().manual_seed(3), prompt, PoolformerCache(model.config)
     with torch.no_grad():
-        logits = model(prompt, past_key_values=cache).logits[:, -1]
+        logits = model(prompt, cache=cache).logits[:, -1]
         for _ in range(30):
             token = torch.multinomial(torch.softmax(logits / options.get("temperature", 1.0), -1), 1, generator=g)
             seq = torch.cat([seq, token], 1)
-            logits = model(token, past_key_values=cache).logits[:, -1]
+            logits = model(token, cache=cache).logits[:, -1]
     assert torch.equal(got, seq)
 
 
+@pytest.mark.compat
 def test_generator_seed_is_reproducible_and_independent_of_global_rng():
     model = hub_model()
     a = model.generate(max_new_tokens=40, generator=torch.Generator().manual_seed(5))
@@ -183,8 +188,14 @@ def test_threads_set_for_generation_and_restored():
     seen.clear()
     model.generate(torch.randint(0, 256, (4, 2)), max_new_tokens=3, num_threads=2)
     assert set(seen) == {2} and torch.get_num_threads() == before
+    seen.clear()
+    model.generate(max_new_tokens=3, num_threads=None)  # None: torch's setting, untouched
+    assert set(seen) == {before}
+    with pytest.raises(ValueError, match="num_threads"):
+        model.generate(max_new_tokens=3, num_threads=0)
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("shift", ["fine", "coarse"])
 def test_right_padded_prompts_continue_as_alone(shift):
     model = hub_model("tiny", causal_shift=shift)
@@ -210,6 +221,7 @@ def test_right_padded_prompts_continue_as_alone(shift):
         model.generate(batch, attention_mask=mask.flip(1), max_new_tokens=2)
 
 
+@pytest.mark.compat
 def test_beam_search_scores_are_the_models_log_likelihoods():
     # beams reorder the cache at every step: a wrong reorder gives scores that the returned sequences do not have
     model = hub_model()
@@ -223,6 +235,7 @@ def test_beam_search_scores_are_the_models_log_likelihoods():
     assert torch.equal(out.sequences[::3, :6], prompt) and (want[::3] >= want[2::3]).all()  # best beam first
 
 
+@pytest.mark.compat
 def test_dict_outputs_and_streamer():
     model = hub_model()
 
@@ -243,9 +256,10 @@ def test_dict_outputs_and_streamer():
     assert res.sequences.shape == (1, 7) and len(res.scores) == 6 and len(res.logits) == 6
     assert torch.equal(torch.stack(res.scores, 1).argmax(-1), res.sequences[:, 1:])
     assert streamer.ended and torch.equal(torch.cat([v.reshape(-1) for v in streamer.values]), res.sequences[0])
-    assert isinstance(res.past_key_values, PoolformerCache) and res.past_key_values.get_seq_length() == 6
+    assert isinstance(res.cache, PoolformerCache) and res.cache.get_seq_length() == 6
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("name,graphs", [("tiny", 1), ("sc09-pool-2", 2)])
 def test_compiled_decoding_equals_eager_with_one_graph_per_stack_shape(name, graphs):
     from torch._dynamo.utils import counters
@@ -263,7 +277,9 @@ def test_compiled_decoding_equals_eager_with_one_graph_per_stack_shape(name, gra
     assert (torch.stack(compiled.logits) - torch.stack(eager.logits)).abs().max().item() <= 1e-4
     again = model.generate(prompt, compile_config=CompileConfig(), **kwargs)
     assert counters["stats"]["unique_graphs"] == graphs and torch.equal(again.sequences, eager.sequences)
-    assert all(m.compiled_step is None for m in model.modules() if hasattr(m, "compiled_step"))  # forward: eager
+    # the model keeps its compiled step; the cache it decoded with no longer carries it, so forwards run eagerly
+    assert len(model._compiled_steps) == 1 and not hasattr(hub_model(name), "_compiled_steps")
+    assert compiled.cache.step_function is None
 
 
 def test_without_a_compiler_generation_decodes_eagerly_with_one_warning():
@@ -285,6 +301,7 @@ def test_without_a_compiler_generation_decodes_eagerly_with_one_warning():
         _can_compile.cache_clear()
 
 
+@pytest.mark.compat
 def test_audio_streamer_writes_wavs_while_generating(tmp_path):
     model = hub_model()
     sizes = []

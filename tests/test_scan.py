@@ -1,17 +1,18 @@
 """The chunked parallel scan (training) against the plain sequential loop: values, gradients, gradcheck."""
 
+import importlib.util
 import pytest
 import torch
 
 from modeling_poolformer import linear_scan, sequential_scan
-from modeling_poolformer.modeling_poolformer import _numba_kernels
+from modeling_poolformer.scan import numba_kernels, triton_scan
 
-IMPLEMENTATIONS = ["loop", "chunked", "auto"] + (["numba"] if _numba_kernels() is not None else [])
+IMPLEMENTATIONS = ["loop", "chunked", "auto"] + (["numba"] if numba_kernels() is not None else [])
 
 
 def test_numba_kernels_are_available():
     """The fast CPU path is part of the install (pyproject depends on numba); the torch paths are the fallback."""
-    assert _numba_kernels() is not None
+    assert numba_kernels() is not None
 
 
 def _inputs(dtype, batch=3, length=50, units=5, with_h0=True, requires_grad=False):
@@ -88,11 +89,11 @@ def test_model_logits_agree_across_scan_implementations(implementation):
 def test_scan_custom_op_passes_opcheck(implementation, is_complex):
     """torch's own checks of the custom op: its fake kernels (shapes and strides the compiler is promised), its
     registered autograd and its schema, against real runs. The chunk of 7 leaves a padded last chunk."""
-    from modeling_poolformer.modeling_poolformer import _scan_op
+    from modeling_poolformer.scan import scan_op
 
     a, u, h0 = _inputs(torch.complex128 if is_complex else torch.float64, length=30)
     args = [(torch.view_as_real(t) if is_complex else t).clone().requires_grad_() for t in (a, u, h0)]
-    torch.library.opcheck(_scan_op, (*args, is_complex, implementation, 7))
+    torch.library.opcheck(scan_op, (*args, is_complex, implementation, 7))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -100,8 +101,7 @@ def test_scan_custom_op_passes_opcheck(implementation, is_complex):
 # sizes, since the interpreter runs each program in numpy. Odd sizes leave partial tiles in time and channels.
 # ---------------------------------------------------------------------------------------------------------------------
 
-triton_scan = pytest.importorskip("modeling_poolformer.triton_scan")
-needs_triton = pytest.mark.skipif(not triton_scan.available(), reason="triton is not installed (a test extra)")
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (a test extra)")
 
 
 @needs_triton
@@ -111,7 +111,7 @@ needs_triton = pytest.mark.skipif(not triton_scan.available(), reason="triton is
 def test_triton_scan_equals_sequential(dtype, batch, length, units, with_h0):
     a, u, h0 = _inputs(dtype, batch=batch, length=length, units=units, with_h0=with_h0)
     torch.testing.assert_close(linear_scan(a, u, h0, "triton"), sequential_scan(a, u, h0), rtol=1e-5, atol=1e-5)
-    out, last = triton_scan.triton_scan(a, u, torch.zeros_like(u[:, 0]) if h0 is None else h0, block_t=16, block_n=4)
+    out, last = triton_scan(a, u, torch.zeros_like(u[:, 0]) if h0 is None else h0, block_t=16, block_n=4)
     torch.testing.assert_close(last, out[:, -1], rtol=0, atol=0)  # the final state, for prefill and checkpointing
 
 
@@ -184,15 +184,15 @@ def test_compiled_training_step_is_one_graph_and_equals_eager():
 
 def test_bf16_autocast_training_keeps_the_recurrence_in_fp32(monkeypatch):
     from conftest import hub_model
-    from modeling_poolformer import modeling_poolformer
+    from modeling_poolformer import scan as scan_module
 
-    seen, scan = [], modeling_poolformer._scan
+    seen, scan = [], scan_module._scan
 
     def recording_scan(a, u, h0, implementation, chunk):
         seen.append((a.dtype, u.dtype, h0.dtype))
         return scan(a, u, h0, implementation, chunk)
 
-    monkeypatch.setattr(modeling_poolformer, "_scan", recording_scan)
+    monkeypatch.setattr(scan_module, "_scan", recording_scan)
     model = hub_model("tiny").train()
     ids = torch.randint(0, 256, (2, 300))
     want_loss, want_grads = _loss_and_grads(model, ids)

@@ -20,9 +20,9 @@ def test_full_size_cached_decoding_and_causality(name):
     with torch.no_grad():
         full = model(ids).logits
         out = model(ids[:, :81], use_cache=True)
-        cache, pieces = out.past_key_values, [out.logits]
+        cache, pieces = out.cache, [out.logits]
         for t in range(81, ids.shape[1]):
-            pieces.append(model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
+            pieces.append(model(ids[:, t : t + 1], cache=cache, use_cache=True).logits)
         torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-4, atol=1e-4)
         for t in (1, 159, 160, 319):
             changed = ids.clone()

@@ -48,6 +48,7 @@ def summary(out):
     return json.loads((Path(out) / "train_summary.json").read_text())
 
 
+@pytest.mark.compat
 def test_embedded_default_loss_goes_down_and_exports(cache_dir, tmp_path):
     out = tmp_path / "run"
     run(["--cache_dir", str(cache_dir), "--output_dir", str(out), "--max_steps", "40", "--eval_every", "40",
@@ -64,6 +65,7 @@ def test_embedded_default_loss_goes_down_and_exports(cache_dir, tmp_path):
     assert "validation NLL" in card and "sample_0.wav" in card and "optimizer steps: 40" in card
 
 
+@pytest.mark.compat
 def test_kill_and_resume_equals_uninterrupted(cache_dir, tmp_path):
     common = ["--dataset", str(cache_dir / "spoken_digits_v1"), *FAST, "--max_steps", "8", "--save_every", "100",
               "--eval_every", "100", "--max_eval_batches", "1", "--dropout", "0.1", "--lr_schedule", "cosine",
@@ -130,6 +132,7 @@ def test_two_process_data_parallel_on_cpu(cache_dir, tmp_path):
     assert "PoolformerForCausalLM torch.Size([1, 5, 256])" in loaded.stdout, loaded.stderr[-3000:]
 
 
+@pytest.mark.compat
 def test_push_to_hub_and_load_back(cache_dir, tmp_path):
     server = HubServer().start()
     try:

@@ -1,0 +1,133 @@
+"""What `PoolformerForCausalLM.generate` adds around transformers' `generate`: when to compile the decoding step,
+threads for the call, a seeded generator, the cache carrying the compiled step, and right-padded batches (each
+prompt length generated on its own, then put back in transformers' layout)."""
+
+import contextlib
+import functools
+import warnings
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from transformers import GenerationConfig
+
+__all__ = ["can_compile", "decoding_with", "generate_right_padded", "intra_op_threads", "new_tokens", "sampling_rng"]
+
+
+def new_tokens(config: GenerationConfig, prompt_length: int) -> int:
+    return config.max_new_tokens if config.max_new_tokens is not None else (config.max_length or 20) - prompt_length
+
+
+@functools.lru_cache(maxsize=None)
+def can_compile(device: torch.device) -> bool:
+    """CUDA compiles with Triton; inductor on CPU needs a C++ compiler at run time (warned about once)."""
+    if device.type == "cuda":
+        return True
+    if device.type != "cpu":
+        return False
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        get_cpp_compiler()
+    except Exception as e:  # inductor raises its own error types here
+        warnings.warn(f"No C++ compiler for torch.compile ({type(e).__name__}: {e}); Poolformer decodes eagerly. "
+                      "Install one (e.g. apt-get install g++) for a compiled decoding step.", stacklevel=3)
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def intra_op_threads(count: Optional[int]):
+    if count is None or count == torch.get_num_threads():
+        yield
+        return
+    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+        raise ValueError(f"num_threads must be 'auto', None or an int >= 1, got {count!r}")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@contextlib.contextmanager
+def sampling_rng(generator: Optional[torch.Generator]):
+    """Sampling inside draws from `generator` (then advanced as if it had drawn itself); the global RNG is left as
+    it was."""
+    if generator is None:
+        yield
+        return
+    device = generator.device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(generator.get_state(), device)
+        else:
+            torch.set_rng_state(generator.get_state())
+        yield
+        generator.set_state(torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state())
+
+
+@contextlib.contextmanager
+def decoding_with(cache, step):
+    """The cache decodes its one-sample steps with `step` (a compiled stack step, or None: eager) while inside."""
+    if cache is None:
+        yield
+        return
+    previous, cache.step_function = cache.step_function, step
+    try:
+        yield
+    finally:
+        cache.step_function = previous
+
+
+def generate_right_padded(model, inputs, generation_config, config, streamer, progress, generator, num_threads,
+                          kwargs):
+    """Rows of each prompt length are generated together, without their padding (a recurrence cannot run over
+    it, and each length has its own pooling phase); the outputs come back in the input order and transformers'
+    right-padded layout."""
+    mask = kwargs.pop("attention_mask").bool()
+    if mask.shape != inputs.shape or (mask[:, 1:] & ~mask[:, :-1]).any():
+        raise ValueError("attention_mask must have the shape of the inputs and be right-padded (ones, then zeros): "
+                         "a recurrence cannot skip left padding. Pad batches of different lengths on the right.")
+    lengths = mask.sum(dim=1).cpu()
+    if int(lengths.min()) == 0:
+        raise ValueError("attention_mask has a row of zeros: every prompt needs at least one sample.")
+    if streamer is not None:
+        raise ValueError("A streamer follows one batch: generate prompts of different lengths in separate calls.")
+    if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
+        raise ValueError("A cache holds one pooling phase: generate prompts of different lengths without one.")
+    repeats = config.num_return_sequences or 1
+    pad = config.pad_token_id if config.pad_token_id is not None else model.config.bos_token_id
+    groups = []
+    for length in sorted(set(lengths.tolist())):
+        rows = (lengths == length).nonzero().squeeze(1)
+        out = model.generate(inputs[rows.to(inputs.device), :length], generation_config=generation_config,
+                            progress=progress, generator=generator, num_threads=num_threads, **kwargs)
+        groups.append((rows, length, out))
+    # transformers puts the k-th sequence of input row r at r * repeats + k
+    order = torch.cat([(rows[:, None] * repeats + torch.arange(repeats)).flatten() for rows, _, _ in groups])
+    inverse = torch.argsort(order).to(inputs.device)
+    outputs = [out if config.return_dict_in_generate else None for _, _, out in groups]
+    new_tokens = [(out.sequences if config.return_dict_in_generate else out)[:, length:] for _, length, out in groups]
+    steps = max(t.shape[1] for t in new_tokens)
+    sequences = torch.cat([
+        torch.cat([inputs[rows.to(inputs.device)].repeat_interleave(repeats, 0),
+                   F.pad(t, (0, steps - t.shape[1]), value=pad)], 1)
+        for (rows, _, _), t in zip(groups, new_tokens)
+    ])[inverse]
+    if not config.return_dict_in_generate:
+        return sequences
+    fields = {"sequences": sequences}
+    for name, value in outputs[0].items():
+        if name in ("sequences", "cache", "past_key_values"):  # one cache cannot hold rows at different phases
+            continue
+        values = [getattr(out, name) for out in outputs]
+        if isinstance(value, tuple):  # one entry per step
+            if len({len(v) for v in values}) > 1:
+                raise ValueError(f"{name}: the prompt lengths stopped after different numbers of steps; generate "
+                                 "them in separate calls to get per-step outputs.")
+            fields[name] = tuple(torch.cat(step)[inverse] for step in zip(*values))
+        elif torch.is_tensor(value):
+            fields[name] = torch.cat(values)[inverse]
+    return type(outputs[0])(**fields)
