@@ -262,7 +262,8 @@ def write_wav(path: Union[str, Path], samples, rate: int) -> Path:
     """Writes a float waveform in [-1, 1] as 16-bit PCM WAV (the same writer as `model.save_wav` and the audio
     streamer)."""
     with WavWriter(path, rate) as writer:
-        writer.write(samples.detach().cpu() if isinstance(samples, torch.Tensor) else torch.as_tensor(np.asarray(samples)))
+        tensor = samples.detach().cpu() if isinstance(samples, torch.Tensor) else torch.as_tensor(np.asarray(samples))
+        writer.write(tensor)
     return Path(path)
 
 

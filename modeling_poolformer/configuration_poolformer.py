@@ -192,8 +192,10 @@ class PoolformerConfig(PretrainedConfig):
     ):
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
-        self.pooling_factors = list(pooling_factors) if isinstance(pooling_factors, (list, tuple)) else pooling_factors
-        self.layers_per_level = list(layers_per_level) if isinstance(layers_per_level, (list, tuple)) else layers_per_level
+        # lists (as JSON gives them back) of their own; anything else is left for the rules to name
+        sequence = (list, tuple)
+        self.pooling_factors = list(pooling_factors) if isinstance(pooling_factors, sequence) else pooling_factors
+        self.layers_per_level = list(layers_per_level) if isinstance(layers_per_level, sequence) else layers_per_level
         self.lru_width = lru_width
         self.complex_recurrence = complex_recurrence
         self.num_gate_blocks = num_gate_blocks
@@ -223,6 +225,7 @@ class PoolformerConfig(PretrainedConfig):
         self.quantization = quantization
         if tie_word_embeddings:
             raise ValueError("tie_word_embeddings: Poolformer's output head is never tied to the embedding; use False.")
+        _warn_near_misses(kwargs)
         # a saved folder maps every Auto class to the copied code, whichever class saved it
         kwargs.setdefault("auto_map", dict(_AUTO_MAP))
         super().__init__(bos_token_id=bos_token_id, tie_word_embeddings=False, **kwargs)
@@ -265,8 +268,8 @@ class PoolformerConfig(PretrainedConfig):
 
     def block_stack_index(self, role: str, level: int) -> int:
         """Where the stack `role` ("down", "inner", "up") of pooling level `level` sits in `block_stacks`."""
-        for index, (r, l, _) in enumerate(self.block_stacks):
-            if (r, l) == (role, level):
+        for index, (r, lev, _) in enumerate(self.block_stacks):
+            if (r, lev) == (role, level):
                 return index
         raise ValueError(f"no {role!r} residual stack at level {level} in this config")
 
@@ -278,66 +281,95 @@ class PoolformerConfig(PretrainedConfig):
         return 2 * pairs if role == "inner" else 4 * pairs + 1
 
     def validate_poolformer(self):
-        """Raise `ValueError` naming the first invalid field and what it allows."""
+        """Raise `ValueError` naming the first invalid field and what it allows (the rules are `_RULES`)."""
+        for field, ok, expected in _RULES:
+            if not ok(getattr(self, field), self):
+                raise ValueError(f"PoolformerConfig.{field}={getattr(self, field)!r} is invalid: expected "
+                                 f"{expected.format(c=self)}.")
 
-        def need(ok, field, allowed):
-            if not ok:
-                raise ValueError(f"PoolformerConfig.{field}={getattr(self, field)!r} is invalid: expected {allowed}.")
 
-        def is_int(v):
-            return isinstance(v, int) and not isinstance(v, bool)
+def _is_int(v, minimum=None):
+    return isinstance(v, int) and not isinstance(v, bool) and (minimum is None or v >= minimum)
 
-        def is_num(v):
-            return isinstance(v, (int, float)) and not isinstance(v, bool)
 
-        def is_bool(v):
-            return isinstance(v, bool)
+def _is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
-        need(is_int(self.vocab_size) and 2 <= self.vocab_size, "vocab_size", "an int >= 2")
-        need(is_int(self.hidden_size) and self.hidden_size > 0 and self.hidden_size % 2 == 0,
-             "hidden_size", "a positive even int (the sinusoidal embedding uses D/2 frequencies)")
-        need(isinstance(self.pooling_factors, list) and all(is_int(p) and p >= 2 for p in self.pooling_factors),
-             "pooling_factors", "a list of ints >= 2 (an empty list means no pooling)")
-        lpl = self.layers_per_level
-        need((is_int(lpl) and lpl >= 1)
-             or (isinstance(lpl, list) and len(lpl) == self.num_levels and all(is_int(n) and n >= 1 for n in lpl)),
-             "layers_per_level", f"an int >= 1 or a list of {self.num_levels} ints >= 1 (len(pooling_factors) + 1)")
-        need(is_bool(self.complex_recurrence), "complex_recurrence", "True or False")
-        need(is_int(self.lru_width) and self.lru_width > 0 and (self.lru_width % 2 == 0 or not self.complex_recurrence),
-             "lru_width", "a positive int, even for a complex recurrence")
-        need(is_int(self.num_gate_blocks) and self.num_gate_blocks > 0
-             and self.lru_width % self.num_gate_blocks == 0 and self.num_recurrent_units % self.num_gate_blocks == 0,
-             "num_gate_blocks", f"a positive int dividing lru_width ({self.lru_width}) and the number of recurrent "
-             f"units ({self.num_recurrent_units})")
-        need(is_num(self.recurrence_scale) and self.recurrence_scale > 0, "recurrence_scale", "a number > 0")
-        need(is_num(self.r_min) and 0 < self.r_min < 1, "r_min", "a number in (0, 1)")
-        need(is_num(self.r_max) and self.r_min <= self.r_max < 1, "r_max", f"a number in [r_min={self.r_min}, 1)")
-        need(is_num(self.max_phase) and 0 <= self.max_phase <= 2, "max_phase", "a number in [0, 2] (times pi)")
-        need(is_int(self.conv1d_width) and self.conv1d_width >= 0, "conv1d_width", "an int >= 0 (0 = no conv)")
-        need(is_int(self.conv1d_groups) and self.conv1d_groups > 0 and self.hidden_size % self.conv1d_groups == 0,
-             "conv1d_groups", f"a positive int dividing hidden_size ({self.hidden_size})")
-        need(is_int(self.mlp_expansion) and self.mlp_expansion >= 1, "mlp_expansion", "an int >= 1")
-        need(is_bool(self.gated), "gated", "True or False")
-        need(self.hidden_act in ACT2CLS, "hidden_act", f"an activation name of transformers' ACT2FN: {sorted(ACT2CLS)}")
-        need(self.norm in _NORMS, "norm", f"one of {_NORMS}")
-        need(is_num(self.norm_eps) and self.norm_eps > 0, "norm_eps", "a number > 0")
-        need(self.pooling in _POOLINGS, "pooling", f"one of {_POOLINGS}")
-        need(is_int(self.pooling_groups) and self.pooling_groups > 0 and self.hidden_size % self.pooling_groups == 0,
-             "pooling_groups", f"a positive int dividing hidden_size ({self.hidden_size})")
-        need(self.causal_shift in _SHIFTS, "causal_shift", f"one of {_SHIFTS}")
-        need(self.skip in _SKIPS, "skip", f"one of {_SKIPS}")
-        need(self.embedding in _EMBEDDINGS, "embedding", f"one of {_EMBEDDINGS}")
-        need(is_num(self.dropout) and 0 <= self.dropout < 1, "dropout", "a number in [0, 1)")
-        need(is_num(self.sqrt_max_gradient) and self.sqrt_max_gradient > 0, "sqrt_max_gradient", "a number > 0")
-        need(self.scan_implementation in _SCAN_IMPLEMENTATIONS, "scan_implementation", f"one of {_SCAN_IMPLEMENTATIONS}")
-        need(is_int(self.scan_chunk_size) and self.scan_chunk_size >= 0, "scan_chunk_size", "an int >= 0 (0 = auto)")
-        need(is_bool(self.activation_checkpointing), "activation_checkpointing", "True or False")
-        need(is_int(self.checkpoint_chunk_size) and self.checkpoint_chunk_size >= 0, "checkpoint_chunk_size",
-             "an int >= 0 (0 = off)")
-        need(is_int(self.sample_rate) and self.sample_rate > 0, "sample_rate", "a positive int (Hz)")
-        need(self.quantization in _QUANTIZATIONS, "quantization", f"one of {_QUANTIZATIONS}")
-        need(is_int(self.bos_token_id) and 0 <= self.bos_token_id < self.vocab_size,
-             "bos_token_id", f"an int in [0, vocab_size={self.vocab_size})")
+
+def _one_of(*choices):
+    return lambda v, c: v in choices
+
+
+def _divides(total_field):
+    return lambda v, c: _is_int(v, 1) and getattr(c, total_field) % v == 0
+
+
+# every check of `PoolformerConfig.validate_poolformer`, in order: (field, ok(value, config), what it allows)
+_RULES = (
+    ("vocab_size", lambda v, c: _is_int(v, 2), "an int >= 2"),
+    ("hidden_size", lambda v, c: _is_int(v, 2) and v % 2 == 0,
+     "a positive even int (the sinusoidal embedding uses D/2 frequencies)"),
+    ("pooling_factors", lambda v, c: isinstance(v, list) and all(_is_int(p, 2) for p in v),
+     "a list of ints >= 2 (an empty list means no pooling)"),
+    ("layers_per_level", lambda v, c: _is_int(v, 1) or (isinstance(v, list) and len(v) == c.num_levels
+                                                         and all(_is_int(n, 1) for n in v)),
+     "an int >= 1 or a list of {c.num_levels} ints >= 1 (len(pooling_factors) + 1)"),
+    ("complex_recurrence", _one_of(True, False), "True or False"),
+    ("lru_width", lambda v, c: _is_int(v, 1) and (v % 2 == 0 or not c.complex_recurrence),
+     "a positive int, even for a complex recurrence"),
+    ("num_gate_blocks", lambda v, c: _is_int(v, 1) and c.lru_width % v == 0 and c.num_recurrent_units % v == 0,
+     "a positive int dividing lru_width ({c.lru_width}) and the number of recurrent units ({c.num_recurrent_units})"),
+    ("recurrence_scale", lambda v, c: _is_number(v) and v > 0, "a number > 0"),
+    ("r_min", lambda v, c: _is_number(v) and 0 < v < 1, "a number in (0, 1)"),
+    ("r_max", lambda v, c: _is_number(v) and c.r_min <= v < 1, "a number in [r_min={c.r_min}, 1)"),
+    ("max_phase", lambda v, c: _is_number(v) and 0 <= v <= 2, "a number in [0, 2] (times pi)"),
+    ("conv1d_width", lambda v, c: _is_int(v, 0), "an int >= 0 (0 = no conv)"),
+    ("conv1d_groups", _divides("hidden_size"), "a positive int dividing hidden_size ({c.hidden_size})"),
+    ("mlp_expansion", lambda v, c: _is_int(v, 1), "an int >= 1"),
+    ("gated", _one_of(True, False), "True or False"),
+    ("hidden_act", lambda v, c: v in ACT2CLS, "an activation name of transformers' ACT2FN: " + str(sorted(ACT2CLS))),
+    ("norm", _one_of(*_NORMS), f"one of {_NORMS}"),
+    ("norm_eps", lambda v, c: _is_number(v) and v > 0, "a number > 0"),
+    ("pooling", _one_of(*_POOLINGS), f"one of {_POOLINGS}"),
+    ("pooling_groups", _divides("hidden_size"), "a positive int dividing hidden_size ({c.hidden_size})"),
+    ("causal_shift", _one_of(*_SHIFTS), f"one of {_SHIFTS}"),
+    ("skip", _one_of(*_SKIPS), f"one of {_SKIPS}"),
+    ("embedding", _one_of(*_EMBEDDINGS), f"one of {_EMBEDDINGS}"),
+    ("dropout", lambda v, c: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    ("sqrt_max_gradient", lambda v, c: _is_number(v) and v > 0, "a number > 0"),
+    ("scan_implementation", _one_of(*_SCAN_IMPLEMENTATIONS), f"one of {_SCAN_IMPLEMENTATIONS}"),
+    ("scan_chunk_size", lambda v, c: _is_int(v, 0), "an int >= 0 (0 = auto)"),
+    ("activation_checkpointing", _one_of(True, False), "True or False"),
+    ("checkpoint_chunk_size", lambda v, c: _is_int(v, 0), "an int >= 0 (0 = off)"),
+    ("sample_rate", lambda v, c: _is_int(v, 1), "a positive int (Hz)"),
+    ("quantization", _one_of(*_QUANTIZATIONS), f"one of {_QUANTIZATIONS}"),
+    ("bos_token_id", lambda v, c: _is_int(v, 0) and v < c.vocab_size, "an int in [0, vocab_size={c.vocab_size})"),
+)
+_FIELDS = tuple(field for field, _, _ in _RULES)
+
+
+def _warn_near_misses(kwargs: dict):
+    """Configs keep unknown keys (transformers' rule); one that is a typo of a field (one edit away) is warned
+    about, since the field then silently keeps its default."""
+    for key in kwargs:
+        if key in _FIELDS:
+            continue
+        for field in _FIELDS:
+            if _one_edit_apart(key, field):
+                warnings.warn(f"PoolformerConfig: unknown key {key!r} is kept but not used; did you mean {field!r}?",
+                              UserWarning, stacklevel=3)
+
+
+def _one_edit_apart(a: str, b: str) -> bool:
+    """Whether one insertion, deletion, substitution or swap of neighbours turns `a` into `b`."""
+    if a == b or abs(len(a) - len(b)) > 1:
+        return False
+    if len(a) == len(b):
+        diff = [i for i, (x, y) in enumerate(zip(a, b)) if x != y]
+        return len(diff) == 1 or (len(diff) == 2 and diff[1] == diff[0] + 1 and a[diff[0]] == b[diff[1]]
+                                  and a[diff[1]] == b[diff[0]])
+    short, long = (a, b) if len(a) < len(b) else (b, a)
+    return any(long[:i] + long[i + 1:] == short for i in range(len(long)))
 
 
 def audio_generation_config(config: PoolformerConfig, seconds: float = 1.0) -> GenerationConfig:

@@ -5,10 +5,10 @@ import re
 import subprocess
 import sys
 import textwrap
-import tomllib
 import warnings
 
 import pytest
+import tomllib
 import torch
 import transformers
 from packaging.requirements import Requirement
@@ -55,7 +55,7 @@ def test_generate_takes_a_cache_by_either_name(name):
         cache = PoolformerCache(model.config)
         out = model.generate(prompt, max_new_tokens=12, do_sample=False, return_dict_in_generate=True,
                              **{name: cache})
-    assert out.cache is cache and cache.get_seq_length() == 9 + 11  # the prompt, then one step per new sample
+    assert getattr(out, CACHE_FIELD) is cache and cache.get_seq_length() == 9 + 11  # the prompt, then one step per new sample
     assert torch.equal(out.sequences, whole)
 
 

@@ -11,7 +11,13 @@ from datasets import Audio, Dataset
 
 from modeling_poolformer import PoolformerConfig
 from training.data import (
-    AudioSpec, AudioTokenDataset, DataArguments, build_datasets, espeak_renderer, load_splits, make_spoken_digits,
+    AudioSpec,
+    AudioTokenDataset,
+    DataArguments,
+    build_datasets,
+    espeak_renderer,
+    load_splits,
+    make_spoken_digits,
 )
 
 

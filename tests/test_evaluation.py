@@ -8,10 +8,9 @@ import textwrap
 
 import pytest
 import torch
-
-from conftest import ROOT
 from test_train import FAST, env, run, summary
 
+from conftest import ROOT
 from training.data import load_splits, make_spoken_digits
 from training.metrics import DigitClassifier, am_score, modified_inception_score, sample_quality
 from training.train_classifier import DigitClips

@@ -15,6 +15,7 @@ from transformers import CompileConfig
 
 from conftest import HUB_CONFIG_NAMES, ROOT, hub_config, hub_model
 from modeling_poolformer import PoolformerAudioStreamer, PoolformerCache, decode_audio, encode_audio
+from modeling_poolformer.modeling_poolformer import CACHE_FIELD
 
 
 def _period(config):
@@ -256,7 +257,8 @@ def test_dict_outputs_and_streamer():
     assert res.sequences.shape == (1, 7) and len(res.scores) == 6 and len(res.logits) == 6
     assert torch.equal(torch.stack(res.scores, 1).argmax(-1), res.sequences[:, 1:])
     assert streamer.ended and torch.equal(torch.cat([v.reshape(-1) for v in streamer.values]), res.sequences[0])
-    assert isinstance(res.cache, PoolformerCache) and res.cache.get_seq_length() == 6
+    cache = getattr(res, CACHE_FIELD)  # transformers' own output: `cache` from 5.24, `past_key_values` before
+    assert isinstance(cache, PoolformerCache) and cache.get_seq_length() == 6
 
 
 @pytest.mark.compat
@@ -279,11 +281,12 @@ def test_compiled_decoding_equals_eager_with_one_graph_per_stack_shape(name, gra
     assert counters["stats"]["unique_graphs"] == graphs and torch.equal(again.sequences, eager.sequences)
     # the model keeps its compiled step; the cache it decoded with no longer carries it, so forwards run eagerly
     assert len(model._compiled_steps) == 1 and not hasattr(hub_model(name), "_compiled_steps")
-    assert compiled.cache.step_function is None
+    assert getattr(compiled, CACHE_FIELD).step_function is None
 
 
 def test_without_a_compiler_generation_decodes_eagerly_with_one_warning():
     import torch._inductor.config as inductor_config
+
     from modeling_poolformer.modeling_poolformer import _can_compile
 
     _can_compile.cache_clear()

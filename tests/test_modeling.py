@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -345,13 +346,13 @@ def test_no_label_left_warns_that_the_loss_is_nan():
 
 def _link_distributions(names, target):
     """Links the installed distributions `names` and everything they require (not their extras) into `target`: a
-    site folder holding just those packages."""
+    site-packages folder holding just those packages."""
     from importlib import metadata
 
     from packaging.requirements import Requirement
     from packaging.utils import canonicalize_name
 
-    target.mkdir()
+    target.mkdir(exist_ok=True)
     todo, seen = list(names), set()
     while todo:
         name = canonicalize_name(todo.pop())
@@ -373,23 +374,32 @@ def _link_distributions(names, target):
 
 @pytest.mark.compat
 def test_loads_and_generates_with_only_torch_transformers_and_safetensors(tmp_path):
-    # a process that sees torch, transformers, safetensors and their own requirements, nothing else: the Hub
-    # folder still loads, generates, streams and writes WAVs (with the standard library's `wave`)
+    # a virtual environment holding torch, transformers, safetensors and their own requirements, nothing else (the
+    # installed distributions linked into its site-packages): the Hub folder still loads with remote code,
+    # generates, streams and writes WAVs (with the standard library's `wave`)
+    import venv
+
     model = hub_model()
     model.save_pretrained(tmp_path / "saved")
-    present = _link_distributions(["torch", "transformers", "safetensors"], tmp_path / "site")
-    assert not {"soundfile", "soxr", "numba", "accelerate", "datasets"} & present
+    venv.EnvBuilder(with_pip=False).create(tmp_path / "env")
+    python = tmp_path / "env" / "bin" / "python"
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    present = _link_distributions(["torch", "transformers", "safetensors"], Path(site))
+    assert not {"soundfile", "soxr", "numba", "accelerate", "datasets", "triton"} & present
     script = textwrap.dedent(f"""
+        import importlib.util
+        assert importlib.util.find_spec("modeling_poolformer") is None and importlib.util.find_spec("soundfile") is None
         from transformers import AutoModelForCausalLM
         model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "saved")!r}, trust_remote_code=True)
         tokens = model.generate(max_new_tokens=200, streamer=model.audio_streamer({str(tmp_path / "live.wav")!r}))
         paths = model.save_wav(tokens, {str(tmp_path / "after.wav")!r})
         print("OK", tokens.shape, [p.stat().st_size for p in paths])
     """)
-    env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(tmp_path / "site"), "HF_HUB_OFFLINE": "1",
-           "HF_MODULES_CACHE": str(tmp_path / "modules"), "HOME": str(tmp_path)}
-    run = subprocess.run([sys.executable, "-S", "-c", script], cwd=tmp_path, env=env, capture_output=True,
-                         text=True, timeout=300)
+    env = {"PATH": os.environ["PATH"], "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"),
+           "HOME": str(tmp_path)}
+    run = subprocess.run([str(python), "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr[-3000:]
     assert "OK torch.Size([1, 201]) [444]" in run.stdout  # a 44-byte header and 200 16-bit samples
     assert (tmp_path / "live.wav").read_bytes() == (tmp_path / "after.wav").read_bytes()

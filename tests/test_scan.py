@@ -1,6 +1,7 @@
 """The chunked parallel scan (training) against the plain sequential loop: values, gradients, gradcheck."""
 
 import importlib.util
+
 import pytest
 import torch
 

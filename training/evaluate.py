@@ -21,7 +21,7 @@ from typing import Literal, Optional
 import torch
 from transformers import AutoModelForCausalLM
 
-from modeling_poolformer import decode_audio
+from modeling_poolformer import decode_audio, nats_to_bits
 from training.data import DataArguments, build_datasets
 from training.metrics import DigitClassifier, nll_bits, sample_quality
 from training.utils import check_file, check_local_or_hub, parse_arguments
@@ -70,7 +70,7 @@ def generate_clips(model, args):
         logits = model(seq).logits[:, :-1].float()
         nll.append(torch.nn.functional.cross_entropy(logits.transpose(1, 2), seq[:, 1:], reduction="none").mean(1))
         tokens.append(seq[:, 1:].cpu())
-    tokens, nll = torch.cat(tokens), torch.cat(nll).cpu() / torch.log(torch.tensor(2.0))
+    tokens, nll = torch.cat(tokens), nats_to_bits(torch.cat(nll).cpu())
     protocol = (f"{args.num_generate} unconditional clips of {args.seconds} s, temperature 1, from token "
                 f"{model.config.bos_token_id}, seed {args.seed}")
     if args.trim:

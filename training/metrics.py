@@ -11,12 +11,13 @@ Sample quality (SaShiMi's definitions) from a digit classifier on 32-bin log-mel
 """
 
 import json
-import math
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from modeling_poolformer import nats_to_bits
 
 N_MELS = 32
 
@@ -59,7 +60,10 @@ def nll_bits(model, dataloader, accelerator=None, max_batches=None, progress=Fal
             item_nll, item_count = accelerator.gather_for_metrics((item_nll, item_count))
         total += item_nll.sum()
         count += item_count.sum()
-    return (total / count.clamp_min(1) / math.log(2)).item(), total.item(), int(count.item())
+    if count.item() == 0:  # a 0.0 here would read as a perfect model
+        raise ValueError("no sample was evaluated (no batch, or every label masked): there is no NLL to report; "
+                         "check the split, --max_eval_batches / --max_batches and the files' readability.")
+    return nats_to_bits(total / count).item(), total.item(), int(count.item())
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, get_scheduler
 
-from modeling_poolformer import PoolformerConfig, PoolformerForCausalLM, audio_generation_config
+from modeling_poolformer import PoolformerConfig, PoolformerForCausalLM, audio_generation_config, nats_to_bits
 from modeling_poolformer.audio import save_spectrogram, write_wav
 from training.data import DataArguments, build_datasets
 from training.metrics import nll_bits
@@ -434,12 +434,12 @@ def train_loop(run: Run) -> bool:
             bar.update(1)
 
             loss_value = accelerator.reduce(loss.detach(), "mean").item()
-            logs = {"train/loss": loss_value, "train/bits_per_sample": loss_value / math.log(2),
+            logs = {"train/loss": loss_value, "train/bits_per_sample": nats_to_bits(loss_value),
                     "train/lr": run.scheduler.get_last_lr()[0], "train/grad_norm": float(grad_norm),
                     "train/tokens_per_s": tokens_seen / max(time.perf_counter() - clock, 1e-9),
                     "train/skipped_updates": progress.skipped}
             tokens_seen, clock = 0, time.perf_counter()
-            bar.set_postfix(loss=f"{loss_value:.3f}", bits=f"{loss_value / math.log(2):.3f}")
+            bar.set_postfix(loss=f"{loss_value:.3f}", bits=f"{nats_to_bits(loss_value):.3f}")
             if progress.step % args.eval_every == 0 or progress.step == run.max_steps:
                 logs["val/bits_per_sample"] = evaluate(run)
                 run.val_history.append((progress.step, logs["val/bits_per_sample"]))

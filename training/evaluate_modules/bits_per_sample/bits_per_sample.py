@@ -9,12 +9,12 @@ is the total NLL over every predicted sample divided by their count, in bits: it
 A thin wrapper over `training.metrics.nll_per_item`.
 """
 
-import math
 
 import datasets
 import evaluate
 import torch
 
+from modeling_poolformer import nats_to_bits
 from training.metrics import nll_per_item
 
 _KWARGS = """
@@ -43,5 +43,7 @@ class BitsPerSample(evaluate.Metric):
         for logits, labels in zip(predictions, references):
             nll, n = nll_per_item(torch.as_tensor(logits).unsqueeze(0), torch.as_tensor(labels).unsqueeze(0))
             total, count = total + nll.item(), count + n.item()
-        return {"bits_per_sample": total / max(count, 1.0) / math.log(2), "nll_nats": total,
+        if count == 0:
+            raise ValueError("bits_per_sample: no predicted sample (every label -100): there is no NLL to report")
+        return {"bits_per_sample": nats_to_bits(total / count), "nll_nats": total,
                 "predicted_samples": int(count)}
