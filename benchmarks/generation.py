@@ -13,10 +13,11 @@ import time
 from pathlib import Path
 
 import torch
-from run import eager_loop  # this folder's run.py (the script's folder is on sys.path)
 from transformers import CompileConfig
 
 from modeling_poolformer import PoolformerConfig, PoolformerForCausalLM
+
+from bench_generate import eager_loop  # a section beside this script (its folder is on sys.path)
 
 
 def amortised_blocks(config):

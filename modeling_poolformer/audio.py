@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from .configuration_poolformer import PoolformerConfig
 
 __all__ = [
+    "PoolformerAudioMixin",
     "PoolformerAudioStreamer",
     "decode_audio",
     "encode_audio",
@@ -230,6 +231,33 @@ class PoolformerAudioStreamer(BaseStreamer):
         if chunk is None:
             raise StopIteration
         return chunk
+
+
+class PoolformerAudioMixin:
+    """Audio out for `PoolformerForCausalLM`: tokens to waveforms, WAV files and a streamer for `generate`."""
+
+    def tokens_to_waveform(self, tokens: torch.Tensor, drop_bos: bool = True) -> torch.Tensor:
+        """(B, T) or (T,) token ids -> float32 waveforms in [-1, 1] with this model's quantisation. The leading zero
+        token that `generate` starts from is dropped when `drop_bos`."""
+        if drop_bos and tokens.shape[-1] > 1:
+            tokens = tokens[..., 1:]
+        return decode_audio(tokens.cpu(), self.config.quantization, self.config.vocab_size)
+
+    def save_wav(self, tokens: torch.Tensor, path: Union[str, Path], drop_bos: bool = True) -> list:
+        """Writes generated tokens as 16-bit WAV at `config.sample_rate`: one file for (T,) tokens or a (1, T)
+        batch, `path` stem + `_{i}.wav` per row otherwise. Returns the written paths."""
+        waves = self.tokens_to_waveform(tokens, drop_bos)
+        waves = waves.unsqueeze(0) if waves.dim() == 1 else waves
+        paths = wav_paths(path, len(waves))
+        for wave_, target in zip(waves, paths):
+            with WavWriter(target, self.config.sample_rate) as writer:
+                writer.write(wave_)
+        return paths
+
+    def audio_streamer(self, path: Union[str, Path, None] = None, **kwargs) -> "PoolformerAudioStreamer":
+        """A streamer for `generate(..., streamer=...)` that writes WAVs while sampling (and/or yields float chunks):
+        `PoolformerAudioStreamer(self.config, path, **kwargs)`."""
+        return PoolformerAudioStreamer(self.config, path, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

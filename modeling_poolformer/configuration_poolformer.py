@@ -297,7 +297,11 @@ def _is_number(v):
 
 
 def _one_of(*choices):
-    return lambda v, c: v in choices
+    return lambda v, c: isinstance(v, str) and v in choices
+
+
+def _is_bool(v, c):
+    return isinstance(v, bool)
 
 
 def _divides(total_field):
@@ -314,7 +318,7 @@ _RULES = (
     ("layers_per_level", lambda v, c: _is_int(v, 1) or (isinstance(v, list) and len(v) == c.num_levels
                                                          and all(_is_int(n, 1) for n in v)),
      "an int >= 1 or a list of {c.num_levels} ints >= 1 (len(pooling_factors) + 1)"),
-    ("complex_recurrence", _one_of(True, False), "True or False"),
+    ("complex_recurrence", _is_bool, "True or False"),
     ("lru_width", lambda v, c: _is_int(v, 1) and (v % 2 == 0 or not c.complex_recurrence),
      "a positive int, even for a complex recurrence"),
     ("num_gate_blocks", lambda v, c: _is_int(v, 1) and c.lru_width % v == 0 and c.num_recurrent_units % v == 0,
@@ -326,7 +330,7 @@ _RULES = (
     ("conv1d_width", lambda v, c: _is_int(v, 0), "an int >= 0 (0 = no conv)"),
     ("conv1d_groups", _divides("hidden_size"), "a positive int dividing hidden_size ({c.hidden_size})"),
     ("mlp_expansion", lambda v, c: _is_int(v, 1), "an int >= 1"),
-    ("gated", _one_of(True, False), "True or False"),
+    ("gated", _is_bool, "True or False"),
     ("hidden_act", lambda v, c: v in ACT2CLS, "an activation name of transformers' ACT2FN: " + str(sorted(ACT2CLS))),
     ("norm", _one_of(*_NORMS), f"one of {_NORMS}"),
     ("norm_eps", lambda v, c: _is_number(v) and v > 0, "a number > 0"),
@@ -339,7 +343,7 @@ _RULES = (
     ("sqrt_max_gradient", lambda v, c: _is_number(v) and v > 0, "a number > 0"),
     ("scan_implementation", _one_of(*_SCAN_IMPLEMENTATIONS), f"one of {_SCAN_IMPLEMENTATIONS}"),
     ("scan_chunk_size", lambda v, c: _is_int(v, 0), "an int >= 0 (0 = auto)"),
-    ("activation_checkpointing", _one_of(True, False), "True or False"),
+    ("activation_checkpointing", _is_bool, "True or False"),
     ("checkpoint_chunk_size", lambda v, c: _is_int(v, 0), "an int >= 0 (0 = off)"),
     ("sample_rate", lambda v, c: _is_int(v, 1), "a positive int (Hz)"),
     ("quantization", _one_of(*_QUANTIZATIONS), f"one of {_QUANTIZATIONS}"),

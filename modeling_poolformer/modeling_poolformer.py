@@ -10,33 +10,25 @@ is one chunk without a cache, prefill is a chunk with the cache, and a generatio
 all three share one code path and agree to float tolerance.
 """
 
-import copy
-import dataclasses
 import functools
 import math
 import warnings
-from pathlib import Path
 from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
-from transformers import CompileConfig, GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
-from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
 
-from .audio import PoolformerAudioStreamer, ProgressStreamer, WavWriter, decode_audio, wav_paths
+from .audio import PoolformerAudioMixin
 from .configuration_poolformer import PoolformerConfig
-from .generation import can_compile, decoding_with, generate_right_padded, intra_op_threads, new_tokens, sampling_rng
+from .generation import PoolformerGenerationMixin
+from .outputs import CACHE_FIELD, PoolformerCausalLMOutput, PoolformerModelOutput, cache_argument, nats_to_bits
 from .scan import resolve_scan_implementation, scan_op
-
-# transformers 5.24 renamed the cache from `past_key_values` to `cache` in outputs, forward arguments and `generate`;
-# outputs here use the installed release's name (and read as both), forwards accept both
-CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(BaseModelOutputWithPast)} else "past_key_values"
-
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Token embedding
@@ -259,7 +251,7 @@ class PoolformerResidualBlock(nn.Module):
         return x + self.dropout(self.out_proj(b))
 
 
-def _run_blocks(stack: "PoolformerResidualStack", x: torch.Tensor, state, inputs_out=None, skips_in=None):
+def run_blocks(stack: "PoolformerResidualStack", x: torch.Tensor, state, inputs_out=None, skips_in=None):
     """The blocks of `stack` in order. `inputs_out` collects every block's input, `skips_in` is added (last first)
     after every block: the long skips of a U-Net. Decoding compiles this function once for all stacks of the same
     shape: nothing in it depends on which stack it runs (the state is an argument)."""
@@ -294,13 +286,13 @@ class PoolformerResidualStack(nn.ModuleList):
 
     def forward(self, x: torch.Tensor, cache: Optional["PoolformerCache"] = None, inputs_out=None, skips_in=None):
         if cache is None:
-            return _run_blocks(self, x, None, inputs_out, skips_in)
+            return run_blocks(self, x, None, inputs_out, skips_in)
         state = cache.stacks[self.stack_idx]
         if cache.step_function is not None and x.shape[1] == 1 and not torch.is_grad_enabled():
             # canonical strides: a graph is specialised on them, even on the length-1 time dim
             return cache.step_function(self, x.clone(memory_format=torch.contiguous_format), state, inputs_out,
                                        skips_in)
-        return _run_blocks(self, x, state, inputs_out, skips_in)
+        return run_blocks(self, x, state, inputs_out, skips_in)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -479,6 +471,21 @@ class PoolformerPreTrainedModel(PreTrainedModel):
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # forward (or generate) builds a PoolformerCache
 
+    @classmethod
+    def from_pretrained(cls, *args, allow_missing_weights: bool = False, **kwargs):
+        """transformers' `from_pretrained`, except that a checkpoint lacking some of the model's weights is an error
+        (transformers would start them random and only print a report). `allow_missing_weights=True` initialises
+        them on purpose, e.g. a new LM head over a `PoolformerModel` checkpoint."""
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        if info["missing_keys"] and not allow_missing_weights:
+            missing = sorted(info["missing_keys"])
+            raise ValueError(f"{args[0] if args else kwargs.get('pretrained_model_name_or_path')}: the checkpoint lacks "
+                             f"{len(missing)} weights of {cls.__name__} ({', '.join(missing[:4])}"
+                             f"{', ...' if len(missing) > 4 else ''}): an incomplete model folder. Pass "
+                             "allow_missing_weights=True to initialise them randomly on purpose.")
+        return (model, info) if want_info else model
+
     if not hasattr(PreTrainedModel, "activation_checkpointing_enable"):  # releases before the rename
 
         def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, **kwargs):
@@ -526,45 +533,13 @@ class PoolformerPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.bias)
 
 
-def _cache_argument(cache, past_key_values):
-    """`cache=` (transformers >= 5.24) or its old name `past_key_values=`, checked."""
-    if past_key_values is not None:
-        if cache is not None and cache is not past_key_values:
-            raise ValueError("Pass the cache once: `cache=` (or its old name `past_key_values=`), not both.")
-        cache = past_key_values
-    if cache is not None and not isinstance(cache, PoolformerCache):
-        raise ValueError(f"cache must be a PoolformerCache (or None), got {type(cache).__name__}.")
-    return cache
+def _is_integer(dtype: torch.dtype) -> bool:
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
 
 
-def _output_class(name: str, doc: str, fields: list) -> type:
-    """A `ModelOutput` dataclass whose cache field has the installed transformers' name (`CACHE_FIELD`) and reads as
-    both `.cache` and `.past_key_values` (transformers >= 5.24 provides the second itself)."""
-    namespace = {"__doc__": doc, "__module__": __name__}
-    if CACHE_FIELD != "cache":
-        namespace["cache"] = property(lambda self: self.past_key_values)
-    fields = [(CACHE_FIELD if f == "cache" else f, Optional[object], dataclasses.field(default=None)) for f in fields]
-    return dataclasses.make_dataclass(name, fields, bases=(ModelOutput,), namespace=namespace)
-
-
-PoolformerModelOutput = _output_class(
-    "PoolformerModelOutput",
-    "`last_hidden_state` (B, T, D) after the final norm; `cache`: the `PoolformerCache`, when used; `hidden_states`: "
-    "(embeddings, last hidden state) when asked for.",
-    ["last_hidden_state", "cache", "hidden_states"],
-)
-PoolformerCausalLMOutput = _output_class(
-    "PoolformerCausalLMOutput",
-    "`loss`: mean NLL in nats over the unmasked predicted positions; `bits_per_sample`: the same in bits; `logits` "
-    "(B, T, vocab); `cache`: the `PoolformerCache`, when used; `hidden_states` as in `PoolformerModelOutput`.",
-    ["loss", "logits", "cache", "hidden_states", "bits_per_sample"],
-)
-
-
-def nats_to_bits(nats):
-    """A negative log-likelihood in nats (float or tensor) in bits: nats / ln 2. The one conversion every report
-    uses (the loss, training logs, evaluation, benchmarks)."""
-    return nats / math.log(2.0)
+def _can_read(tensor: torch.Tensor) -> bool:
+    """Whether a value check may read `tensor`: on the CPU (no device to wait for), outside a compiled graph."""
+    return tensor.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -583,42 +558,38 @@ class PoolformerModel(PoolformerPreTrainedModel):
         self.post_init()
 
     def _check_inputs(self, input_ids, inputs_embeds, attention_mask, past_seen) -> tuple:
-        """Shapes and types of the inputs -> (batch, steps)."""
+        """Shapes and types of the inputs -> (batch, steps). Checks of values (the ids' range, right padding) read
+        the data, which stalls an accelerator until it catches up: they run on CPU tensors only, where they cost no
+        such wait; on a GPU the data layer (`training/data.py`) guarantees them."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids (B, T) or inputs_embeds (B, T, hidden_size).")
         if input_ids is not None:
-            if not isinstance(input_ids, torch.Tensor) or input_ids.dtype.is_floating_point or input_ids.is_complex():
+            if not isinstance(input_ids, torch.Tensor) or not _is_integer(input_ids.dtype):
                 got = input_ids.dtype if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
                 raise ValueError(f"input_ids must be an integer tensor of token ids (sample values), got {got}.")
-            if input_ids.dim() != 2 or input_ids.shape[1] < 1:
-                raise ValueError(f"input_ids must have shape (batch, length >= 1), got {tuple(input_ids.shape)}.")
-            # value checks read the data: not inside a compiled graph (they would break it)
-            lo, hi = (0, 0) if torch.compiler.is_compiling() else (int(input_ids.min()), int(input_ids.max()))
-            if lo < 0 or hi >= self.config.vocab_size:
-                raise ValueError(
-                    f"input_ids must lie in [0, {self.config.vocab_size}) (sample values), got values in [{lo}, {hi}]."
-                )
+            if input_ids.dim() != 2 or input_ids.shape[0] < 1 or input_ids.shape[1] < 1:
+                raise ValueError(f"input_ids must have shape (batch >= 1, length >= 1), got {tuple(input_ids.shape)}.")
+            if _can_read(input_ids):
+                lo, hi = int(input_ids.min()), int(input_ids.max())
+                if lo < 0 or hi >= self.config.vocab_size:
+                    raise ValueError(f"input_ids must lie in [0, {self.config.vocab_size}) (sample values), got values "
+                                     f"in [{lo}, {hi}].")
             batch, steps = input_ids.shape
         else:
-            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
-                raise ValueError(f"inputs_embeds must have shape (batch, length, {self.config.hidden_size}), got "
+            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size or not len(inputs_embeds):
+                raise ValueError(f"inputs_embeds must have shape (batch >= 1, length, {self.config.hidden_size}), got "
                                  f"{tuple(inputs_embeds.shape)}.")
             batch, steps = inputs_embeds.shape[:2]
         if attention_mask is not None:
-            if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] not in (
-                steps,
-                past_seen + steps,
-            ):
+            if attention_mask.dim() != 2 or tuple(attention_mask.shape) not in ((batch, steps), (batch, past_seen + steps)):
                 raise ValueError(
                     f"attention_mask must have shape ({batch}, {steps}) or ({batch}, {past_seen + steps}) with the "
                     f"cache, got {tuple(attention_mask.shape)}."
                 )
             mask = attention_mask.bool()
-            if not torch.compiler.is_compiling() and (mask[:, 1:] & ~mask[:, :-1]).any():
-                raise ValueError(
-                    "attention_mask must be right-padded (ones, then zeros): a recurrence cannot skip left padding. "
-                    "Pad batches of different lengths on the right."
-                )
+            if _can_read(mask) and (mask[:, 1:] & ~mask[:, :-1]).any():
+                raise ValueError("attention_mask must be right-padded (ones, then zeros): a recurrence cannot skip left "
+                                 "padding. Pad batches of different lengths on the right.")
         return batch, steps
 
     def _checkpointed_in_time(self, x: torch.Tensor, chunk: int) -> torch.Tensor:
@@ -654,10 +625,14 @@ class PoolformerModel(PoolformerPreTrainedModel):
     ) -> Union[tuple, "PoolformerModelOutput"]:
         """One chunk of samples: the whole sequence (no cache), a prompt (a fresh or given cache) or a decoding step
         (one sample with the cache). `past_key_values` is the old name of `cache`."""
-        cache = _cache_argument(cache, past_key_values)
+        cache = cache_argument(cache, past_key_values)
+        if cache is not None and not isinstance(cache, PoolformerCache):
+            raise ValueError(f"cache must be a PoolformerCache (or None), got {type(cache).__name__}.")
         use_cache = use_cache if use_cache is not None else cache is not None
         past_seen = cache.get_seq_length() if cache is not None else 0
         batch, steps = self._check_inputs(input_ids, inputs_embeds, attention_mask, past_seen)
+        if input_ids is not None and input_ids.dtype != torch.long:  # uint8 samples, int32 ids...: lookups take int64
+            input_ids = input_ids.long()
         x = self.embed_tokens(input_ids, self.dtype) if inputs_embeds is None else inputs_embeds
         if not use_cache:
             cache = None
@@ -686,9 +661,11 @@ class PoolformerModel(PoolformerPreTrainedModel):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-class PoolformerForCausalLM(PoolformerPreTrainedModel, GenerationMixin):
+class PoolformerForCausalLM(PoolformerPreTrainedModel, PoolformerGenerationMixin, GenerationMixin, PoolformerAudioMixin):
     """Poolformer with a LayerNorm'd Linear(D -> vocab) head. logits[:, t] predicts input_ids[:, t + 1]; sequences
-    start with the zero token (`config.bos_token_id`, 128)."""
+    start with the zero token (`config.bos_token_id`, 128). `generate` (`generation.PoolformerGenerationMixin`) is
+    transformers' with a compiled decoding step around it; `save_wav`, `tokens_to_waveform` and `audio_streamer`
+    come from `audio.PoolformerAudioMixin`."""
 
     def __init__(self, config: PoolformerConfig):
         super().__init__(config)
@@ -715,7 +692,7 @@ class PoolformerForCausalLM(PoolformerPreTrainedModel, GenerationMixin):
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            cache=_cache_argument(cache, past_key_values),
+            cache=cache_argument(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
@@ -730,8 +707,16 @@ class PoolformerForCausalLM(PoolformerPreTrainedModel, GenerationMixin):
             if labels.shape != hidden.shape[:2]:
                 raise ValueError(f"labels must have the shape of input_ids {tuple(hidden.shape[:2])}, got "
                                  f"{tuple(labels.shape)}.")
+            if not isinstance(labels, torch.Tensor) or not _is_integer(labels.dtype):
+                raise ValueError(f"labels must be an integer tensor (sample values, -100 to ignore), got "
+                                 f"{getattr(labels, 'dtype', type(labels).__name__)}.")
+            if _can_read(labels):
+                bad = labels[(labels != -100) & ((labels < 0) | (labels >= self.config.vocab_size))]
+                if len(bad):
+                    raise ValueError(f"labels must lie in [0, {self.config.vocab_size}) or be -100 (ignored), got "
+                                     f"{bad[0].item()}.")
             all_logits = logits if logits.shape[1] == hidden.shape[1] else self.lm_head(hidden)
-            labels = labels.to(all_logits.device)
+            labels = labels.to(all_logits.device).long()
             if attention_mask is not None:
                 labels = labels.masked_fill(attention_mask[:, -labels.shape[1] :] == 0, -100)
             # shift the labels, not the logits: slicing (B, T, vocab) logits would copy them
@@ -739,7 +724,7 @@ class PoolformerForCausalLM(PoolformerPreTrainedModel, GenerationMixin):
             loss = F.cross_entropy(
                 all_logits.float().reshape(-1, self.config.vocab_size), targets.reshape(-1), ignore_index=-100
             )
-            if not torch.compiler.is_compiling() and bool((targets == -100).all()):
+            if _can_read(targets) and bool((targets == -100).all()):
                 warnings.warn("Poolformer: no label left to predict (all -100 or masked, or sequences of one "
                               "sample): the loss is NaN.", RuntimeWarning, stacklevel=2)
             bits = nats_to_bits(loss)
@@ -747,109 +732,6 @@ class PoolformerForCausalLM(PoolformerPreTrainedModel, GenerationMixin):
         out = PoolformerCausalLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
                                        bits_per_sample=bits, **{CACHE_FIELD: outputs.cache})
         return out if return_dict is not False else out.to_tuple()
-
-    # -----------------------------------------------------------------------------------------------------------------
-    # Generation: transformers' generate, driving a compiled decoding step
-    # -----------------------------------------------------------------------------------------------------------------
-
-    def generate(self, inputs=None, generation_config=None, streamer=None, progress=False, generator=None,
-                 num_threads="auto", **kwargs):
-        """transformers' `generate` (every decoding strategy, logits processor and output option), with:
-
-        - a compiled decoding step: every residual stack runs one sample through `torch.compile` (inductor on CPU,
-          CUDA graphs on GPU), one graph for all stacks of the same shape. It is used when `max_new_tokens` >= 4000
-          or a `compile_config` is given, and not with `disable_compile=True`; the first call of a model compiles
-          (~20 s on 2 CPU cores; inductor's disk cache makes later processes faster). Without a C++ compiler
-          (inductor needs one on CPU) it decodes eagerly, with one warning. The model keeps its compiled step, and
-          the cache that this call decodes with (the given one, or a new `PoolformerCache`) carries it;
-        - `num_threads`: torch's intra-op threads while generating. `"auto"` (default) takes 1 for a batch of one
-          row, where threads only add synchronisation to the tiny per-sample ops (2 threads made such a step 1.7x
-          slower on 2 cores), and leaves torch's setting alone otherwise; an int takes that many; `None` never
-          changes it. A changed setting is process-wide while the call runs (torch has no per-call one) and restored
-          afterwards;
-        - `generator`: a `torch.Generator` that seeds sampling without touching the global RNG;
-        - `progress=True`: a tqdm bar with the real-time factor (also `PoolformerAudioStreamer(progress=True)`);
-        - right-padded batches: rows of different lengths (an `attention_mask` of ones then zeros) each continue
-          their own prompt exactly as alone; the output keeps transformers' layout (new tokens after the padded
-          prompt, at positions T .. T + n - 1 of every row);
-        - `inputs=None` starts from the zero token (`bos_token_id`, 128);
-        - the cache may be passed as `cache=` or by its old name `past_key_values=`, on every supported release.
-        """
-        config, _ = self._prepare_generation_config(generation_config, **kwargs)  # the merged settings, to read
-        if inputs is None:
-            inputs = kwargs.pop("input_ids", None)
-        if inputs is None:
-            bos = config.bos_token_id if config.bos_token_id is not None else self.config.bos_token_id
-            inputs = torch.full((1, 1), bos, dtype=torch.long, device=self.device)
-        mask = kwargs.get("attention_mask")
-        if mask is not None and not bool(mask.all()):
-            return generate_right_padded(self, inputs, generation_config, config, streamer, progress, generator,
-                                         num_threads, kwargs)
-        if progress:
-            streamer = ProgressStreamer(self.config.sample_rate, new_tokens(config, inputs.shape[1]), streamer)
-        # compilation is ours (transformers' own would compile all of forward, and only on accelerators)
-        kwargs.pop("compile_config", None)
-        kwargs.pop("disable_compile", None)
-        if generation_config is not None and (generation_config.compile_config or generation_config.disable_compile):
-            generation_config = copy.deepcopy(generation_config)
-            generation_config.compile_config, generation_config.disable_compile = None, False
-        cache = _cache_argument(kwargs.pop("cache", None), kwargs.pop("past_key_values", None))
-        if cache is None and config.use_cache is not False:
-            cache = PoolformerCache(self.config)
-        if cache is not None:
-            kwargs[CACHE_FIELD] = cache
-        batch = inputs.shape[0] * (config.num_return_sequences or 1) * (config.num_beams or 1)
-        threads = 1 if num_threads == "auto" and batch == 1 else None if num_threads == "auto" else num_threads
-        step = self._decoding_step(config, inputs.shape[1]) if cache is not None else None
-        with intra_op_threads(threads), sampling_rng(generator), decoding_with(cache, step):
-            return super().generate(inputs, generation_config=generation_config, streamer=streamer, **kwargs)
-
-    def _decoding_step(self, config: GenerationConfig, prompt_length: int):
-        """The compiled one-sample step of a residual stack for this call, or None to decode eagerly. One compiled
-        function for all stacks of the same shape (the state is an argument, not a constant): it compiles once, in
-        seconds rather than minutes per graph of a whole step, and it is as fast. Only when it pays off (see
-        `generate`); kept by this model per set of compile options."""
-        wanted = config.compile_config is not None or new_tokens(config, prompt_length) >= 4000
-        if config.disable_compile or not wanted or not can_compile(self.device):
-            return None
-        compile_config = config.compile_config or CompileConfig()
-        options = dict(fullgraph=True, dynamic=False, backend=compile_config.backend, options=compile_config.options)
-        if self.device.type == "cuda":
-            options["mode"] = compile_config.mode  # "reduce-overhead": CUDA graphs
-        elif compile_config.options is None:
-            options["options"] = {"cpp_wrapper": True}  # C++ calls between kernels: ~15% faster steps on CPU
-        steps = self.__dict__.setdefault("_compiled_steps", {})
-        key = repr(sorted(options.items()))
-        if key not in steps:
-            steps[key] = torch.compile(_run_blocks, **options)
-        return steps[key]
-
-    # -----------------------------------------------------------------------------------------------------------------
-    # Audio out
-    # -----------------------------------------------------------------------------------------------------------------
-
-    def tokens_to_waveform(self, tokens: torch.Tensor, drop_bos: bool = True) -> torch.Tensor:
-        """(B, T) or (T,) token ids -> float32 waveforms in [-1, 1] with this model's quantisation. The leading zero
-        token that `generate` starts from is dropped when `drop_bos`."""
-        if drop_bos and tokens.shape[-1] > 1:
-            tokens = tokens[..., 1:]
-        return decode_audio(tokens.cpu(), self.config.quantization, self.config.vocab_size)
-
-    def save_wav(self, tokens: torch.Tensor, path: Union[str, Path], drop_bos: bool = True) -> list:
-        """Writes generated tokens as 16-bit WAV at `config.sample_rate`: one file for (T,) tokens or a (1, T)
-        batch, `path` stem + `_{i}.wav` per row otherwise. Returns the written paths."""
-        waves = self.tokens_to_waveform(tokens, drop_bos)
-        waves = waves.unsqueeze(0) if waves.dim() == 1 else waves
-        paths = wav_paths(path, len(waves))
-        for wave_, target in zip(waves, paths):
-            with WavWriter(target, self.config.sample_rate) as writer:
-                writer.write(wave_)
-        return paths
-
-    def audio_streamer(self, path: Union[str, Path, None] = None, **kwargs) -> "PoolformerAudioStreamer":
-        """A streamer for `generate(..., streamer=...)` that writes WAVs while sampling (and/or yields float chunks):
-        `PoolformerAudioStreamer(self.config, path, **kwargs)`."""
-        return PoolformerAudioStreamer(self.config, path, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

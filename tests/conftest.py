@@ -55,3 +55,13 @@ def hub_model(name: str = "tiny", **overrides) -> PoolformerForCausalLM:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    """The built-in spoken-digit set, rendered once (espeak-ng) where train.py's --cache_dir finds it."""
+    from training.data import make_spoken_digits
+
+    cache = tmp_path_factory.mktemp("cache")
+    make_spoken_digits(cache / "spoken_digits_v1")
+    return cache

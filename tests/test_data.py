@@ -208,3 +208,60 @@ def test_spoken_digits_render_with_the_tool_or_the_pip_library(tmp_path, prefer_
     assert rate == 16000 and 0.2 * rate < len(wave) <= rate and np.abs(wave).max() > 0.1
     with pytest.raises(RuntimeError, match="voice 'xx-nonexistent'"):
         render("one", "xx-nonexistent", 150, 50)
+
+
+def test_a_single_file_dataset_says_why_it_has_no_validation_split(tmp_path):
+    tone(tmp_path / "one" / "only.wav")
+    with pytest.raises(ValueError, match="one training file and no validation split"):
+        load_splits(str(tmp_path / "one"))
+    tone(tmp_path / "one" / "validation" / "held.wav")  # with a validation split of its own it loads
+    tone(tmp_path / "one" / "train" / "only.wav")
+    (tmp_path / "one" / "only.wav").unlink()
+    assert {k: len(v) for k, v in load_splits(str(tmp_path / "one"))[1].items()} == {"train": 1, "validation": 1}
+
+
+def test_symlinked_split_folders_are_followed(tmp_path):
+    for split, count in (("train", 4), ("validation", 2)):
+        for i in range(count):
+            tone(tmp_path / "store" / split / f"{i}.wav")
+    (tmp_path / "linked").mkdir()
+    for split in ("train", "validation"):
+        (tmp_path / "linked" / split).symlink_to(tmp_path / "store" / split, target_is_directory=True)
+    (tmp_path / "linked" / "train" / "loop").symlink_to(tmp_path / "linked", target_is_directory=True)  # a cycle
+    _, splits = load_splits(str(tmp_path / "linked"))
+    assert {k: len(v) for k, v in splits.items()} == {"train": 4, "validation": 2}
+
+
+def test_non_finite_samples_are_masked_out_and_counted(tmp_path, caplog):
+    path = tmp_path / "float" / "train" / "nan.wav"
+    path.parent.mkdir(parents=True)
+    wave = np.sin(np.arange(4000) / 10).astype(np.float32)
+    wave[100] = np.nan
+    soundfile.write(path, wave, 16000, subtype="FLOAT")
+    tone(tmp_path / "float" / "train" / "fine.wav")
+    tone(tmp_path / "float" / "validation" / "v.wav")
+    _, _, sets = build_datasets(DataArguments(dataset=str(tmp_path / "float"), seq_len=4000, mode="pad"),
+                                PoolformerConfig())
+    items = {Path(sets["train"].data[row]["audio"]["path"]).name: sets["train"][i]
+             for i, (row, _) in enumerate(sets["train"].index)}
+    assert items["nan.wav"]["attention_mask"].sum() == 1 and (items["nan.wav"]["labels"][1:] == -100).all()
+    assert items["fine.wav"]["attention_mask"].sum() == 1 + 4000
+    assert sets["train"].bad_items == 1 and "NaN or infinite" in caplog.text
+
+
+def test_a_corrupt_zip_is_named(tmp_path):
+    make_sc09(tmp_path / "repo")
+    (tmp_path / "repo" / "extra.zip").write_bytes(b"PK\x03\x04 not a zip at all")
+    with pytest.raises(ValueError, match=r"extra\.zip: not a readable zip archive"):
+        load_splits(str(tmp_path / "repo"))
+
+
+def test_parquet_audio_stored_as_decoded_arrays_loads_without_a_decoder(tmp_path):
+    # {array, sampling_rate} rows (how some Hub datasets store audio): used as they are, no torchcodec needed
+    rows = [{"array": (0.3 * np.sin(np.arange(800) / (3 + i))).tolist(), "sampling_rate": 8000} for i in range(6)]
+    (tmp_path / "repo" / "data").mkdir(parents=True)
+    Dataset.from_dict({"audio": rows}).to_parquet(str(tmp_path / "repo" / "data" / "train-00000-of-00001.parquet"))
+    _, splits = load_splits(str(tmp_path / "repo"), cache_dir=str(tmp_path / "cache"))
+    assert len(splits["train"]) + len(splits["validation"]) == 6
+    item = AudioTokenDataset(splits["train"], AudioSpec(seq_len=2000, mode="pad"))[0]
+    assert item["attention_mask"].sum() == 1 + 1600  # 800 samples at 8 kHz -> 1600 at 16 kHz

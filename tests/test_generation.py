@@ -15,7 +15,7 @@ from transformers import CompileConfig
 
 from conftest import HUB_CONFIG_NAMES, ROOT, hub_config, hub_model
 from modeling_poolformer import PoolformerAudioStreamer, PoolformerCache, decode_audio, encode_audio
-from modeling_poolformer.modeling_poolformer import CACHE_FIELD
+from modeling_poolformer.outputs import CACHE_FIELD
 
 
 def _period(config):
@@ -287,9 +287,9 @@ def test_compiled_decoding_equals_eager_with_one_graph_per_stack_shape(name, gra
 def test_without_a_compiler_generation_decodes_eagerly_with_one_warning():
     import torch._inductor.config as inductor_config
 
-    from modeling_poolformer.modeling_poolformer import _can_compile
+    from modeling_poolformer.generation import can_compile
 
-    _can_compile.cache_clear()
+    can_compile.cache_clear()
     # torch's own patch: monkeypatch's undo deletes the setting, which hides it from inductor for later tests
     try:
         with inductor_config.patch({"cpp.cxx": ("/nonexistent/c++",)}):
@@ -301,7 +301,7 @@ def test_without_a_compiler_generation_decodes_eagerly_with_one_warning():
                 second = model.generate(max_new_tokens=5, do_sample=False, compile_config=CompileConfig())
             assert torch.equal(first, second)
     finally:
-        _can_compile.cache_clear()
+        can_compile.cache_clear()
 
 
 @pytest.mark.compat

@@ -195,14 +195,19 @@ def test_logits_to_keep():
         (dict(input_ids=torch.rand(2, 5)), "integer tensor"),
         (dict(input_ids=torch.tensor([[1, 256]])), r"\[0, 256\)"),
         (dict(input_ids=torch.tensor([[-1, 3]])), r"\[0, 256\)"),
-        (dict(input_ids=torch.tensor([1, 2, 3])), r"shape \(batch, length >= 1\)"),
-        (dict(input_ids=torch.zeros(2, 0, dtype=torch.long)), r"shape \(batch, length >= 1\)"),
+        (dict(input_ids=torch.tensor([1, 2, 3])), r"shape \(batch >= 1, length >= 1\)"),
+        (dict(input_ids=torch.zeros(2, 0, dtype=torch.long)), r"shape \(batch >= 1, length >= 1\)"),
         (dict(), "exactly one of input_ids"),
         (dict(input_ids=torch.ones(2, 4, dtype=torch.long), attention_mask=torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])),
          "right-padded"),
         (dict(input_ids=torch.ones(2, 4, dtype=torch.long), attention_mask=torch.ones(2, 5)), "attention_mask must have shape"),
         (dict(input_ids=torch.ones(2, 4, dtype=torch.long), labels=torch.ones(2, 3, dtype=torch.long)), "labels must have"),
         (dict(input_ids=torch.ones(2, 4, dtype=torch.long), cache=object()), "PoolformerCache"),
+        (dict(input_ids=torch.zeros(0, 4, dtype=torch.long)), r"batch >= 1"),
+        (dict(input_ids=torch.ones(2, 4, dtype=torch.bool)), "integer tensor"),
+        (dict(input_ids=torch.ones(2, 4, dtype=torch.long), labels=torch.full((2, 4), 256)), r"labels must lie in"),
+        (dict(input_ids=torch.ones(2, 4, dtype=torch.long), labels=torch.full((2, 4), -3)), r"labels must lie in"),
+        (dict(input_ids=torch.ones(2, 4, dtype=torch.long), labels=torch.ones(2, 4)), "labels must be an integer"),
     ],
 )
 @pytest.mark.compat
@@ -210,6 +215,39 @@ def test_bad_inputs_raise_clear_errors(kwargs, match):
     model = PoolformerForCausalLM(hub_config("tiny"))
     with pytest.raises(ValueError, match=match):
         model(**kwargs)
+
+
+def test_uint8_samples_are_token_ids():
+    model = hub_model()
+    ids = torch.randint(0, 256, (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids.to(torch.uint8)).logits, model(ids).logits)
+        torch.testing.assert_close(model(ids.int(), labels=ids.int()).loss, model(ids, labels=ids).loss)
+
+
+def test_a_step_with_the_wrong_batch_for_the_cache_is_refused():
+    from modeling_poolformer import PoolformerCache
+
+    model = hub_model()
+    cache = PoolformerCache(model.config)
+    with torch.no_grad():
+        model(torch.randint(0, 256, (2, 7)), cache=cache)
+        with pytest.raises(ValueError, match="holds a batch of 2, the input has 1"):
+            model(torch.randint(0, 256, (1, 1)), cache=cache)
+
+
+def test_a_folder_missing_weights_is_refused_unless_asked(tmp_path):
+    model = hub_model()
+    model.model.save_pretrained(tmp_path / "base")  # the body without its LM head
+    for load in (lambda: PoolformerForCausalLM.from_pretrained(tmp_path / "base"),
+                 lambda: AutoModelForCausalLM.from_pretrained(tmp_path / "base", trust_remote_code=True)):
+        with pytest.raises(ValueError, match=r"lacks 2 weights.*lm_head.*allow_missing_weights"):
+            load()
+    loaded = PoolformerForCausalLM.from_pretrained(tmp_path / "base", allow_missing_weights=True)
+    assert torch.equal(loaded.model.body.up_pool.proj.weight, model.model.body.up_pool.proj.weight)
+    model.save_pretrained(tmp_path / "full")
+    _, info = PoolformerForCausalLM.from_pretrained(tmp_path / "full", output_loading_info=True)
+    assert not info["missing_keys"]
 
 
 def test_thesis_init():

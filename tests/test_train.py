@@ -1,6 +1,7 @@
 """training/train.py end to end: the embedded default set, exact resume, 2-process data parallel, Hub push."""
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -15,19 +16,10 @@ from safetensors.torch import load_file
 
 from conftest import ROOT
 from hub_server import HubServer
-from training.data import make_spoken_digits
 
 TRAIN = str(ROOT / "training" / "train.py")
 FAST = ["--seq_len", "1200", "--batch_size", "4", "--num_samples", "1", "--sample_seconds", "0.02",
         "--log_with", "none", "--warmup_steps", "2"]
-
-
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory):
-    """The built-in spoken-digit set, rendered once (espeak-ng) where train.py's --cache_dir finds it."""
-    cache = tmp_path_factory.mktemp("cache")
-    make_spoken_digits(cache / "spoken_digits_v1")
-    return cache
 
 
 def env(**extra):
@@ -42,6 +34,19 @@ def run(args, timeout=600, **extra_env):
                           env=env(**extra_env))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc
+
+
+def tensorboard_scalars(out: Path, tag: str) -> dict:
+    """{step: value} of a scalar the run logged with tensorboard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    values = {}
+    for events in Path(out, "logs").rglob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        if tag in acc.Tags()["scalars"]:
+            values.update({e.step: e.value for e in acc.Scalars(tag)})
+    return values
 
 
 def summary(out):
@@ -107,9 +112,15 @@ def test_two_process_data_parallel_on_cpu(cache_dir, tmp_path):
     data = ["--dataset", str(cache_dir / "spoken_digits_v1"), "--seq_len", "1200"]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", TRAIN, *data, *FAST,
-           "--max_steps", "4", "--eval_every", "4", "--checkpoint_chunk_size", "500", "--output_dir", str(out)]
+           "--max_steps", "6", "--eval_every", "6", "--checkpoint_chunk_size", "500", "--output_dir", str(out),
+           "--log_with", "tensorboard", "--log_every", "2", "--lr_schedule", "cosine", "--learning_rate", "1e-3"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env())
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    # the learning rate follows optimizer steps, not process steps (accelerate steps a prepared scheduler once per
+    # process): warm-up over 2 steps, then the cosine down to 0 at step 6; logged every --log_every = 2 steps
+    lrs = tensorboard_scalars(out, "train/lr")
+    want = {s: 1e-3 * (s / 2 if s < 2 else 0.5 * (1 + math.cos(math.pi * (s - 2) / 4))) for s in (2, 4, 6)}
+    assert sorted(lrs) == [2, 4, 6] and all(abs(lrs[k] - v) < 1e-9 for k, v in want.items()), (lrs, want)
     # the 1201-step items ran in time chunks under DDP (checkpointing in time composes with gradient all-reduce)
     assert json.loads((out / "model" / "config.json").read_text())["checkpoint_chunk_size"] == 500
     s = summary(out)

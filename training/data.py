@@ -24,6 +24,7 @@ min-max scaled per clip, quantised, and prefixed with the zero token. Padding is
 import hashlib
 import io
 import logging
+import os
 import re
 import shutil
 import subprocess
@@ -189,17 +190,30 @@ def _unpack_zips(root: Path) -> None:
         done = target / ".unpacked"
         if done.exists():
             continue
-        with zipfile.ZipFile(archive) as z:
-            z.extractall(target)
+        try:
+            with zipfile.ZipFile(archive) as z:
+                z.extractall(target)
+        except (zipfile.BadZipFile, OSError, EOFError) as e:
+            raise ValueError(f"{archive}: not a readable zip archive ({e}); re-download or remove it") from None
         done.touch()
 
 
 def _audio_files(root: Path) -> list:
-    return sorted(p for p in root.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file())
+    """Every audio file under `root`, following symlinked folders (split folders are often links), each real folder
+    once."""
+    files, seen = [], set()
+    for folder, dirs, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:  # a link back up the tree
+            dirs[:] = []
+            continue
+        seen.add(real)
+        files += [Path(folder) / n for n in names if Path(n).suffix.lower() in AUDIO_EXTENSIONS]
+    return sorted(f for f in files if f.is_file())
 
 
 def _find(root: Path, name: str) -> Optional[Path]:
-    hits = sorted(root.rglob(name))
+    hits = sorted(Path(folder) / name for folder, _, names in os.walk(root, followlinks=True) if name in names)
     return hits[0] if hits else None
 
 
@@ -319,7 +333,10 @@ def load_splits(dataset: Optional[str], protocol: str = "auto", audio_column: st
 
 
 def _with_validation(splits: dict) -> dict:
-    if "validation" not in splits and "train" in splits and len(splits["train"]) > 1:
+    if "validation" not in splits and "train" in splits:
+        if len(splits["train"]) < 2:
+            raise ValueError("the dataset has one training file and no validation split, so none can be held out: "
+                             "add a validation/ subfolder (or split) or more files")
         splits["train"], splits["validation"] = carve_validation(splits["train"])
         logger.info("no validation split: %d of %d training items held out for validation (stable hash)",
                     len(splits["validation"]), len(splits["validation"]) + len(splits["train"]))
@@ -333,9 +350,12 @@ def _hub_splits(data, audio_column: str) -> dict:
     if audio_column not in columns:
         raise ValueError(f"--audio_column {audio_column!r} is not a column of the dataset; it has {columns}")
     names = {"valid": "validation", "val": "validation", "dev": "validation"}
+    feature = next(iter(data.values())).features[audio_column]
+    decoded = isinstance(feature, dict) and {"array", "sampling_rate"} <= set(feature)
     out = {}
     for split, ds in data.items():
-        ds = ds.cast_column(audio_column, Audio(decode=False))
+        if not decoded:  # encoded audio (bytes or paths): decoded by soundfile per item; arrays are used as they are
+            ds = ds.cast_column(audio_column, Audio(decode=False))
         if audio_column != "audio":
             ds = ds.rename_column(audio_column, "audio")
         out[names.get(split, split)] = ds
@@ -362,17 +382,34 @@ def _source(audio: dict):
     return io.BytesIO(audio["bytes"]) if audio.get("bytes") else audio["path"]
 
 
+def _frames_and_rate(audio: dict) -> tuple:
+    """(frames, sample rate) of an item's audio: its header, or a decoded array's length."""
+    if audio.get("array") is not None:
+        return len(audio["array"]), int(audio["sampling_rate"])
+    info = soundfile.info(_source(audio))
+    return info.frames, info.samplerate
+
+
+def _decode(audio: dict) -> tuple:
+    """(mono float32 waveform, sample rate): soundfile for encoded audio, the array itself for decoded audio."""
+    if audio.get("array") is not None:
+        samples = np.asarray(audio["array"], dtype=np.float32)
+        return (samples.mean(axis=1) if samples.ndim == 2 else samples), int(audio["sampling_rate"])
+    samples, rate = soundfile.read(_source(audio), dtype="float32", always_2d=True)
+    return samples.mean(axis=1), rate
+
+
 class AudioTokenDataset(torch.utils.data.Dataset):
     """Items are dicts of `input_ids`, `attention_mask`, `labels`, each `(seq_len + 1,)`, the first token the zero
     token. Unreadable or empty files are dropped when the dataset is built (`self.skipped` counts them)."""
 
     def __init__(self, data: Dataset, spec: AudioSpec, name: str = "train"):
         self.data, self.spec, self.name = data, spec, name
-        self.index, self.skipped = [], []
+        self.index, self.skipped, self.bad_items = [], [], 0
         for row, audio in enumerate(data["audio"]):
             try:
-                info = soundfile.info(_source(audio))
-                frames = int(info.frames * spec.sample_rate / info.samplerate)
+                frames, rate = _frames_and_rate(audio)
+                frames = int(frames * spec.sample_rate / rate)
             except Exception as err:  # noqa: BLE001 - any unreadable file is skipped, whatever the reason
                 self.skipped.append(f"{audio.get('path')}: {err}")
                 continue
@@ -393,11 +430,16 @@ class AudioTokenDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         row, start = self.index[i]
         spec = self.spec
+        audio = self.data[row]["audio"]
         try:
-            wave, rate = soundfile.read(_source(self.data[row]["audio"]), dtype="float32", always_2d=True)
-            wave = resample(wave.mean(axis=1), rate, spec.sample_rate)[start : start + spec.seq_len]
+            wave, rate = _decode(audio)
+            wave = resample(wave, rate, spec.sample_rate)[start : start + spec.seq_len]
+            if not np.isfinite(wave).all():  # NaN/inf would defeat min-max scaling and quantise to 0/255
+                raise ValueError(f"{int((~np.isfinite(wave)).sum())} samples are NaN or infinite")
         except Exception as err:  # noqa: BLE001 - a file that breaks after its header was read: a masked item
-            logger.warning("%s: could not decode item %d (%s); it is masked out", self.name, i, err)
+            self.bad_items += 1
+            logger.warning("%s: item %d (%s) is masked out: %s (%d such items in this process)", self.name, i,
+                           audio.get("path"), err, self.bad_items)
             wave = np.zeros(0, dtype=np.float32)
         return self.tokenize(wave)
 

@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM
 from modeling_poolformer import decode_audio, nats_to_bits
 from training.data import DataArguments, build_datasets
 from training.metrics import DigitClassifier, nll_bits, sample_quality
-from training.utils import check_file, check_local_or_hub, parse_arguments
+from training.utils import at_least, check_file, check_flags, check_local_or_hub, parse_arguments, positive
 
 
 @dataclass
@@ -49,8 +49,10 @@ class EvaluateArguments:
     def __post_init__(self):
         if self.quality and not self.classifier:
             raise ValueError("--quality needs --classifier (train one with training/train_classifier.py)")
-        if self.batch_size < 1 or self.num_generate < 2:
-            raise ValueError("--batch_size must be >= 1 and --num_generate >= 2")
+        check_flags(self, [("batch_size", at_least(1), "an int >= 1"), ("generate_batch_size", at_least(1), "an int >= 1"),
+                           ("max_batches", at_least(1), "an int >= 1 (leave it out for the whole split)"),
+                           ("num_generate", at_least(2), "an int >= 2"), ("num_reference", at_least(2), "an int >= 2"),
+                           ("seconds", positive, "a number > 0")])
         check_local_or_hub(self.model, "--model")
         if self.classifier:
             check_file(self.classifier, "--classifier")

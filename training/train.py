@@ -15,6 +15,7 @@ launcher); `--resume_from_checkpoint latest` continues exactly; a folder holding
 generation config, a model card) and optionally pushed to the Hub.
 """
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -31,7 +32,7 @@ from typing import Literal, Optional
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, broadcast_object_list, set_seed
 from huggingface_hub import ModelCard, ModelCardData
 from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
@@ -41,11 +42,13 @@ from modeling_poolformer import PoolformerConfig, PoolformerForCausalLM, audio_g
 from modeling_poolformer.audio import save_spectrogram, write_wav
 from training.data import DataArguments, build_datasets
 from training.metrics import nll_bits
-from training.utils import parse_arguments, tune_cpu_allocator
+from training.utils import at_least, check_flags, parse_arguments, positive, tune_cpu_allocator
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN_FILE = "poolformer_run.json"  # in the output folder: which run owns it
 MANIFEST = "manifest.json"  # in every checkpoint: its run, step and files (bytes, sha256)
+RUN_ARGS = "run_args.json"  # in every checkpoint: the settings that a resume must keep (`run_fingerprint`)
+LOCK_FILE = ".train.lock"  # in the output folder: held by the train.py that works there
 logger = logging.getLogger("train")
 
 
@@ -60,8 +63,8 @@ class ModelArguments:
     def __post_init__(self):
         if not (Path(self.model_config) / "config.json").exists():
             raise ValueError(f"--model_config {self.model_config!r}: no config.json there")
-        if self.checkpoint_chunk_size is not None and self.checkpoint_chunk_size < 0:
-            raise ValueError("--checkpoint_chunk_size must be >= 0 (0 = off)")
+        check_flags(self, [("dropout", lambda v: 0 <= v < 1, "a number in [0, 1)"),
+                           ("checkpoint_chunk_size", lambda v: isinstance(v, int) and v >= 0, "an int >= 0 (0 = off)")])
 
 
 @dataclass
@@ -98,16 +101,25 @@ class TrainArguments:
     hub_token: Optional[str] = field(default=None, metadata={"help": "default: HF_TOKEN or the cached login"})
     hub_private: bool = False
     log_with: str = field(default="tensorboard", metadata={"help": "accelerate tracker(s): tensorboard, wandb, all, none"})
+    log_every: int = field(default=10, metadata={
+        "help": "log (and check for a stop request) every N steps: each check waits for the device"})
     num_workers: int = 0
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("batch_size", "gradient_accumulation_steps", "eval_every", "save_every", "num_samples",
-                     "checkpoints_total_limit"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be >= 1")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError("--max_steps must be >= 1")
+        check_flags(self, [
+            *[(name, at_least(1), "an int >= 1") for name in (
+                "batch_size", "gradient_accumulation_steps", "eval_every", "save_every", "num_samples",
+                "checkpoints_total_limit", "max_steps", "max_eval_batches", "stop_after_steps", "log_every")],
+            *[(name, at_least(0), "an int >= 0") for name in ("warmup_steps", "sample_every", "num_workers")],
+            ("num_epochs", positive, "a number > 0"),
+            ("learning_rate", positive, "a number > 0"),
+            ("weight_decay", at_least(0), "a number >= 0"),
+            ("grad_clip", positive, "a number > 0 (the grad-norm clip)"),
+            ("skip_grad_norm", positive, "a number > 0 (updates with a larger grad norm are skipped)"),
+            ("ema_decay", lambda v: 0 <= v < 1, "a number in [0, 1)"),
+            ("sample_seconds", positive, "a number > 0"),
+        ])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -142,22 +154,30 @@ def _write_json(path: Path, data: dict):
     os.replace(tmp, path)
 
 
-def save_checkpoint(accelerator, args, progress, run_id) -> Path:
-    """accelerator.save_state into a temporary folder, a manifest of its files, then a rename: a checkpoint is
-    complete or absent. Only this run's old checkpoints are rotated out."""
+def save_checkpoint(accelerator, args, progress, run_id, fingerprint) -> Path:
+    """accelerator.save_state into a temporary folder, the run's settings and a manifest of its files, then a rename:
+    a checkpoint is complete or absent (a failed write, e.g. a full disk, removes its temporary folder and says so;
+    the earlier checkpoints are untouched). Only this run's old checkpoints are rotated out."""
     root = Path(args.output_dir) / "checkpoints"
     final, tmp = root / f"step_{progress.step:08d}", root / f".tmp_step_{progress.step:08d}"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            _write_json(tmp / RUN_ARGS, fingerprint)
+            files = {p.relative_to(tmp).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+                     for p in sorted(tmp.rglob("*")) if p.is_file()}
+            _write_json(tmp / MANIFEST, {"run_id": run_id, "step": progress.step, "files": files})
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+    except Exception as e:  # a full disk shows as OSError, or as the safetensors writer's own error
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RuntimeError(f"the checkpoint of step {progress.step} could not be written to {final} ({e}); the earlier "
+                           "checkpoints are intact: resume with --resume_from_checkpoint latest once there is room") from e
     if accelerator.is_main_process:
-        files = {p.relative_to(tmp).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-                 for p in sorted(tmp.rglob("*")) if p.is_file()}
-        _write_json(tmp / MANIFEST, {"run_id": run_id, "step": progress.step, "files": files})
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
         for old in run_checkpoints(args.output_dir, run_id)[: -args.checkpoints_total_limit]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -194,13 +214,24 @@ def verify_checkpoint(path: Path) -> dict:
     return manifest
 
 
-def claim_output_dir(accelerator, args) -> str:
-    """The run id that owns output_dir. A new run in a folder holding another run's results is refused unless
-    --overwrite_output_dir (which clears them); a resumed run continues its checkpoint's id."""
+def claim_output_dir(accelerator, args) -> tuple:
+    """(the run id that owns output_dir, the held lock). One train.py at a time per output_dir (a lock file; a
+    second is refused). A new run in a folder holding another run's results is refused unless
+    --overwrite_output_dir (which clears them); a resumed run continues its checkpoint's id, and resuming another
+    run's checkpoint into a folder that holds a run is refused the same way. Temporary folders of checkpoints that
+    were never completed (a crash or a full disk mid-write) are removed."""
     out = Path(args.output_dir)
+    lock, error = None, None
+    if accelerator.is_main_process:
+        lock, error = _lock(out)
+    error = broadcast_object_list([error])[0]
+    if error:
+        raise UsageError(error)
+    owner = json.loads((out / RUN_FILE).read_text())["run_id"] if (out / RUN_FILE).exists() else None
+    previous = [p.name for p in (out / RUN_FILE, out / "checkpoints", out / "model", out / "train_summary.json")
+                if p.exists()]
     if args.resume_from_checkpoint:
         if args.resume_from_checkpoint == "latest":
-            owner = json.loads((out / RUN_FILE).read_text())["run_id"] if (out / RUN_FILE).exists() else None
             found = run_checkpoints(out, owner) if owner else []
             if not found:
                 raise UsageError(f"--resume_from_checkpoint latest: {out} holds no checkpoint of its run")
@@ -212,26 +243,87 @@ def claim_output_dir(accelerator, args) -> str:
             run_id = verify_checkpoint(path)["run_id"]
         except ValueError as e:
             raise UsageError(str(e)) from None
+        if previous and owner != run_id and not args.overwrite_output_dir:
+            raise UsageError(
+                f"--output_dir {out} holds another run ({', '.join(previous)}); resuming {path} (run {run_id}) there "
+                "would overwrite it. Pick another --output_dir, or --overwrite_output_dir to replace that run."
+            )
+        clear = previous if owner != run_id else []
     else:
-        previous = [p.name for p in (out / RUN_FILE, out / "checkpoints", out / "model", out / "train_summary.json")
-                    if p.exists()]
         if previous and not args.overwrite_output_dir:
             raise UsageError(
                 f"--output_dir {out} holds another run ({', '.join(previous)}). Continue it with "
                 "--resume_from_checkpoint latest, start over with --overwrite_output_dir, or pick another --output_dir."
             )
-        run_id = uuid.uuid4().hex
-        if previous and accelerator.is_main_process:
-            logger.warning("--overwrite_output_dir: deleting the previous run's %s in %s", ", ".join(previous), out)
-            for name in ("checkpoints", "model"):
-                shutil.rmtree(out / name, ignore_errors=True)
-            (out / "train_summary.json").unlink(missing_ok=True)
-    accelerator.wait_for_everyone()
+        run_id, clear = uuid.uuid4().hex, previous
+    run_id = broadcast_object_list([run_id])[0]  # a new run's id is the main process's
+    accelerator.wait_for_everyone()  # every process has read the folder before the main process changes it
     if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
+        if clear:
+            logger.warning("--overwrite_output_dir: deleting the previous run's %s in %s", ", ".join(clear), out)
+            keep = Path(args.resume_from_checkpoint).resolve() if args.resume_from_checkpoint else None
+            for old in (out / "checkpoints").glob("*"):
+                if keep is None or old.resolve() != keep:
+                    shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(out / "model", ignore_errors=True)
+            (out / "train_summary.json").unlink(missing_ok=True)
+        for stale in (out / "checkpoints").glob(".tmp_step_*"):
+            logger.warning("removing %s: a checkpoint that was never completed", stale)
+            shutil.rmtree(stale, ignore_errors=True)
         _write_json(out / RUN_FILE, {"run_id": run_id})
     accelerator.wait_for_everyone()
-    return run_id
+    return run_id, lock
+
+
+def _lock(out: Path) -> tuple:
+    """(an open lock file held for this process's lifetime, None) or (None, the error)."""
+    out.mkdir(parents=True, exist_ok=True)
+    handle = open(out / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None, (f"--output_dir {out} is in use by another train.py (it holds {out / LOCK_FILE}): wait for it to "
+                      "end, or pick another --output_dir")
+    return handle, None
+
+
+def run_fingerprint(config, data_args, args, accelerator, max_steps: int, warmup: int) -> dict:
+    """What a checkpoint's state and data position mean, stored with every checkpoint: a resume that changes any of
+    it cannot continue the run exactly (the model would be another, the batches others, or the schedule another)."""
+    execution_only = ("checkpoint_chunk_size", "activation_checkpointing", "scan_implementation", "scan_chunk_size",
+                      "transformers_version", "_name_or_path")
+    fingerprint = {
+        "config": {k: v for k, v in config.to_dict().items() if k not in execution_only},
+        "data": {k: v for k, v in asdict(data_args).items() if k != "cache_dir"},
+        "num_processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
+        "warmup_steps": warmup,
+        **{k: getattr(args, k) for k in ("batch_size", "gradient_accumulation_steps", "seed", "learning_rate",
+                                          "weight_decay", "lr_schedule", "grad_clip", "skip_grad_norm", "ema_decay")},
+    }
+    if args.lr_schedule == "cosine":  # the cosine's length is part of the schedule; a constant one can be extended
+        fingerprint["max_steps"] = max_steps
+    return json.loads(json.dumps(fingerprint))  # as stored: lists, not tuples
+
+
+def check_resume(checkpoint: Path, fingerprint: dict):
+    """Refuse a resume whose settings differ from the checkpoint's, saying exactly what changed."""
+    stored_file = Path(checkpoint) / RUN_ARGS
+    if not stored_file.exists():
+        raise UsageError(f"{checkpoint} has no {RUN_ARGS} (an older train.py wrote it): its settings cannot be checked, "
+                         "so it cannot be resumed exactly")
+    stored = json.loads(stored_file.read_text())
+
+    def flat(d, prefix=""):
+        return {k2: v2 for k, v in d.items()
+                for k2, v2 in (flat(v, f"{prefix}{k}.").items() if isinstance(v, dict) else [(f"{prefix}{k}", v)])}
+
+    then, now = flat(stored), flat(fingerprint)
+    changed = [f"{k}: {then.get(k)!r} in the checkpoint, {now.get(k)!r} now" for k in sorted(set(then) | set(now))
+               if then.get(k) != now.get(k)]
+    if changed:
+        raise UsageError(f"--resume_from_checkpoint {checkpoint}: the run's settings changed, so it cannot continue "
+                         f"exactly: {'; '.join(changed)}. Resume with the checkpoint's settings, or start a new run.")
 
 
 class UsageError(ValueError):
@@ -289,6 +381,8 @@ class Run:
     model_args: ModelArguments
     accelerator: Accelerator
     run_id: str
+    lock: object  # the output folder's lock file, held while this process lives
+    fingerprint: dict
     protocol: str
     spec: object
     datasets: dict
@@ -304,8 +398,7 @@ class Run:
     val_history: list
 
 
-def setup(model_args: ModelArguments, data_args: DataArguments, args: TrainArguments) -> Run:
-    """Everything before the first step; every error here comes before training starts."""
+def make_accelerator(args: TrainArguments) -> Accelerator:
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
         mixed_precision=args.mixed_precision,
@@ -315,21 +408,35 @@ def setup(model_args: ModelArguments, data_args: DataArguments, args: TrainArgum
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
     set_seed(args.seed)
-    run_id = claim_output_dir(accelerator, args)
+    return accelerator
 
+
+def load_config(model_args: ModelArguments) -> PoolformerConfig:
+    """The hub config with the command line's overrides."""
     config = PoolformerConfig.from_pretrained(model_args.model_config)
     if model_args.dropout is not None:
         config.dropout = model_args.dropout
     if model_args.checkpoint_chunk_size is not None:
         config.checkpoint_chunk_size = model_args.checkpoint_chunk_size
-    if not torch.cuda.is_available():
-        tune_cpu_allocator(long_sequences=config.checkpoint_chunk_size > 0)
+    return config
+
+
+def load_data(accelerator, data_args: DataArguments, config: PoolformerConfig) -> tuple:
+    """(protocol, spec, datasets); the model is trained with the protocol's quantisation."""
     with accelerator.main_process_first():  # the main process renders/downloads/unpacks first
         protocol, spec, datasets = build_datasets(data_args, config)
     if spec.quantization != config.quantization:
         logger.warning("protocol %s quantises with %s, the model config says %s: the model is trained with %s",
                        protocol, spec.quantization, config.quantization, spec.quantization)
         config.quantization = spec.quantization
+    if len(datasets["validation"]) == 0:  # its NLL would read 0.0 bits/sample
+        raise UsageError(f"the validation split has no readable item ({len(datasets['validation'].skipped)} files "
+                         "skipped as unreadable or empty)")
+    return protocol, spec, datasets
+
+
+def build_model(model_args: ModelArguments, config: PoolformerConfig, args: TrainArguments) -> tuple:
+    """(model, its EMA) with the saved generation settings."""
     model = PoolformerForCausalLM(config)
     saved = Path(model_args.model_config) / "generation_config.json"
     model.generation_config = (GenerationConfig.from_pretrained(model_args.model_config) if saved.exists()
@@ -340,9 +447,10 @@ def setup(model_args: ModelArguments, data_args: DataArguments, args: TrainArgum
         decay = min(args.ema_decay, (1.0 + float(num_averaged)) / (10.0 + float(num_averaged)))
         torch._foreach_lerp_(ema_params, params, 1.0 - decay)
 
-    ema = AveragedModel(model, multi_avg_fn=ema_update, use_buffers=True)
-    num_params = sum(p.numel() for p in model.parameters())
+    return model, AveragedModel(model, multi_avg_fn=ema_update, use_buffers=True)
 
+
+def make_loaders(datasets: dict, args: TrainArguments) -> tuple:
     def loader(split, shuffle):
         # a private generator: iterating a loader must not draw from the global RNG, or dropout after a resume
         # would differ from an uninterrupted run
@@ -353,21 +461,47 @@ def setup(model_args: ModelArguments, data_args: DataArguments, args: TrainArgum
     train_dl, val_dl = loader("train", True), loader("validation", False)
     if len(train_dl) == 0:
         raise UsageError(f"{len(datasets['train'])} training items < --batch_size {args.batch_size}")
+    return train_dl, val_dl
+
+
+def make_schedule(accelerator, model, train_dl, args: TrainArguments) -> tuple:
+    """(optimizer, scheduler, max_steps, warmup), all in optimizer steps."""
     steps_per_epoch = math.ceil(len(train_dl) / accelerator.num_processes / args.gradient_accumulation_steps)
-    max_steps = args.max_steps or math.ceil((args.num_epochs or 1.0) * steps_per_epoch)
+    epochs = args.num_epochs if args.num_epochs is not None else 1.0
+    max_steps = args.max_steps or math.ceil(epochs * steps_per_epoch)
     warmup = args.warmup_steps if args.warmup_steps is not None else min(1000, max_steps // 10)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(0.9, 0.999),
                                   weight_decay=args.weight_decay)
+    # a scheduler prepared by accelerate steps once per process at every optimizer step, so the schedule is laid
+    # out in that many steps per optimizer step (as accelerate's examples do)
     scheduler = get_scheduler("cosine" if args.lr_schedule == "cosine" else "constant_with_warmup", optimizer,
-                              num_warmup_steps=warmup, num_training_steps=max_steps)
+                              num_warmup_steps=warmup * accelerator.num_processes,
+                              num_training_steps=max_steps * accelerator.num_processes)
+    return optimizer, scheduler, max_steps, warmup
+
+
+def setup(model_args: ModelArguments, data_args: DataArguments, args: TrainArguments) -> Run:
+    """Everything before the first step; every error here comes before training starts."""
+    accelerator = make_accelerator(args)
+    run_id, lock = claim_output_dir(accelerator, args)
+    config = load_config(model_args)
+    if not torch.cuda.is_available():
+        tune_cpu_allocator(long_sequences=config.checkpoint_chunk_size > 0)
+    protocol, spec, datasets = load_data(accelerator, data_args, config)
+    model, ema = build_model(model_args, config, args)
+    train_dl, val_dl = make_loaders(datasets, args)
+    optimizer, scheduler, max_steps, warmup = make_schedule(accelerator, model, train_dl, args)
+    fingerprint = run_fingerprint(config, data_args, args, accelerator, max_steps, warmup)
+    if args.resume_from_checkpoint:
+        check_resume(Path(args.resume_from_checkpoint), fingerprint)
     model, optimizer, train_dl, val_dl, scheduler = accelerator.prepare(model, optimizer, train_dl, val_dl, scheduler)
     ema.to(accelerator.device)
     progress = Progress()
     accelerator.register_for_checkpointing(ema, progress)
-    if args.resume_from_checkpoint:  # verified by claim_output_dir
+    if args.resume_from_checkpoint:  # verified by claim_output_dir and check_resume
         accelerator.load_state(args.resume_from_checkpoint)
         logger.info("resumed from %s at step %d", args.resume_from_checkpoint, progress.step)
-
+    num_params = sum(p.numel() for p in model.parameters())
     if accelerator.is_main_process:
         logger.info("protocol %s: %s; %d parameters; %d optimizer steps", protocol,
                     {k: len(v) for k, v in datasets.items()}, num_params, max_steps)
@@ -377,8 +511,8 @@ def setup(model_args: ModelArguments, data_args: DataArguments, args: TrainArgum
         flat = {**asdict(model_args), **asdict(data_args), **asdict(args)}
         accelerator.init_trackers("poolformer", config={k: v for k, v in flat.items()
                                                         if isinstance(v, (int, float, str, bool))})
-    return Run(args, data_args, model_args, accelerator, run_id, protocol, spec, datasets, model, ema, optimizer,
-               scheduler, train_dl, val_dl, progress, max_steps, num_params, [])
+    return Run(args, data_args, model_args, accelerator, run_id, lock, fingerprint, protocol, spec, datasets, model, ema,
+               optimizer, scheduler, train_dl, val_dl, progress, max_steps, num_params, [])
 
 
 def evaluate(run: Run) -> float:
@@ -399,73 +533,126 @@ def write_samples(model, args, folder, seed):
     return paths
 
 
-def train_loop(run: Run) -> bool:
-    """Optimizer steps until max_steps (True) or a stop request (False; a checkpoint is written either way)."""
+def apply_update(run: Run, grad_norm: torch.Tensor) -> bool:
+    """The optimizer step, unless the grad norm is >= --skip_grad_norm or not finite (the thesis' rule; the one
+    device sync of a step). A skipped step under fp16 still updates the loss scaler, which `unscale_` needs before the
+    next step (and which lowers its scale after an overflow)."""
+    accelerator = run.accelerator
+    # grads are all-reduced, so every rank takes the same decision
+    if torch.isfinite(grad_norm) and grad_norm < run.args.skip_grad_norm:
+        run.optimizer.step()
+        run.ema.update_parameters(accelerator.unwrap_model(run.model))
+        updated = True
+    else:
+        run.progress.skipped += 1
+        if accelerator.scaler is not None:
+            accelerator.scaler.update()
+        updated = False
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return updated
+
+
+class StepLog:
+    """Loss, tokens and grad norm summed on the device between logs: reading them waits for the device, so that
+    happens every --log_every steps, not every step."""
+
+    def __init__(self, device):
+        self.device = device
+        self.reset()
+
+    def reset(self):
+        self.loss = torch.zeros((), device=self.device)
+        self.tokens = torch.zeros((), device=self.device, dtype=torch.long)
+        self.steps, self.clock, self.grad_norm = 0, time.perf_counter(), None
+
+    def add(self, loss, attention_mask, grad_norm):
+        self.loss += loss.detach().float()
+        self.tokens += attention_mask.sum()
+        self.steps += 1
+        self.grad_norm = grad_norm
+
+    def read(self, run: Run) -> dict:
+        accelerator = run.accelerator
+        loss = accelerator.reduce(self.loss / max(self.steps, 1), "mean").item()
+        tokens = accelerator.reduce(self.tokens, "sum").item()
+        logs = {"train/loss": loss, "train/bits_per_sample": nats_to_bits(loss),
+                "train/lr": run.scheduler.get_last_lr()[0], "train/grad_norm": float(self.grad_norm),
+                "train/tokens_per_s": tokens / max(time.perf_counter() - self.clock, 1e-9),
+                "train/skipped_updates": run.progress.skipped}
+        self.reset()
+        return logs
+
+
+def train_epoch(run: Run, stop: "StopRequest", bar) -> Optional[bool]:
+    """The rest of the current epoch (from the saved position after a resume): True when max_steps is reached,
+    False when the run was stopped (after a checkpoint), None at the epoch's end."""
     args, accelerator, model, progress = run.args, run.accelerator, run.model, run.progress
+    run.train_dl.set_epoch(progress.epoch)
+    batches = (accelerator.skip_first_batches(run.train_dl, progress.batch_in_epoch) if progress.batch_in_epoch
+               else run.train_dl)
+    log = StepLog(accelerator.device)
+    model.train()
+    for batch in batches:
+        progress.batch_in_epoch += 1
+        with accelerator.accumulate(model):
+            loss = model(**batch).loss
+            accelerator.backward(loss)
+            if not accelerator.sync_gradients:
+                continue
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.grad_clip)
+            apply_update(run, grad_norm)
+        progress.step += 1
+        bar.update(1)
+        log.add(loss, batch["attention_mask"], grad_norm)
+
+        done = progress.step >= run.max_steps
+        logs = {}
+        if progress.step % args.log_every == 0 or done:
+            logs = log.read(run)
+            bar.set_postfix(loss=f"{logs['train/loss']:.3f}", bits=f"{logs['train/bits_per_sample']:.3f}")
+        if progress.step % args.eval_every == 0 or done:
+            logs["val/bits_per_sample"] = evaluate(run)
+            run.val_history.append((progress.step, logs["val/bits_per_sample"]))
+            model.train()
+            if accelerator.is_main_process:
+                bar.write(f"step {progress.step}: validation {logs['val/bits_per_sample']:.4f} bits/sample (EMA)")
+        if logs:
+            accelerator.log(logs, step=progress.step)
+        if args.sample_every and progress.step % args.sample_every == 0 and accelerator.is_main_process:
+            write_samples(run.ema.module, args, Path(args.output_dir) / "samples" / f"step_{progress.step:08d}",
+                          args.seed)
+            model.train()
+        # a stop request is polled with the logs (every process at the same steps: it is a collective)
+        polled = progress.step % args.log_every == 0 or done
+        preempt = (polled and stop.requested(accelerator)) or progress.step == args.stop_after_steps
+        if progress.step % args.save_every == 0 or done or preempt:
+            save_checkpoint(accelerator, args, progress, run.run_id, run.fingerprint)
+        if preempt:
+            logger.info("stopped at step %d (%s); resume with --resume_from_checkpoint latest", progress.step,
+                        stop.reason or "--stop_after_steps")
+            return False
+        if done:
+            return True
+    progress.epoch, progress.batch_in_epoch = progress.epoch + 1, 0
+    return None
+
+
+def train_loop(run: Run) -> bool:
+    """Epochs until max_steps (True) or a stop request (False; a checkpoint is written either way)."""
+    accelerator, progress = run.accelerator, run.progress
     stop = StopRequest()
     bar = tqdm(total=run.max_steps, initial=progress.step, disable=not accelerator.is_local_main_process, desc="train")
     if progress.step == 0:  # the untrained baseline, for the record
         run.val_history.append((0, evaluate(run)))
         accelerator.log({"val/bits_per_sample": run.val_history[-1][1]}, step=0)
-    tokens_seen, clock = 0, time.perf_counter()
-    while progress.step < run.max_steps:
-        run.train_dl.set_epoch(progress.epoch)
-        batches = (accelerator.skip_first_batches(run.train_dl, progress.batch_in_epoch) if progress.batch_in_epoch
-                   else run.train_dl)
-        model.train()
-        for batch in batches:
-            progress.batch_in_epoch += 1
-            with accelerator.accumulate(model):
-                loss = model(**batch).loss
-                accelerator.backward(loss)
-                tokens_seen += int(batch["attention_mask"].sum()) * accelerator.num_processes
-                if not accelerator.sync_gradients:
-                    continue
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.grad_clip)
-                # grads are all-reduced, so every rank takes the same decision
-                if torch.isfinite(grad_norm) and grad_norm < args.skip_grad_norm:
-                    run.optimizer.step()
-                    run.ema.update_parameters(accelerator.unwrap_model(model))
-                else:
-                    progress.skipped += 1
-                run.scheduler.step()
-                run.optimizer.zero_grad(set_to_none=True)
-            progress.step += 1
-            bar.update(1)
-
-            loss_value = accelerator.reduce(loss.detach(), "mean").item()
-            logs = {"train/loss": loss_value, "train/bits_per_sample": nats_to_bits(loss_value),
-                    "train/lr": run.scheduler.get_last_lr()[0], "train/grad_norm": float(grad_norm),
-                    "train/tokens_per_s": tokens_seen / max(time.perf_counter() - clock, 1e-9),
-                    "train/skipped_updates": progress.skipped}
-            tokens_seen, clock = 0, time.perf_counter()
-            bar.set_postfix(loss=f"{loss_value:.3f}", bits=f"{nats_to_bits(loss_value):.3f}")
-            if progress.step % args.eval_every == 0 or progress.step == run.max_steps:
-                logs["val/bits_per_sample"] = evaluate(run)
-                run.val_history.append((progress.step, logs["val/bits_per_sample"]))
-                model.train()
-                if accelerator.is_main_process:
-                    bar.write(f"step {progress.step}: validation {logs['val/bits_per_sample']:.4f} bits/sample (EMA)")
-            accelerator.log(logs, step=progress.step)
-            if args.sample_every and progress.step % args.sample_every == 0 and accelerator.is_main_process:
-                write_samples(run.ema.module, args, Path(args.output_dir) / "samples" / f"step_{progress.step:08d}",
-                              args.seed)
-                model.train()
-            done = progress.step >= run.max_steps
-            preempt = stop.requested(accelerator) or progress.step == args.stop_after_steps
-            if progress.step % args.save_every == 0 or done or preempt:
-                save_checkpoint(accelerator, args, progress, run.run_id)
-            if preempt:
-                bar.close()
-                logger.info("stopped at step %d (%s); resume with --resume_from_checkpoint latest", progress.step,
-                            stop.reason or "--stop_after_steps")
-                accelerator.end_training()
-                return False
-            if done:
-                break
-        else:
-            progress.epoch, progress.batch_in_epoch = progress.epoch + 1, 0
+    finished = None
+    while finished is None and progress.step < run.max_steps:
+        finished = train_epoch(run, stop, bar)
     bar.close()
+    if finished is False:
+        accelerator.end_training()
+        return False
     return True
 
 

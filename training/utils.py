@@ -1,6 +1,7 @@
 """Helpers shared by the scripts and the benchmarks: argument parsing, local-or-Hub paths, the CPU allocator."""
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -17,6 +18,26 @@ def parse_arguments(dataclass_types, argv=None, description=None):
         return parser.parse_args_into_dataclasses(args=argv if argv is not None else sys.argv[1:])
     except ValueError as e:
         parser.error(str(e))
+
+
+def check_flags(args, rules):
+    """`rules`: (flag, ok(value), what it allows) rows. A flag left at None (optional, not given) passes; any other
+    value must be a finite number (not a bool) that `ok` accepts, else a ValueError names the flag and its range."""
+    for name, ok, expected in rules:
+        value = getattr(args, name)
+        if value is None:
+            continue
+        number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if not number or not ok(value):
+            raise ValueError(f"--{name} {value!r}: expected {expected}")
+
+
+def at_least(minimum):
+    return lambda v: v >= minimum
+
+
+def positive(v):
+    return v > 0
 
 
 def check_local_or_hub(value: str, flag: str):

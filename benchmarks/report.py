@@ -1,0 +1,78 @@
+"""The results as Markdown tables (`results.md`)."""
+
+import math
+
+from bench_generate import PEERS
+from bench_length import CHUNK
+
+
+def gb(x):
+    return "-" if x is None or math.isnan(x) else f"{x:.2f}"
+
+
+def markdown(results):
+    m = results["machine"]
+    lines = [f"Machine: {m['device']}, {m['threads']} threads, torch {m['torch']}, {m['when']}.", ""]
+    if "scan" in results:
+        s = results["scan"]
+        lines += [f"**1. RG-LRU scan, forward + backward** (B={s['batch']}, T={s['length']}, {s['units']} complex units, "
+                  f"{s['array_mb']:.0f} MB per array; bound = memcpy of the 8 array passes = {s['bound_s'] * 1e3:.1f} ms)", "",
+                  "| implementation | time (ms) | x bound |", "|---|---|---|"]
+        lines += [f"| {r['implementation']} | {r['seconds'] * 1e3:.1f} | {r['over_bound']:.2f} |" for r in s["rows"]]
+        lines.append("")
+    if "train" in results:
+        t = results["train"]
+        lines += [f"**2. Training throughput, pooling vs none** (B={t['batch']}, T={t['length']}, "
+                  f"{'bf16 autocast' if m.get('gpu') else 'fp32'}; compiled: `torch.compile(model)`, first step "
+                  "untimed)", "", "| model | torch.compile | params | tokens/s | step (s) | peak GPU memory (GB) |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {r['model']} | {'yes' if r.get('compiled') else 'no'} | {r['params']:,} | "
+                  f"{r['tokens_per_s']:.0f} | {r['step_s']:.2f} | {gb(r.get('peak_gb'))} |"
+                  for r in t["rows"]]
+        eager = t.get("speedup_vs_no_pooling", t["rows"][0].get("speedup_vs_no_pooling", float("nan")))
+        lines += ["", f"Pooling speed-up: **{eager:.2f}x** eager, "
+                  f"{t.get('speedup_vs_no_pooling_best', eager):.2f}x best of eager and compiled (thesis: 1.87x)", ""]
+    if "peers" in results:
+        p = results["peers"]
+        lines += [f"**3. Training throughput vs peers** (B={p['batch']}, T={p['length']}, sizes matched within 10%)", "",
+                  "| model | kernels | params | tokens/s | step (s) | peak GPU memory (GB) | Poolformer speed-up |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in p["rows"]:
+            if "error" in r:
+                lines.append(f"| {r['model']} | - | - | {r['error']} | - | - | - |")
+                continue
+            speed = f"{r['poolformer_speedup']:.2f}x" if "poolformer_speedup" in r else "-"
+            lines.append(f"| {r['model']} | {r.get('kernels', '-')} | {r['params']:,} | {r['tokens_per_s']:.0f} | "
+                         f"{r['step_s']:.2f} | {gb(r.get('peak_gb'))} | {speed} |")
+        lines.append("")
+    if "generate" in results:
+        g = results["generate"]
+        lines += [f"**4. Generation samples/s** (sc09 model, {g['new_tokens']} new samples per row, sampling at "
+                  f"temperature 1; real time = {g['realtime_rate']} samples/s; peers: 640 samples, same sampling)", "",
+                  "| batch | threads | eager loop | generate, eager steps | generate, compiled step | compiled / loop | "
+                  "x real time | first compiled call (s) | " + " | ".join(PEERS) + " |",
+                  "|---" * (8 + len(PEERS)) + "|"]
+        for r in g["rows"]:
+            peers = " | ".join(f"{r[n]:.0f}" if n in r else "-" for n in PEERS)
+            lines.append(f"| {r['batch']} | {r['threads']:.0f} | {r['eager_loop']:.0f} | {r['generate_eager']:.0f} | "
+                         f"{r['generate_compiled']:.0f} | {r['compiled_over_loop']:.2f}x | "
+                         f"{r['generate_compiled'] / g['realtime_rate']:.3f} | {r['compile_s']:.1f} | {peers} |")
+        lines.append("")
+    if "length" in results:
+        lines += [f"**5. One training step vs sequence length** (B=1, fresh process per point; Poolformer: per-block "
+                  f"checkpointing up to T={CHUNK}, checkpointed time chunks of {CHUNK} beyond; GPT-2: per-layer "
+                  "checkpointing; peak = the process's RSS on CPU, where glibc returns freed tensors >= 1 MB to the OS; "
+                  "peak allocated memory on a GPU)",
+                  "", "| T | Poolformer step (s) | Poolformer peak (GB) | GPT-2 step (s) | GPT-2 peak (GB) |",
+                  "|---|---|---|---|---|"]
+        for r in results["length"]["rows"]:
+            def cell(x):
+                if x is None:
+                    return "-", "-"
+                if x["status"] != "ok":
+                    return x["status"], f"{x.get('peak_gb', float('nan')):.1f}"
+                return f"{x['step_s']:.2f}", f"{x['peak_gb']:.1f}"
+            p, q = cell(r["poolformer"]), cell(r.get("gpt2"))
+            lines.append(f"| 2^{int(math.log2(r['length']))} | {p[0]} | {p[1]} | {q[0]} | {q[1]} |")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,175 @@
+"""train.py refuses what it cannot do right, and does right what it accepts: numeric flags, the learning-rate
+schedule under data parallelism, fp16 loss scaling across skipped updates, resumes that would not continue the run,
+concurrent runs, half-written checkpoints, empty evaluations."""
+
+import json
+import re
+import resource
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from test_train import FAST, TRAIN, env, run, summary
+
+from conftest import ROOT
+
+EVALUATE = str(ROOT / "training" / "evaluate.py")
+
+
+def train(args, timeout=600):
+    return subprocess.run([sys.executable, TRAIN, *args], capture_output=True, text=True, timeout=timeout, env=env())
+
+
+@pytest.mark.parametrize("flag,value", [
+    ("--num_epochs", "-1"), ("--num_epochs", "0"), ("--grad_clip", "-1"), ("--grad_clip", "0"),
+    ("--learning_rate", "-0.001"), ("--learning_rate", "nan"), ("--warmup_steps", "-5"), ("--ema_decay", "-0.5"),
+    ("--ema_decay", "1.0"), ("--weight_decay", "-1"), ("--skip_grad_norm", "0"), ("--max_eval_batches", "0"),
+    ("--max_steps", "0"), ("--sample_seconds", "0"), ("--num_workers", "-1"), ("--log_every", "0"),
+    ("--dropout", "1.5"), ("--stop_after_steps", "0"), ("--batch_size", "0"),
+])
+def test_every_numeric_flag_is_validated(flag, value, capsys):
+    from training.data import DataArguments
+    from training.train import ModelArguments, TrainArguments
+    from training.utils import parse_arguments
+
+    with pytest.raises(SystemExit) as exit_:  # train.py's own parser: a usage error, before anything runs
+        parse_arguments((ModelArguments, DataArguments, TrainArguments), [flag, value])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert flag in err and "expected" in err
+
+
+@pytest.mark.parametrize("flag,value", [("--max_batches", "0"), ("--batch_size", "0"), ("--seconds", "-1")])
+def test_evaluate_validates_its_numeric_flags(tmp_path, flag, value):
+    proc = subprocess.run([sys.executable, EVALUATE, "--model", str(tmp_path), flag, value], capture_output=True,
+                          text=True, env=env(), timeout=120)
+    assert proc.returncode == 2 and flag in proc.stderr, proc.stderr[-2000:]
+
+
+def test_an_empty_evaluation_is_an_error_not_zero_bits():
+    from training.metrics import nll_bits
+
+    model = torch.nn.Module()
+    model.dummy = torch.nn.Parameter(torch.zeros(1))
+    with pytest.raises(ValueError, match="no sample was evaluated"):
+        nll_bits(model, [], max_batches=None)
+
+
+def test_skipped_fp16_updates_keep_the_loss_scaler_usable():
+    # a real GradScaler (CPU autocast has none, so it is given to the accelerator before prepare): after a skipped
+    # update the scaler must still be updated, or the next unscale_ raises
+    from accelerate import Accelerator
+    from torch.optim.swa_utils import AveragedModel
+    from transformers import get_scheduler
+
+    from training.train import Progress, apply_update
+
+    accelerator = Accelerator(cpu=True)
+    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    model = torch.nn.Linear(4, 1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    scheduler = get_scheduler("constant", optimizer)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
+    class Run:
+        pass
+
+    run_ = Run()
+    run_.accelerator, run_.model, run_.optimizer, run_.scheduler = accelerator, model, optimizer, scheduler
+    run_.ema, run_.progress = AveragedModel(model), Progress()
+    run_.args = type("Args", (), {"skip_grad_norm": 1e-12})()  # every update is skipped
+
+    def clipped_grad_norm():  # what accelerator.clip_grad_norm_ does under fp16: unscale_, then clip
+        accelerator.scaler.unscale_(optimizer.optimizer)
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), 200.0)
+
+    for _ in range(3):
+        accelerator.backward(model(torch.randn(8, 4)).square().mean())  # scaled by the scaler
+        assert apply_update(run_, clipped_grad_norm()) is False
+    assert run_.progress.skipped == 3
+    run_.args.skip_grad_norm = 1e9
+    before = [p.detach().clone() for p in model.parameters()]
+    accelerator.backward(model(torch.randn(8, 4)).square().mean())
+    assert apply_update(run_, clipped_grad_norm()) is True
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def _common(cache_dir):
+    return ["--dataset", str(cache_dir / "spoken_digits_v1"), *FAST, "--eval_every", "100", "--max_eval_batches",
+            "1", "--save_every", "2"]
+
+
+def test_resume_refuses_changed_settings_and_says_what_changed(cache_dir, tmp_path):
+    out = tmp_path / "run"
+    args = [*_common(cache_dir), "--output_dir", str(out), "--max_steps", "6", "--dropout", "0.1"]
+    run([*args, "--stop_after_steps", "2"])
+    proc = train([*args, "--batch_size", "2", "--resume_from_checkpoint", "latest"])
+    assert proc.returncode == 2 and "batch_size: 4 in the checkpoint, 2 now" in proc.stderr, proc.stderr[-2000:]
+    # the stored settings against others, as train.py compares them
+    from training.train import UsageError, check_resume
+
+    checkpoint = out / "checkpoints" / "step_00000002"
+    stored = json.loads((checkpoint / "run_args.json").read_text())
+    for path, value, named in [(("config", "dropout"), 0.3, "config.dropout: 0.1 in the checkpoint, 0.3 now"),
+                               (("data", "seq_len"), 800, "data.seq_len: 1200 in the checkpoint, 800 now"),
+                               (("num_processes",), 2, "num_processes: 1 in the checkpoint, 2 now"),
+                               (("lr_schedule",), "cosine", "lr_schedule: 'constant' in the checkpoint")]:
+        changed = json.loads(json.dumps(stored))
+        target = changed
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = value
+        with pytest.raises(UsageError, match=re.escape(named)):
+            check_resume(checkpoint, changed)
+    check_resume(checkpoint, stored)  # the same settings pass
+    run([*args, "--resume_from_checkpoint", "latest", "--max_steps", "8"])  # a constant schedule may be extended
+    assert summary(out)["steps"] == 8
+
+
+def test_resuming_another_runs_checkpoint_does_not_overwrite_a_finished_run(cache_dir, tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    run([*_common(cache_dir), "--output_dir", str(first), "--max_steps", "2"])
+    run([*_common(cache_dir), "--output_dir", str(second), "--max_steps", "2", "--seed", "1"])
+    exported = (second / "model" / "model.safetensors").read_bytes()
+    proc = train([*_common(cache_dir), "--output_dir", str(second), "--max_steps", "4",
+                  "--resume_from_checkpoint", str(first / "checkpoints" / "step_00000002")])
+    assert proc.returncode == 2 and "holds another run" in proc.stderr, proc.stderr[-2000:]
+    assert (second / "model" / "model.safetensors").read_bytes() == exported
+
+
+def test_one_run_at_a_time_per_output_dir(cache_dir, tmp_path):
+    out = tmp_path / "run"
+    args = [*_common(cache_dir), "--output_dir", str(out)]
+    run([*args, "--max_steps", "2", "--stop_after_steps", "2"])
+    first = subprocess.Popen([sys.executable, TRAIN, *args, "--max_steps", "100000", "--resume_from_checkpoint",
+                              "latest"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env())
+    try:
+        deadline = time.time() + 300  # the first run is training (and holds the folder) once it saves step 4
+        while not (out / "checkpoints" / "step_00000004").exists() and time.time() < deadline and first.poll() is None:
+            time.sleep(0.5)
+        second = train([*args, "--max_steps", "100000", "--resume_from_checkpoint", "latest"])
+        assert second.returncode == 2 and "in use by another train.py" in second.stderr, second.stderr[-2000:]
+    finally:
+        first.terminate()
+        first.communicate(timeout=300)
+
+
+def test_a_checkpoint_cut_short_by_the_disk_leaves_nothing_half_written(cache_dir, tmp_path):
+    # the first checkpoint is written; then files may not grow past 64 KB (as on a full disk): the next checkpoint
+    # fails with a clear error, leaves no temporary folder, and the run resumes from the last complete one
+    out = tmp_path / "run"
+    args = [*_common(cache_dir), "--output_dir", str(out)]
+    proc = subprocess.Popen([sys.executable, TRAIN, *args, "--max_steps", "100000"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env())
+    deadline = time.time() + 300
+    while not (out / "checkpoints" / "step_00000002").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and "could not be written" in output and "earlier checkpoints are intact" in output
+    assert not list((out / "checkpoints").glob(".tmp*"))
+    done = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
+    run([*args, "--max_steps", str(int(done[-1].split("_")[1]) + 2), "--resume_from_checkpoint", "latest"])
+    assert json.loads((out / "train_summary.json").read_text())["steps"] == int(done[-1].split("_")[1]) + 2
