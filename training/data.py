@@ -69,6 +69,8 @@ class DataArguments:
                 "built-in spoken digits"})
     protocol: str = field(default="auto", metadata={"help": "split and quantisation protocol", "choices": PROTOCOLS})
     audio_column: str = field(default="audio", metadata={"help": "audio column of a generic Hub dataset"})
+    dataset_config: Optional[str] = field(default=None, metadata={
+        "help": "the Hub dataset's configuration (e.g. v0.02 of google/speech_commands)"})
     seq_len: Optional[int] = field(default=None, metadata={
         "help": "samples per item (default: the protocol's, 16000 for SC09)"})
     mode: Optional[str] = field(default=None, metadata={
@@ -293,7 +295,7 @@ SPLITTERS = {"sc09": split_sc09, "beethoven": split_beethoven, "youtubemix": spl
 
 
 def load_splits(dataset: Optional[str], protocol: str = "auto", audio_column: str = "audio",
-                cache_dir: Optional[str] = None, sample_rate: int = 16000) -> tuple:
+                cache_dir: Optional[str] = None, sample_rate: int = 16000, dataset_config: Optional[str] = None) -> tuple:
     """Returns (protocol, {split: datasets.Dataset with an undecoded `audio` column}). Errors are raised here,
     before any training starts."""
     if protocol not in PROTOCOLS:
@@ -307,16 +309,20 @@ def load_splits(dataset: Optional[str], protocol: str = "auto", audio_column: st
         check_local_or_hub(dataset, "--dataset")
         if protocol == "auto":
             protocol = KNOWN_REPOS.get(dataset, "generic")
-        if protocol == "generic":
-            return protocol, _hub_splits(load_dataset(dataset, cache_dir=cache_dir), audio_column)
+        if protocol in ("generic", "sc09") and dataset not in KNOWN_REPOS:  # a parquet/arrow dataset on the Hub
+            data = load_dataset(dataset, dataset_config, cache_dir=cache_dir)
+            return protocol, _hub_splits(data, audio_column, digits_only=protocol == "sc09")
         from huggingface_hub import snapshot_download  # file-based repos (zips, lists) come down as a folder
 
         root = Path(snapshot_download(dataset, repo_type="dataset", cache_dir=cache_dir))
     _unpack_zips(root)
     files = _audio_files(root)
     if not files:
-        if protocol in ("auto", "generic"):  # a folder of parquet/arrow files: let datasets read it
-            return "generic", _hub_splits(load_dataset(str(root), cache_dir=cache_dir), audio_column)
+        tables = any(next(root.rglob(f"*.{ext}"), None) for ext in ("parquet", "arrow"))
+        if protocol in ("auto", "generic") or (protocol == "sc09" and tables):  # parquet/arrow: datasets reads it
+            data = load_dataset(str(root), cache_dir=cache_dir)
+            protocol = "sc09" if protocol == "sc09" else "generic"
+            return protocol, _hub_splits(data, audio_column, digits_only=protocol == "sc09")
         raise ValueError(f"no audio files ({', '.join(AUDIO_EXTENSIONS)}) under {root}")
     if protocol == "auto":
         protocol = "sc09" if _find(root, "testing_list.txt") else "generic"
@@ -343,9 +349,30 @@ def _with_validation(splits: dict) -> dict:
     return splits
 
 
-def _hub_splits(data, audio_column: str) -> dict:
+def _digits_only(data: DatasetDict) -> DatasetDict:
+    """SC09 out of a Speech Commands-style dataset (35 words, its own splits): the rows whose class label names a
+    digit, with the digit's name in front of their `path` (`zero/...`), as the SC09 folders have it."""
+    first = next(iter(data.values()))
+    label = next((c for c, f in first.features.items() if hasattr(f, "names") and set(DIGITS) <= set(f.names)), None)
+    if label is None:
+        raise ValueError("protocol 'sc09' on a dataset without audio files needs a class-label column whose names "
+                         f"include the ten digits (as google/speech_commands has); columns: {first.column_names}")
+    names = first.features[label].names
+    out = {}
+    for split, ds in data.items():
+        ds = ds.filter(lambda value: names[value] in DIGITS, input_columns=label)
+        files = ds["file"] if "file" in ds.column_names else [f"{i}.wav" for i in range(len(ds))]
+        paths = [f"{names[v]}/{Path(f).name}" for v, f in zip(ds[label], files)]
+        out[split] = ds.remove_columns([c for c in ("path", "key") if c in ds.column_names]).add_column(
+            "path", paths).add_column("key", paths)
+    return DatasetDict(out)
+
+
+def _hub_splits(data, audio_column: str, digits_only: bool = False) -> dict:
     if not isinstance(data, DatasetDict):
         data = DatasetDict({"train": data})
+    if digits_only:
+        data = _digits_only(data)
     columns = next(iter(data.values())).column_names
     if audio_column not in columns:
         raise ValueError(f"--audio_column {audio_column!r} is not a column of the dataset; it has {columns}")
@@ -461,7 +488,7 @@ def build_datasets(data_args: DataArguments, config) -> tuple:
     """(protocol, spec, {split: AudioTokenDataset}). The spec's quantisation is the protocol's (the model config's
     for `generic`); the config is only read: a caller whose model quantises otherwise decides what to do."""
     protocol, splits = load_splits(data_args.dataset, data_args.protocol, data_args.audio_column, data_args.cache_dir,
-                                   config.sample_rate)
+                                   config.sample_rate, data_args.dataset_config)
     defaults = PROTOCOL_DEFAULTS[protocol]
     spec = AudioSpec(
         sample_rate=config.sample_rate, quantization=defaults["quantization"] or config.quantization,

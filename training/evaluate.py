@@ -42,13 +42,20 @@ class EvaluateArguments:
     generate_batch_size: int = 64
     num_reference: int = field(default=2048, metadata={"help": "training clips for the reference statistics"})
     trim: bool = field(default=False, metadata={"help": "SaShiMi's likelihood trimming: keep NLL ranks 40%%-95%%"})
+    sample_dir: Optional[str] = field(default=None, metadata={
+        "help": "score these WAVs (a folder) instead of generating clips"})
+    threshold: bool = field(default=False, metadata={
+        "help": "also SaShiMi's IS-tuned lower/upper cut of the samples (its evaluator's --threshold)"})
     seed: int = 0
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     out: str = "eval_results.json"
 
     def __post_init__(self):
         if self.quality and not self.classifier:
-            raise ValueError("--quality needs --classifier (train one with training/train_classifier.py)")
+            raise ValueError("--quality needs --classifier: SaShiMi's resnext.pth (krandiash/sashimi-release), or one "
+                             "trained with training/train_classifier.py (not comparable with published numbers)")
+        if self.sample_dir and not Path(self.sample_dir).is_dir():
+            raise ValueError(f"--sample_dir {self.sample_dir}: no such folder")
         check_flags(self, [("batch_size", at_least(1), "an int >= 1"), ("generate_batch_size", at_least(1), "an int >= 1"),
                            ("max_batches", at_least(1), "an int >= 1 (leave it out for the whole split)"),
                            ("num_generate", at_least(2), "an int >= 2"), ("num_reference", at_least(2), "an int >= 2"),
@@ -88,6 +95,83 @@ def generate_clips(model, args):
     return clip, nll, protocol
 
 
+def sample_quality_of(model, args, datasets, spec) -> dict:
+    """SaShiMi's evaluator when --classifier is its ResNeXt (`resnext.pth`, a pickled module): the numbers the thesis
+    reports; else this project's small classifier (a .safetensors or state dict), whose numbers are not comparable
+    with published ones."""
+    from training.sashimi_eval import load_resnext, sashimi_quality
+
+    if args.sample_dir:
+        clips, gen_nll, protocol = None, None, f"the WAVs in {args.sample_dir}"
+    else:
+        clips, gen_nll, protocol = generate_clips(model, args)
+    try:
+        load_resnext(args.classifier)
+    except ValueError as not_resnext:
+        if args.threshold:
+            raise SystemExit(f"evaluate.py: error: --threshold needs SaShiMi's classifier ({not_resnext})")
+        return small_classifier_quality(model, args, datasets, spec, clips, gen_nll, protocol)
+    if "test" not in datasets:
+        raise SystemExit("evaluate.py: error: SaShiMi's evaluator scores the test split against the train split; the "
+                         f"dataset has {sorted(datasets)}")
+    splits = {split: sashimi_items(datasets[split].data) for split in ("train", "test")}
+    samples = args.sample_dir or [c.numpy() for c in clips]
+    quality = sashimi_quality(args.classifier, splits["train"], splits["test"], samples, threshold=args.threshold)
+    quality.update(evaluator="SaShiMi's test_speech_commands.py (ResNeXt classifier): comparable with published "
+                             "SC09 numbers", generation=protocol)
+    if gen_nll is not None:
+        quality["generated_nll_bits_per_sample"] = gen_nll.mean().item()
+    shown = quality.get("samples_tuned", quality["samples"])
+    print("quality (SaShiMi's evaluator): " + ", ".join(f"{k} {shown[k]:.3f}" for k in ("fid", "is", "mis", "am"))
+          + f"; classifier accuracy on test {quality['test_accuracy']:.3f}")
+    print(f"  reference: test set FID {quality['test_set']['fid']:.3f}, IS {quality['test_set']['is']:.3f} ({protocol})")
+    return quality
+
+
+def sashimi_items(data) -> list:
+    """A split's clips for SaShiMi's evaluator: their files, or (`<digit>/<file>`, the encoded bytes) when the audio
+    lives in the dataset (SC09 out of google/speech_commands)."""
+    import io
+
+    if "path" not in data.column_names:
+        raise SystemExit("evaluate.py: error: SaShiMi's evaluator needs SC09 clips labelled by digit (an SC09 folder, "
+                         "krandiash/sc09, or --protocol sc09 on a Speech Commands dataset)")
+    items = []
+    for name, audio in zip(data["path"], data["audio"]):
+        if audio.get("bytes"):
+            items.append((name, io.BytesIO(audio["bytes"])))
+        else:
+            items.append(audio.get("path") or name)
+    return items
+
+
+def small_classifier_quality(model, args, datasets, spec, clips, gen_nll, protocol) -> dict:
+    """FID/IS/mIS/AM with this project's small digit classifier: for users without SaShiMi's ResNeXt; not
+    comparable with published numbers."""
+    from modeling_poolformer.audio import load_audio
+    from training.sashimi_eval import sample_files
+    from training.train_classifier import DigitClips
+
+    classifier = DigitClassifier.load(args.classifier)
+    if clips is None:
+        waves = [torch.from_numpy(load_audio(f, model.config.sample_rate)) for f in sample_files(args.sample_dir)]
+        clips = torch.zeros(len(waves), model.config.sample_rate)
+        for i, w in enumerate(waves):
+            clips[i, : min(len(w), clips.shape[1])] = w[: clips.shape[1]]
+    reference_set = DigitClips(datasets["train"].data, spec.quantization, model.config.sample_rate)
+    picks = torch.randperm(len(reference_set), generator=torch.Generator().manual_seed(args.seed))
+    reference = torch.stack([reference_set[int(i)][0] for i in picks[: args.num_reference]])
+    quality = sample_quality(classifier, clips, reference, seed=args.seed)
+    quality.update(evaluator="this project's small digit classifier: NOT comparable with published SC09 numbers",
+                   generation=protocol, reference=f"{len(reference)} training clips")
+    if gen_nll is not None:
+        quality["generated_nll_bits_per_sample"] = gen_nll.mean().item()
+    print("quality (small classifier, not comparable with published numbers): "
+          + ", ".join(f"{k} {quality[k]:.3f}" for k in ("fid", "is", "mis", "am")))
+    print(f"  ({protocol})")
+    return quality
+
+
 def main(argv=None):
     args, data_args = parse_arguments((EvaluateArguments, DataArguments), argv, __doc__)
     torch.manual_seed(args.seed)
@@ -115,19 +199,7 @@ def main(argv=None):
         print(f"{args.split}: {bits:.4f} bits/sample over {count} samples")
 
     if args.quality:
-        from training.train_classifier import DigitClips
-
-        classifier = DigitClassifier.load(args.classifier)
-        generated, gen_nll, gen_protocol = generate_clips(model, args)
-        reference_set = DigitClips(datasets["train"].data, spec.quantization, config.sample_rate)
-        picks = torch.randperm(len(reference_set), generator=torch.Generator().manual_seed(args.seed))
-        reference = torch.stack([reference_set[int(i)][0] for i in picks[: args.num_reference]])
-        quality = sample_quality(classifier, generated, reference, seed=args.seed)
-        quality.update(generation=gen_protocol, reference=f"{len(reference)} training clips",
-                       generated_nll_bits_per_sample=gen_nll.mean().item())
-        result["quality"] = quality
-        print("quality: " + ", ".join(f"{k} {quality[k]:.3f}" for k in ("fid", "is", "mis", "am")))
-        print(f"  ({gen_protocol})")
+        result["quality"] = sample_quality_of(model, args, datasets, spec)
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -68,7 +68,8 @@ def main(argv=None):
                          "--seq_len, --mode and --no_minmax do not apply)")
     torch.manual_seed(args.seed)
 
-    _, splits = load_splits(data_args.dataset, "sc09", data_args.audio_column, data_args.cache_dir)
+    _, splits = load_splits(data_args.dataset, "sc09", data_args.audio_column, data_args.cache_dir,
+                            dataset_config=data_args.dataset_config)
     sets = {name: DigitClips(ds, args.quantization) for name, ds in splits.items()}
     loaders = {name: torch.utils.data.DataLoader(s, batch_size=args.batch_size, shuffle=(name == "train"),
                                                  generator=torch.Generator().manual_seed(args.seed))
