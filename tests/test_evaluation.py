@@ -11,7 +11,7 @@ import torch
 from test_train import FAST, env, run, summary
 
 from conftest import ROOT
-from training.data import load_splits, make_spoken_digits
+from training.data import load_splits
 from training.metrics import DigitClassifier, am_score, modified_inception_score, sample_quality
 from training.train_classifier import DigitClips
 from training.train_classifier import main as train_classifier
@@ -20,8 +20,8 @@ SCRIPTS = ROOT / "training"
 
 
 @pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    return make_spoken_digits(tmp_path_factory.mktemp("data") / "spoken_digits_v1")
+def digits(cache_dir):
+    return cache_dir / "spoken_digits_v1"  # rendered once per session (conftest)
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,6 @@ def evaluate(args):
     return proc
 
 
-@pytest.mark.compat
 def test_evaluate_nll_equals_training_validation_and_ignores_batch_size(trained, digits, tmp_path):
     val_bits = summary(trained)["val_bits_per_sample"]
     results = []

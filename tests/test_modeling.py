@@ -28,7 +28,6 @@ def _fresh_env(tmp_path):
     return env
 
 
-@pytest.mark.compat
 def test_saved_folder_is_a_complete_repo_and_loads_with_remote_code(tmp_path):
     model = PoolformerForCausalLM(hub_config("sc09", layers_per_level=2)).eval()
     model.save_pretrained(tmp_path / "saved")
@@ -60,7 +59,8 @@ def test_saved_folder_is_a_complete_repo_and_loads_with_remote_code(tmp_path):
             model = AutoModelForCausalLM.from_pretrained({str(copy)!r}, trust_remote_code=True,
                                                          scan_implementation="triton").eval()
             with torch.no_grad():
-                torch.testing.assert_close(model(ids).logits, want, rtol=1e-5, atol=1e-5)
+                # a short prefix: the interpreter runs each Triton program in numpy
+                torch.testing.assert_close(model(ids[:1, :20]).logits, want[:1, :20], rtol=1e-5, atol=1e-5)
             print("triton scan from the saved folder")
     """)
     run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=_fresh_env(tmp_path),

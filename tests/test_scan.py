@@ -107,7 +107,7 @@ needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, re
 
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.complex64])
-@pytest.mark.parametrize("batch,length,units", [(1, 1, 3), (3, 37, 5), (2, 70, 37)])
+@pytest.mark.parametrize("batch,length,units", [(1, 1, 3), (3, 37, 5), pytest.param(2, 70, 37, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("with_h0", [False, True])
 def test_triton_scan_equals_sequential(dtype, batch, length, units, with_h0):
     a, u, h0 = _inputs(dtype, batch=batch, length=length, units=units, with_h0=with_h0)
@@ -139,6 +139,7 @@ def test_triton_scan_gradcheck(dtype):
 
 
 @needs_triton
+@pytest.mark.slow  # the interpreter runs the whole model's scans in numpy: ~25 s
 def test_model_with_triton_scan_equals_numba_or_loop():
     from conftest import hub_config
     from modeling_poolformer import PoolformerForCausalLM

@@ -171,16 +171,21 @@ def test_push_to_hub_and_load_back(cache_dir, tmp_path):
         server.stop()
 
 
-def test_bad_arguments_fail_before_training(tmp_path):
-    proc = subprocess.run([sys.executable, TRAIN, "--dataset", str(tmp_path), "--protocol", "nope"],
-                          capture_output=True, text=True, env=env())
-    assert proc.returncode == 2 and "--protocol" in proc.stderr
+def test_bad_arguments_fail_before_training(tmp_path, capsys):
+    from training.data import DataArguments
+    from training.train import ModelArguments, TrainArguments
+    from training.utils import parse_arguments
+
+    for argv, message in [(["--dataset", str(tmp_path), "--protocol", "nope"], "--protocol"),
+                          (["--model_config", str(tmp_path)], "no config.json"),
+                          (["--checkpoint_chunk_size", "-1"], "--checkpoint_chunk_size")]:
+        with pytest.raises(SystemExit) as exit_:
+            parse_arguments((ModelArguments, DataArguments, TrainArguments), argv)
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
+    # and the script itself: a usage error (exit 2) before training
     proc = subprocess.run([sys.executable, TRAIN, "--model_config", str(tmp_path)], capture_output=True, text=True,
                           env=env())
     assert proc.returncode == 2 and "no config.json" in proc.stderr
-    proc = subprocess.run([sys.executable, TRAIN, "--checkpoint_chunk_size", "-1"], capture_output=True, text=True,
-                          env=env())
-    assert proc.returncode == 2 and "--checkpoint_chunk_size" in proc.stderr
 
 
 def _checkpoints(out):
@@ -202,6 +207,10 @@ def test_a_finished_run_is_not_overwritten_and_rotation_stays_within_a_run(cache
 
     run([*args, "--overwrite_output_dir", "--stop_after_steps", "2", "--seed", "1"])  # a new run, preempted
     assert _checkpoints(out) == ["step_00000001", "step_00000002"] and not (out / "model").exists()
+    # resuming the first run's checkpoint into the folder that now holds the second run is refused
+    proc = subprocess.run([sys.executable, TRAIN, *args, "--resume_from_checkpoint", str(alien)], capture_output=True,
+                          text=True, env=env(), timeout=300)
+    assert proc.returncode == 2 and "holds another run" in proc.stderr and "would overwrite it" in proc.stderr
     shutil.copytree(alien, out / "checkpoints" / "step_00000099")  # another run's, at a higher step
     run([*args, "--resume_from_checkpoint", "latest", "--seed", "1"])  # resumes the new run, not step 99
     assert summary(out)["steps"] == 3
