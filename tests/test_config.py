@@ -97,3 +97,30 @@ def test_overrides_and_later_edits_are_validated(tmp_path):
     config.pooling_groups = 5
     with pytest.raises(ValueError, match=r"PoolformerConfig\.pooling_groups=5"):
         PoolformerForCausalLM(config)
+
+
+@pytest.mark.parametrize("width", [32, 96, 200])
+def test_the_defaults_build_at_any_even_width(width):
+    config = PoolformerConfig(hidden_size=width, lru_width=64, num_gate_blocks=4, layers_per_level=1)
+    assert config.pooling_groups == width  # depthwise pooling, whatever the width
+    model = PoolformerForCausalLM(config)
+    assert model.model.body.down_pool.proj.groups == width
+
+
+def test_every_error_comes_from_the_rule_table():
+    from modeling_poolformer.configuration_poolformer import _RULES
+
+    assert [field for field, _, _ in _RULES] == list(dict.fromkeys(field for field, _, _ in _RULES))  # once each
+    assert {f for f, _ in INVALID} <= {field for field, _, _ in _RULES}
+
+
+def test_a_key_one_edit_from_a_field_warns():
+    for typo, field in [("pooling_group", "pooling_groups"), ("drpout", "dropout"), ("hiden_size", "hidden_size"),
+                        ("causal_shfit", "causal_shift")]:
+        with pytest.warns(UserWarning, match=f"unknown key '{typo}'.*did you mean '{field}'"):
+            PoolformerConfig(**{typo: 1})
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # transformers' own keys and far-off ones are kept quietly
+        PoolformerConfig(architectures=["PoolformerForCausalLM"], my_note="x")
