@@ -12,10 +12,6 @@ import pytest
 import torch
 from test_train import FAST, TRAIN, env, run, summary
 
-from conftest import ROOT
-
-EVALUATE = str(ROOT / "training" / "evaluate.py")
-
 
 def train(args, timeout=600):
     return subprocess.run([sys.executable, TRAIN, *args], capture_output=True, text=True, timeout=timeout, env=env())
