@@ -75,4 +75,22 @@ def markdown(results):
             p, q = cell(r["poolformer"]), cell(r.get("gpt2"))
             lines.append(f"| 2^{int(math.log2(r['length']))} | {p[0]} | {p[1]} | {q[0]} | {q[1]} |")
         lines.append("")
+    if "data" in results:
+        d = results["data"]
+        lines += ["**6. Data at scale** (synthetic 1-s 16-bit clips; start-up = building the splits and the header "
+                  "index in a fresh process; RSS growth = peak RSS over the process's RSS after its imports)", "",
+                  "| source | run | start-up (s) | RSS growth (MB) | items |", "|---|---|---|---|---|"]
+        lines += [f"| {r['source']} | {r['run']} | {r['seconds']:.2f} | {r['rss_growth_mb']:.0f} | {r['items']:,} |"
+                  if "error" not in r else f"| {r['source']} | {r['run']} | {r['error']} | - | - |"
+                  for r in d["startup"]]
+        w = d["window"]
+        lines += ["", f"1-s window of a 1-hour file: {w['window_of_hour_ms']:.2f} ms per item vs a 1-s file "
+                  f"{w['one_s_file_ms']:.2f} ms (**{w['ratio']:.2f}x**)", "",
+                  "| loader | workers | tokens/s | x training |", "|---|---|---|---|"]
+        lines += [f"| {r['kind']} | {r['workers']} | {r['tokens_per_s']:,.0f} | "
+                  f"{r['tokens_per_s'] / d['train_tokens_per_s']:.1f} |" for r in d["loader"]]
+        lines += ["", f"SC09 model training: {d['train_tokens_per_s']:,.0f} tokens/s on the same machine.", "",
+                  "| target | met |", "|---|---|"]
+        lines += [f"| {k} | {'yes' if v else '**no**'} |" for k, v in d["targets"].items()]
+        lines.append("")
     return "\n".join(lines)

@@ -1,6 +1,6 @@
 """Poolformer benchmarks, every comparison measured side by side in one run on this machine.
 
-    python benchmarks/run.py [--quick] [--out benchmarks/results] [--only scan,train,peers,generate,length]
+    python benchmarks/run.py [--quick] [--out benchmarks/results] [--only scan,train,peers,generate,length,data]
 
 Writes `<out>/results.md` (the tables) and `<out>/results.json`; sections left out of `--only` keep the results an
 earlier run wrote there. Sections:
@@ -14,7 +14,10 @@ earlier run wrote there. Sections:
    calls vs `generate` with eager steps vs `generate` with the compiled step (its first call, with an empty inductor
    cache, timed apart), and the peers' `generate` (batch 1, 16);
 5. length: time and peak memory of one training step as T grows (B=1, checkpointing on), with the
-   transformer beside it until it runs out of memory or time.
+   transformer beside it until it runs out of memory or time;
+6. data: start-up (cold and cached index) and peak RSS for 1,000 and 20,000 files and a 20,000-clip parquet of
+   bytes, a 1-s window of a 1-hour file vs a 1-s file, loader tokens/s (0 and 4 workers, map-style and streamed)
+   next to the SC09 model's training tokens/s, and the targets met (synthetic data under benchmarks/data_cache/).
 
 On a CUDA machine every section runs on the GPU, with the GPU's sizes: the scan compares the Triton kernel with the
 chunked torch scan; training runs under bf16 autocast (the recurrence stays fp32) at T=16000 for all models, with
@@ -36,6 +39,7 @@ import torch
 
 from training.utils import tune_cpu_allocator
 
+from bench_data import bench_data, child_startup
 from bench_generate import bench_generate, child_generate
 from bench_length import bench_length, one_step
 from bench_scan import bench_scan
@@ -57,6 +61,8 @@ def main():
             return child_train(rest[0], int(rest[1]), int(rest[2]))
         if mode == "generate":
             return child_generate(rest[0], int(rest[1]), int(rest[2]))
+        if mode == "data":
+            return child_startup(*rest)
         return one_step(rest[0], int(rest[1]))
     tune_cpu_allocator()  # train.py's CPU setting, for every model alike
     torch.manual_seed(0)
@@ -64,7 +70,7 @@ def main():
     results = {"machine": {"device": device, "gpu": DEVICE == "cuda", "threads": torch.get_num_threads(),
                            "torch": torch.__version__, "when": time.strftime("%Y-%m-%d"), "quick": args.quick}}
     sections = {"scan": bench_scan, "train": bench_train, "peers": bench_peers, "generate": bench_generate,
-                "length": bench_length}
+                "length": bench_length, "data": bench_data}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if (out / "results.json").is_file():  # sections not run this time keep their earlier results

@@ -285,3 +285,29 @@ def test_compiled_training_under_accelerate_dynamo_backend(cache_dir, tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     s = summary(out)
     assert (s["mixed_precision"], s["dynamo_backend"], s["steps"]) == ("bf16", "inductor", 4)
+
+
+@pytest.mark.slow
+def test_two_process_streamed_run_stops_resumes_and_equals_the_uninterrupted_one(cache_dir, tmp_path):
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", TRAIN]
+    common = ["--dataset", str(cache_dir / "spoken_digits_v1"), *FAST, "--streaming", "--shuffle_buffer", "50",
+              "--max_steps", "6", "--eval_every", "3", "--max_eval_batches", "2", "--dropout", "0.1", "--seed", "3"]
+
+    def launched(*extra):
+        proc = subprocess.run([*launch, *common, *extra], capture_output=True, text=True, timeout=600, env=env())
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+    launched("--output_dir", str(tmp_path / "straight"))
+    launched("--output_dir", str(tmp_path / "split"), "--stop_after_steps", "3")
+    ckpt = tmp_path / "split" / "checkpoints" / "step_00000003"
+    assert (ckpt / "stream_state_0.pt").exists() and (ckpt / "stream_state_1.pt").exists()
+    launched("--output_dir", str(tmp_path / "split"), "--resume_from_checkpoint", "latest")
+    a, b = load_file(tmp_path / "straight" / "model" / "model.safetensors"), load_file(
+        tmp_path / "split" / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch_equal(a[k], b[k]) for k in a)
+    assert summary(tmp_path / "split")["val_history"][-1] == summary(tmp_path / "straight")["val_history"][-1]
+
+
+def torch_equal(x, y):
+    return bool((x - y).abs().max() == 0)

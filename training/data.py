@@ -24,6 +24,7 @@ min-max scaled per clip, quantised, and prefixed with the zero token. Padding is
 import hashlib
 import io
 import logging
+import math
 import os
 import re
 import shutil
@@ -37,11 +38,11 @@ from typing import Optional
 import numpy as np
 import soundfile
 import torch
-from datasets import Audio, Dataset, DatasetDict, load_dataset
+from datasets import Audio, Dataset, DatasetDict, IterableDataset, IterableDatasetDict, load_dataset
 
 from modeling_poolformer import encode_audio
 from modeling_poolformer.audio import resample
-from training.utils import check_local_or_hub
+from training.utils import check_flags, check_local_or_hub
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ PROTOCOL_DEFAULTS = {
 }
 KNOWN_REPOS = {"krandiash/sc09": "sc09", "krandiash/beethoven": "beethoven", "krandiash/youtubemix": "youtubemix"}
 VALIDATION_FRACTION = 0.05
+STREAM_SHARDS = 64  # shards of a streamed folder: any process count up to 64 that divides it reads whole shards
 
 
 @dataclass
@@ -77,11 +79,21 @@ class DataArguments:
         "help": "pad whole clips, or cut fixed windows (default: the protocol's)", "choices": ("pad", "window")})
     no_minmax: bool = field(default=False, metadata={"help": "skip per-clip min-max scaling before quantisation"})
     cache_dir: Optional[str] = field(default=None, metadata={
-        "help": "where datasets and the rendered default set are cached"})
+        "help": "where datasets, file indexes (index/) and the rendered default set are cached (default: "
+                "~/.cache/poolformer-hf; Hub downloads: datasets' own cache)"})
+    streaming: bool = field(default=False, metadata={
+        "help": "read the dataset as a stream (load_dataset(..., streaming=True)): nothing is downloaded or indexed "
+                "ahead; each process reads its own shards; training counts --max_steps"})
+    shuffle_buffer: int = field(default=1000, metadata={
+        "help": "with --streaming: items in the shuffle buffer (0: stream order); checkpoints hold the buffer"})
+    preprocessing_num_workers: Optional[int] = field(default=None, metadata={
+        "help": "processes that read the file headers for the index (default: up to 8 for 10,000 files or more)"})
 
     def __post_init__(self):
         if self.seq_len is not None and self.seq_len < 1:
             raise ValueError(f"--seq_len must be >= 1, got {self.seq_len}")
+        check_flags(self, [("shuffle_buffer", lambda v: isinstance(v, int) and v >= 0, "an int >= 0"),
+                           ("preprocessing_num_workers", lambda v: isinstance(v, int) and v >= 1, "an int >= 1")])
         if self.dataset is not None:
             check_local_or_hub(self.dataset, "--dataset")
 
@@ -280,9 +292,13 @@ def carve_validation(train: Dataset) -> tuple:
     (relative to the dataset folder; its row number when it has none). The one rule for every source without a
     validation split."""
     column = next((c for c in ("key", "path") if c in train.column_names), None)
-    paths = train[column] if column else [a.get("path") for a in train["audio"]]
+    if column:
+        paths = list(train[column])
+    else:  # the audio column's `path` field alone (absent for decoded arrays): its bytes are never read
+        flat = train.select_columns(["audio"]).flatten()
+        paths = list(flat["audio.path"]) if "audio.path" in flat.column_names else [None] * len(train)
     keys = [p if p else f"row {i}" for i, p in enumerate(paths)]
-    hashes = [int(hashlib.sha1(k.encode()).hexdigest()[:8], 16) / 2**32 for k in keys]
+    hashes = [_stable_fraction(k) for k in keys]
     held = [i for i, h in enumerate(hashes) if h < VALIDATION_FRACTION]
     if not held:
         held = [min(range(len(hashes)), key=hashes.__getitem__)]
@@ -295,9 +311,12 @@ SPLITTERS = {"sc09": split_sc09, "beethoven": split_beethoven, "youtubemix": spl
 
 
 def load_splits(dataset: Optional[str], protocol: str = "auto", audio_column: str = "audio",
-                cache_dir: Optional[str] = None, sample_rate: int = 16000, dataset_config: Optional[str] = None) -> tuple:
-    """Returns (protocol, {split: datasets.Dataset with an undecoded `audio` column}). Errors are raised here,
-    before any training starts."""
+                cache_dir: Optional[str] = None, sample_rate: int = 16000, dataset_config: Optional[str] = None,
+                streaming: bool = False) -> tuple:
+    """Returns (protocol, {split: datasets.Dataset with an undecoded `audio` column}), or with `streaming`
+    {split: datasets.IterableDataset}: parquet/arrow sources (Hub or local) through `load_dataset(...,
+    streaming=True)`, never downloaded or converted as a whole; a folder of audio files as its file list in
+    STREAM_SHARDS shards. Errors are raised here, before any training starts."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"--protocol must be one of {PROTOCOLS}, got {protocol!r}")
     cache = Path(cache_dir or Path.home() / ".cache" / "poolformer-hf")
@@ -310,7 +329,7 @@ def load_splits(dataset: Optional[str], protocol: str = "auto", audio_column: st
         if protocol == "auto":
             protocol = KNOWN_REPOS.get(dataset, "generic")
         if protocol in ("generic", "sc09") and dataset not in KNOWN_REPOS:  # a parquet/arrow dataset on the Hub
-            data = load_dataset(dataset, dataset_config, cache_dir=cache_dir)
+            data = load_dataset(dataset, dataset_config, cache_dir=cache_dir, streaming=streaming)
             return protocol, _hub_splits(data, audio_column, digits_only=protocol == "sc09")
         from huggingface_hub import snapshot_download  # file-based repos (zips, lists) come down as a folder
 
@@ -320,7 +339,7 @@ def load_splits(dataset: Optional[str], protocol: str = "auto", audio_column: st
     if not files:
         tables = any(next(root.rglob(f"*.{ext}"), None) for ext in ("parquet", "arrow"))
         if protocol in ("auto", "generic") or (protocol == "sc09" and tables):  # parquet/arrow: datasets reads it
-            data = load_dataset(str(root), cache_dir=cache_dir)
+            data = load_dataset(str(root), cache_dir=cache_dir, streaming=streaming)
             protocol = "sc09" if protocol == "sc09" else "generic"
             return protocol, _hub_splits(data, audio_column, digits_only=protocol == "sc09")
         raise ValueError(f"no audio files ({', '.join(AUDIO_EXTENSIONS)}) under {root}")
@@ -335,11 +354,32 @@ def load_splits(dataset: Optional[str], protocol: str = "auto", audio_column: st
             out[name] = ds.cast_column("audio", Audio(decode=False))
     if "train" not in out:
         raise ValueError(f"protocol {protocol!r} found no training files under {root}")
-    return protocol, _with_validation(out)
+    out = _with_validation(out)
+    if streaming:  # shards of the file list, so that processes and workers each read their own files
+        out = {name: ds.to_iterable_dataset(num_shards=min(len(ds), STREAM_SHARDS)) for name, ds in out.items()}
+    return protocol, out
+
+
+def _stable_fraction(key: str) -> float:
+    return int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) / 2**32
+
+
+def carve_validation_stream(train) -> tuple:
+    """carve_validation for a stream: the same hash of each item's key or path (its position in the stream when it
+    has neither), applied as a filter on the fly."""
+    def held(example, i):
+        key = example.get("key") or example.get("path") or (example.get("audio") or {}).get("path") or f"row {i}"
+        return _stable_fraction(key) < VALIDATION_FRACTION
+
+    return (train.filter(lambda ex, i: not held(ex, i), with_indices=True), train.filter(held, with_indices=True))
 
 
 def _with_validation(splits: dict) -> dict:
-    if "validation" not in splits and "train" in splits:
+    if "validation" not in splits and "train" in splits and isinstance(splits["train"], IterableDataset):
+        splits["train"], splits["validation"] = carve_validation_stream(splits["train"])
+        logger.info("no validation split: a stable %.0f%% of the streamed training items is held out (hash of the "
+                    "path)", 100 * VALIDATION_FRACTION)
+    elif "validation" not in splits and "train" in splits:
         if len(splits["train"]) < 2:
             raise ValueError("the dataset has one training file and no validation split, so none can be held out: "
                              "add a validation/ subfolder (or split) or more files")
@@ -353,7 +393,8 @@ def _digits_only(data: DatasetDict) -> DatasetDict:
     """SC09 out of a Speech Commands-style dataset (35 words, its own splits): the rows whose class label names a
     digit, with the digit's name in front of their `path` (`zero/...`), as the SC09 folders have it."""
     first = next(iter(data.values()))
-    label = next((c for c, f in first.features.items() if hasattr(f, "names") and set(DIGITS) <= set(f.names)), None)
+    label = next((c for c, f in (first.features or {}).items()
+                  if hasattr(f, "names") and set(DIGITS) <= set(f.names)), None)
     if label is None:
         raise ValueError("protocol 'sc09' on a dataset without audio files needs a class-label column whose names "
                          f"include the ten digits (as google/speech_commands has); columns: {first.column_names}")
@@ -361,23 +402,32 @@ def _digits_only(data: DatasetDict) -> DatasetDict:
     out = {}
     for split, ds in data.items():
         ds = ds.filter(lambda value: names[value] in DIGITS, input_columns=label)
+        if isinstance(ds, IterableDataset):  # named on the fly
+            def named(example):
+                path = f"{names[example[label]]}/{Path(example.get('file') or 'clip.wav').name}"
+                return {"path": path, "key": path}
+
+            out[split] = ds.map(named)
+            continue
         files = ds["file"] if "file" in ds.column_names else [f"{i}.wav" for i in range(len(ds))]
         paths = [f"{names[v]}/{Path(f).name}" for v, f in zip(ds[label], files)]
         out[split] = ds.remove_columns([c for c in ("path", "key") if c in ds.column_names]).add_column(
             "path", paths).add_column("key", paths)
-    return DatasetDict(out)
+    return IterableDatasetDict(out) if isinstance(data, IterableDatasetDict) else DatasetDict(out)
 
 
 def _hub_splits(data, audio_column: str, digits_only: bool = False) -> dict:
-    if not isinstance(data, DatasetDict):
+    if isinstance(data, IterableDataset):
+        data = IterableDatasetDict({"train": data})
+    elif not isinstance(data, (DatasetDict, IterableDatasetDict)):
         data = DatasetDict({"train": data})
     if digits_only:
         data = _digits_only(data)
     columns = next(iter(data.values())).column_names
-    if audio_column not in columns:
+    if columns is not None and audio_column not in columns:
         raise ValueError(f"--audio_column {audio_column!r} is not a column of the dataset; it has {columns}")
     names = {"valid": "validation", "val": "validation", "dev": "validation"}
-    feature = next(iter(data.values())).features[audio_column]
+    feature = (next(iter(data.values())).features or {}).get(audio_column)
     decoded = isinstance(feature, dict) and {"array", "sampling_rate"} <= set(feature)
     out = {}
     for split, ds in data.items():
@@ -390,7 +440,7 @@ def _hub_splits(data, audio_column: str, digits_only: bool = False) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Token sequences
+# Token sequences: a header-only index (cached), windowed reads, and the streamed variant
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -405,49 +455,156 @@ class AudioSpec:
     minmax: bool = True  # per-clip min-max scaling to [-1, 1] before quantisation
 
 
+INDEX_VERSION = 1  # bump when the index's columns or their meaning change: old cached indexes are then not reused
+RESAMPLE_MARGIN = 512  # extra frames read on both sides of a resampled window: soxr's filter sees real context
+
+
 def _source(audio: dict):
     return io.BytesIO(audio["bytes"]) if audio.get("bytes") else audio["path"]
 
 
-def _frames_and_rate(audio: dict) -> tuple:
-    """(frames, sample rate) of an item's audio: its header, or a decoded array's length."""
+def _header(audio: dict) -> tuple:
+    """(frames, sample rate) at the item's own rate: its header, or a decoded array's length."""
     if audio.get("array") is not None:
         return len(audio["array"]), int(audio["sampling_rate"])
     info = soundfile.info(_source(audio))
     return info.frames, info.samplerate
 
 
-def _decode(audio: dict) -> tuple:
-    """(mono float32 waveform, sample rate): soundfile for encoded audio, the array itself for decoded audio."""
+def _index_batch(audio: list) -> dict:
+    """`Dataset.map` body: the header of each item (never its samples); an error string where it cannot be read."""
+    out = {"frames": [], "rate": [], "error": [], "name": []}
+    for a in audio:
+        try:
+            frames, rate = _header(a)
+            error = "" if frames > 0 and rate > 0 else "empty"
+        except Exception as err:  # noqa: BLE001 - any unreadable file is skipped, whatever the reason
+            frames, rate, error = 0, 0, f"{type(err).__name__}: {err}"
+        out["frames"].append(int(frames))
+        out["rate"].append(int(rate))
+        out["error"].append(error)
+        out["name"].append(str(a.get("path") or ""))
+    return out
+
+
+def _index_fingerprint(data: Dataset) -> Optional[str]:
+    """A name for `data`'s index that changes when its files do: datasets' own fingerprint for a dataset backed by
+    cache files (a Hub or parquet dataset), else the paths, sizes and modification times of a folder's files. None
+    for an in-memory dataset without paths (its index is not cached)."""
+    if data.cache_files:
+        return hashlib.sha1(f"v{INDEX_VERSION} {data._fingerprint}".encode()).hexdigest()
+    if "path" not in data.column_names:
+        return None
+    digest = hashlib.sha1(f"v{INDEX_VERSION}".encode())
+    for path in data["path"]:
+        st = os.stat(path)
+        digest.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def build_index(data: Dataset, cache_dir: Optional[str] = None, num_proc: Optional[int] = None) -> Dataset:
+    """Columns `frames`, `rate` (the file's own), `error`, `name`, one row per item of `data`, read from headers by
+    `Dataset.map` in batches (the audio column is never held whole), in `num_proc` processes (default: up to 8 for
+    10,000 items or more), and cached under `cache_dir/index/` so that a second launch or a resume reads it back."""
+    if num_proc is None:
+        num_proc = min(8, os.cpu_count() or 1) if len(data) >= 10000 else None
+    num_proc = num_proc if num_proc and num_proc > 1 and len(data) >= 2 * num_proc else None
+    fingerprint = _index_fingerprint(data)
+    cache_file = None
+    if fingerprint is not None:
+        folder = Path(cache_dir or Path.home() / ".cache" / "poolformer-hf") / "index"
+        folder.mkdir(parents=True, exist_ok=True)
+        cache_file = str(folder / f"{fingerprint}.arrow")
+    return data.map(_index_batch, batched=True, batch_size=256, input_columns=["audio"],
+                    remove_columns=data.column_names, num_proc=num_proc,
+                    cache_file_name=cache_file, new_fingerprint=fingerprint, load_from_cache_file=True,
+                    desc="reading audio headers")
+
+
+def read_audio(audio: dict, sample_rate: int, start: int = 0, length: Optional[int] = None,
+               file_frames: Optional[int] = None, file_rate: Optional[int] = None) -> np.ndarray:
+    """Mono float32 samples `[start, start + length)` of an item at `sample_rate`. Encoded audio is read from the
+    frames that hold them only (soundfile `start`/`frames` at the file's own rate); when it must be resampled,
+    RESAMPLE_MARGIN frames more on each side are read, from a frame that maps onto a whole output sample, so the
+    window equals the same slice of the whole file resampled up to float rounding at the resampler's precision.
+    Decoded arrays are resampled whole and sliced."""
     if audio.get("array") is not None:
         samples = np.asarray(audio["array"], dtype=np.float32)
-        return (samples.mean(axis=1) if samples.ndim == 2 else samples), int(audio["sampling_rate"])
-    samples, rate = soundfile.read(_source(audio), dtype="float32", always_2d=True)
-    return samples.mean(axis=1), rate
+        samples = samples.mean(axis=1) if samples.ndim == 2 else samples
+        wave = resample(samples, int(audio["sampling_rate"]), sample_rate)
+        return wave[start : None if length is None else start + length]
+    if file_frames is None or file_rate is None:
+        file_frames, file_rate = _header(audio)
+    if file_rate == sample_rate:
+        first, stop, offset = start, file_frames if length is None else min(file_frames, start + length), 0
+    else:
+        step = file_rate // math.gcd(file_rate, sample_rate)  # file frames per whole number of output samples
+        first = max(0, (start * file_rate // sample_rate - RESAMPLE_MARGIN) // step * step)
+        stop = file_frames if length is None else min(file_frames, -(-(start + length) * file_rate // sample_rate)
+                                                      + RESAMPLE_MARGIN)
+        offset = start - first * sample_rate // file_rate
+    if stop <= first:
+        return np.zeros(0, dtype=np.float32)
+    samples, rate = soundfile.read(_source(audio), start=first, frames=stop - first, dtype="float32", always_2d=True)
+    wave = resample(samples.mean(axis=1), rate, sample_rate)
+    return wave[offset : None if length is None else offset + length]
+
+
+def quantize(wave: np.ndarray, spec: AudioSpec) -> torch.Tensor:
+    """Tokens of one clip or window (no zero token): optional min-max scaling to [-1, 1], then the spec's
+    quantisation."""
+    wave = torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32))
+    if not torch.isfinite(wave).all():  # NaN/inf would defeat min-max scaling and quantise to 0/255
+        raise ValueError(f"{int((~torch.isfinite(wave)).sum())} samples are NaN or infinite")
+    if spec.minmax and wave.numel() and wave.max() > wave.min():
+        wave = (wave - wave.min()) / (wave.max() - wave.min()) * 2 - 1
+    return encode_audio(wave, spec.quantization, spec.levels)
+
+
+def token_item(tokens: torch.Tensor, spec: AudioSpec) -> dict:
+    """`input_ids`, `attention_mask`, `labels`, each `(seq_len + 1,)`: the zero token, the tokens, padding that the
+    mask and the labels (-100) leave out."""
+    tokens = tokens[: spec.seq_len].long()
+    input_ids = torch.full((spec.seq_len + 1,), spec.bos, dtype=torch.long)
+    input_ids[1 : 1 + len(tokens)] = tokens
+    attention_mask = torch.zeros(spec.seq_len + 1, dtype=torch.long)
+    attention_mask[: 1 + len(tokens)] = 1
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def _compact(tokens: torch.Tensor) -> np.ndarray:
+    """Tokens in the smallest unsigned type that holds them: what a shuffle buffer keeps (and a checkpoint saves)."""
+    return tokens.numpy().astype(np.uint8 if (tokens.numel() == 0 or int(tokens.max()) < 256) else np.uint16)
 
 
 class AudioTokenDataset(torch.utils.data.Dataset):
     """Items are dicts of `input_ids`, `attention_mask`, `labels`, each `(seq_len + 1,)`, the first token the zero
-    token. Unreadable or empty files are dropped when the dataset is built (`self.skipped` counts them)."""
+    token. The index (`self.index`, rows of `(row, start)`) comes from the files' headers (`build_index`, cached);
+    an item reads only its own frames. Unreadable or empty files are dropped when the index is built
+    (`self.skipped` names them); a file that fails later gives a fully masked item (`self.bad_items` counts them in
+    this process)."""
 
-    def __init__(self, data: Dataset, spec: AudioSpec, name: str = "train"):
+    def __init__(self, data: Dataset, spec: AudioSpec, name: str = "train", cache_dir: Optional[str] = None,
+                 num_proc: Optional[int] = None):
         self.data, self.spec, self.name = data, spec, name
-        self.index, self.skipped, self.bad_items = [], [], 0
-        for row, audio in enumerate(data["audio"]):
-            try:
-                frames, rate = _frames_and_rate(audio)
-                frames = int(frames * spec.sample_rate / rate)
-            except Exception as err:  # noqa: BLE001 - any unreadable file is skipped, whatever the reason
-                self.skipped.append(f"{audio.get('path')}: {err}")
-                continue
-            if frames <= 0:
-                self.skipped.append(f"{audio.get('path')}: empty")
-                continue
-            if spec.mode == "pad":
-                self.index.append((row, 0))
-            else:  # every full window; a file shorter than one window gives one padded item
-                starts = range(0, max(frames - spec.seq_len, 0) + 1, spec.seq_len)
-                self.index.extend((row, s) for s in starts)
+        self.bad_items = 0
+        header = build_index(data, cache_dir, num_proc).with_format("numpy")
+        self.file_frames = np.asarray(header["frames"], dtype=np.int64)
+        self.file_rate = np.asarray(header["rate"], dtype=np.int64)
+        errors = np.asarray(header["error"], dtype=str)
+        names = header["name"]
+        self.skipped = [f"{names[r]}: {errors[r]}" for r in np.flatnonzero(errors != "")]
+        good = np.flatnonzero(errors == "")
+        frames = self.file_frames[good] * spec.sample_rate // np.maximum(self.file_rate[good], 1)
+        good, frames = good[frames > 0], frames[frames > 0]
+        if spec.mode == "pad":
+            self.index = np.stack([good, np.zeros_like(good)], axis=1)
+        else:  # every full window; a file shorter than one window gives one padded item
+            counts = np.maximum(frames - spec.seq_len, 0) // spec.seq_len + 1
+            rows = np.repeat(good, counts)
+            first = np.repeat(np.cumsum(counts) - counts, counts)
+            self.index = np.stack([rows, (np.arange(len(rows)) - first) * spec.seq_len], axis=1)
         if self.skipped:
             logger.warning("%s: skipped %d unreadable or empty files, e.g. %s", name, len(self.skipped), self.skipped[0])
 
@@ -455,44 +612,139 @@ class AudioTokenDataset(torch.utils.data.Dataset):
         return len(self.index)
 
     def __getitem__(self, i):
-        row, start = self.index[i]
+        row, start = (int(v) for v in self.index[i])
         spec = self.spec
         audio = self.data[row]["audio"]
         try:
-            wave, rate = _decode(audio)
-            wave = resample(wave, rate, spec.sample_rate)[start : start + spec.seq_len]
-            if not np.isfinite(wave).all():  # NaN/inf would defeat min-max scaling and quantise to 0/255
-                raise ValueError(f"{int((~np.isfinite(wave)).sum())} samples are NaN or infinite")
+            wave = read_audio(audio, spec.sample_rate, start, spec.seq_len, int(self.file_frames[row]),
+                              int(self.file_rate[row]))
+            tokens = quantize(wave, spec)
         except Exception as err:  # noqa: BLE001 - a file that breaks after its header was read: a masked item
             self.bad_items += 1
             logger.warning("%s: item %d (%s) is masked out: %s (%d such items in this process)", self.name, i,
                            audio.get("path"), err, self.bad_items)
-            wave = np.zeros(0, dtype=np.float32)
-        return self.tokenize(wave)
+            tokens = torch.zeros(0, dtype=torch.long)
+        return token_item(tokens, spec)
 
     def tokenize(self, wave: np.ndarray) -> dict:
-        spec = self.spec
-        wave = torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32))
-        if spec.minmax and wave.numel() and wave.max() > wave.min():
-            wave = (wave - wave.min()) / (wave.max() - wave.min()) * 2 - 1
-        tokens = encode_audio(wave, spec.quantization, spec.levels)
-        input_ids = torch.full((spec.seq_len + 1,), spec.bos, dtype=torch.long)
-        input_ids[1 : 1 + len(tokens)] = tokens
-        attention_mask = torch.zeros(spec.seq_len + 1, dtype=torch.long)
-        attention_mask[: 1 + len(tokens)] = 1
-        labels = input_ids.masked_fill(attention_mask == 0, -100)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        return token_item(quantize(wave, self.spec), self.spec)
 
 
-def build_datasets(data_args: DataArguments, config) -> tuple:
-    """(protocol, spec, {split: AudioTokenDataset}). The spec's quantisation is the protocol's (the model config's
-    for `generic`); the config is only read: a caller whose model quantises otherwise decides what to do."""
+class AudioTokenStream(torch.utils.data.IterableDataset):
+    """Token items cut on the fly from a streamed `datasets.IterableDataset` (one item per clip in pad mode, every
+    window of a file in window mode), shuffled through a buffer of `shuffle_buffer` items (0: stream order). Each
+    process reads its own shards (`split_dataset_by_node`); the stream restarts at its end (`self.epoch` counts),
+    so training counts steps. `state_dict()` is exact: the source stream's own `state_dict()` taken after the last
+    file that went into the buffer, the buffer (tokens in 1 or 2 bytes each) and the shuffle's RNG, so a resumed
+    stream yields what the uninterrupted one would have. Iterate it in the main process (DataLoader num_workers=0)
+    when its state is saved: a worker's position is not visible to the main process. Unreadable or empty files
+    are skipped and counted (`self.skipped`)."""
+
+    def __init__(self, source, spec: AudioSpec, name: str = "train", shuffle_buffer: int = 0, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, repeat: bool = True):
+        from datasets.distributed import split_dataset_by_node
+
+        self.source = split_dataset_by_node(source, rank, world_size) if world_size > 1 else source
+        self.spec, self.name, self.shuffle_buffer, self.repeat = spec, name, shuffle_buffer, repeat
+        self.seed, self.rank = seed, rank
+        self.epoch, self.skipped, self.bad_items, self.first_error = 0, 0, 0, None
+        self._buffer, self._source_state = [], None
+        self._rng = np.random.default_rng([seed, rank])
+
+    def _items(self, example: dict) -> list:
+        """The compact token arrays of one streamed file: its clip, or all its windows."""
+        spec, audio = self.spec, example["audio"]
+        try:
+            wave = read_audio(audio, spec.sample_rate)
+            if wave.size == 0:
+                raise ValueError("empty")
+            if spec.mode == "pad":
+                pieces = [wave[: spec.seq_len]]
+            else:
+                starts = range(0, max(len(wave) - spec.seq_len, 0) + 1, spec.seq_len)
+                pieces = [wave[s : s + spec.seq_len] for s in starts]
+            return [_compact(quantize(p, spec)) for p in pieces]
+        except Exception as err:  # noqa: BLE001 - a bad file in a stream is skipped and counted, never a crash
+            self.skipped += 1
+            self.first_error = self.first_error or f"{audio.get('path')}: {err}"
+            logger.warning("%s: skipped an unreadable or empty streamed file (%d so far): %s", self.name,
+                           self.skipped, f"{audio.get('path')}: {err}")
+            return []
+
+    def __iter__(self):
+        epoch_items = 0
+        while True:
+            self.source.set_epoch(self.epoch)
+            if self._source_state is not None:
+                self.source.load_state_dict(self._source_state)
+            examples = iter(self.source)
+            exhausted = False
+            while True:
+                while not exhausted and len(self._buffer) < max(1, self.shuffle_buffer):
+                    example = next(examples, None)
+                    if example is None:
+                        exhausted = True
+                        break
+                    self._buffer.extend(self._items(example))
+                    self._source_state = self.source.state_dict()
+                if not self._buffer:
+                    break
+                i = int(self._rng.integers(len(self._buffer))) if self.shuffle_buffer > 1 else 0
+                tokens = self._buffer.pop(i) if i == 0 else self._swap_pop(i)
+                epoch_items += 1
+                yield token_item(torch.from_numpy(tokens.astype(np.int64)), self.spec)
+            self.epoch, self._source_state = self.epoch + 1, None
+            if not self.repeat:
+                return
+            if epoch_items == 0:
+                raise ValueError(f"{self.name}: the stream gave no readable item in a whole pass "
+                                 f"({self.skipped} files skipped, e.g. {self.first_error})")
+            epoch_items = 0
+
+    def _swap_pop(self, i):
+        self._buffer[i], self._buffer[-1] = self._buffer[-1], self._buffer[i]
+        return self._buffer.pop()
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "source": self._source_state, "buffer": list(self._buffer),
+                "rng": self._rng.bit_generator.state, "skipped": self.skipped, "rank": self.rank}
+
+    def load_state_dict(self, state: dict):
+        if state["rank"] != self.rank:
+            raise ValueError(f"a stream state saved by process {state['rank']} cannot resume process {self.rank}")
+        self.epoch, self._source_state, self.skipped = state["epoch"], state["source"], state["skipped"]
+        self._buffer = list(state["buffer"])
+        self._rng.bit_generator.state = state["rng"]
+
+
+def held_out_items(stream: AudioTokenStream, count: int) -> list:
+    """The first `count` items of a (validation) stream, in stream order, as a list: the fixed held-out set that
+    every evaluation of a streamed run uses."""
+    items = []
+    for item in stream:
+        items.append(item)
+        if len(items) >= count:
+            break
+    return items
+
+
+def build_datasets(data_args: DataArguments, config, rank: int = 0, world_size: int = 1, seed: int = 0) -> tuple:
+    """(protocol, spec, {split: AudioTokenDataset, or AudioTokenStream with --streaming}). The spec's quantisation is
+    the protocol's (the model config's for `generic`); the config is only read: a caller whose model quantises
+    otherwise decides what to do."""
     protocol, splits = load_splits(data_args.dataset, data_args.protocol, data_args.audio_column, data_args.cache_dir,
-                                   config.sample_rate, data_args.dataset_config)
+                                   config.sample_rate, data_args.dataset_config, streaming=data_args.streaming)
     defaults = PROTOCOL_DEFAULTS[protocol]
     spec = AudioSpec(
         sample_rate=config.sample_rate, quantization=defaults["quantization"] or config.quantization,
         levels=config.vocab_size, bos=config.bos_token_id, seq_len=data_args.seq_len or defaults["seq_len"],
         mode=data_args.mode or defaults["mode"], minmax=not data_args.no_minmax,
     )
-    return protocol, spec, {name: AudioTokenDataset(ds, spec, name) for name, ds in splits.items()}
+    if data_args.streaming:
+        sets = {name: AudioTokenStream(ds, spec, name, data_args.shuffle_buffer if name == "train" else 0, seed,
+                                       rank, world_size, repeat=name == "train")
+                for name, ds in splits.items()}
+    else:
+        sets = {name: AudioTokenDataset(ds, spec, name, data_args.cache_dir, data_args.preprocessing_num_workers)
+                for name, ds in splits.items()}
+    return protocol, spec, sets

@@ -40,7 +40,7 @@ from transformers import GenerationConfig, get_scheduler
 
 from modeling_poolformer import PoolformerConfig, PoolformerForCausalLM, audio_generation_config, nats_to_bits
 from modeling_poolformer.audio import save_spectrogram, write_wav
-from training.data import DataArguments, build_datasets
+from training.data import AudioTokenStream, DataArguments, build_datasets, held_out_items
 from training.metrics import nll_bits
 from training.utils import at_least, check_flags, parse_arguments, positive, tune_cpu_allocator
 
@@ -103,7 +103,9 @@ class TrainArguments:
     log_with: str = field(default="tensorboard", metadata={"help": "accelerate tracker(s): tensorboard, wandb, all, none"})
     log_every: int = field(default=10, metadata={
         "help": "log (and check for a stop request) every N steps: each check waits for the device"})
-    num_workers: int = 0
+    num_workers: Optional[int] = field(default=None, metadata={
+        "help": "DataLoader worker processes that decode audio (default: on CUDA, up to 8 per process from the CPUs "
+                "there are; on the CPU 0, since training uses every core). --streaming reads in the main process"})
     seed: int = 0
 
     def __post_init__(self):
@@ -154,10 +156,11 @@ def _write_json(path: Path, data: dict):
     os.replace(tmp, path)
 
 
-def save_checkpoint(accelerator, args, progress, run_id, fingerprint) -> Path:
+def save_checkpoint(accelerator, args, progress, run_id, fingerprint, stream=None) -> Path:
     """accelerator.save_state into a temporary folder, the run's settings and a manifest of its files, then a rename:
     a checkpoint is complete or absent (a failed write, e.g. a full disk, removes its temporary folder and says so;
-    the earlier checkpoints are untouched). Only this run's old checkpoints are rotated out."""
+    the earlier checkpoints are untouched). Only this run's old checkpoints are rotated out. A streamed run's every
+    process adds its stream's exact position (`stream_state_<rank>.pt`)."""
     root = Path(args.output_dir) / "checkpoints"
     final, tmp = root / f"step_{progress.step:08d}", root / f".tmp_step_{progress.step:08d}"
     if accelerator.is_main_process:
@@ -165,6 +168,8 @@ def save_checkpoint(accelerator, args, progress, run_id, fingerprint) -> Path:
     accelerator.wait_for_everyone()
     try:
         accelerator.save_state(str(tmp))
+        if stream is not None:
+            save_stream_state(stream, tmp, accelerator)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             _write_json(tmp / RUN_ARGS, fingerprint)
@@ -182,6 +187,24 @@ def save_checkpoint(accelerator, args, progress, run_id, fingerprint) -> Path:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def save_stream_state(stream, folder: Path, accelerator):
+    """This process's stream state, tensors and plain values only, so that it loads with `weights_only`."""
+    state = stream.state_dict()
+    state["buffer"] = [torch.from_numpy(t) for t in state["buffer"]]
+    path = Path(folder) / f"stream_state_{accelerator.process_index}.pt"
+    torch.save(state, path.with_suffix(".tmp"))
+    os.replace(path.with_suffix(".tmp"), path)
+
+
+def load_stream_state(folder, accelerator) -> dict:
+    path = Path(folder) / f"stream_state_{accelerator.process_index}.pt"
+    if not path.exists():
+        raise UsageError(f"{folder} has no {path.name}: it was not written by a streamed run of this many processes")
+    state = torch.load(path, weights_only=True)
+    state["buffer"] = [t.numpy() for t in state["buffer"]]
+    return state
 
 
 def run_checkpoints(output_dir, run_id) -> list:
@@ -295,7 +318,7 @@ def run_fingerprint(config, data_args, args, accelerator, max_steps: int, warmup
                       "transformers_version", "_name_or_path")
     fingerprint = {
         "config": {k: v for k, v in config.to_dict().items() if k not in execution_only},
-        "data": {k: v for k, v in asdict(data_args).items() if k != "cache_dir"},
+        "data": {k: v for k, v in asdict(data_args).items() if k not in ("cache_dir", "preprocessing_num_workers")},
         "num_processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
         "warmup_steps": warmup,
         **{k: getattr(args, k) for k in ("batch_size", "gradient_accumulation_steps", "seed", "learning_rate",
@@ -421,16 +444,22 @@ def load_config(model_args: ModelArguments) -> PoolformerConfig:
     return config
 
 
-def load_data(accelerator, data_args: DataArguments, config: PoolformerConfig) -> tuple:
-    """(protocol, spec, datasets); the model is trained with the protocol's quantisation."""
-    with accelerator.main_process_first():  # the main process renders/downloads/unpacks first
-        protocol, spec, datasets = build_datasets(data_args, config)
+def load_data(accelerator, data_args: DataArguments, config: PoolformerConfig, args: TrainArguments) -> tuple:
+    """(protocol, spec, datasets); the model is trained with the protocol's quantisation. Streamed, every process
+    gets its own shards of the training stream, and the validation split becomes a fixed held-out list: the first
+    --max_eval_batches (default 16) batches of each process's share of the validation stream."""
+    with accelerator.main_process_first():  # the main process renders/downloads/unpacks/indexes first
+        protocol, spec, datasets = build_datasets(data_args, config, accelerator.process_index,
+                                                  accelerator.num_processes, args.seed)
+    if data_args.streaming:
+        count = (args.max_eval_batches or 16) * args.batch_size
+        datasets["validation"] = HeldOut(held_out_items(datasets["validation"], count), datasets["validation"])
     if spec.quantization != config.quantization:
         logger.warning("protocol %s quantises with %s, the model config says %s: the model is trained with %s",
                        protocol, spec.quantization, config.quantization, spec.quantization)
         config.quantization = spec.quantization
     if len(datasets["validation"]) == 0:  # its NLL would read 0.0 bits/sample
-        raise UsageError(f"the validation split has no readable item ({len(datasets['validation'].skipped)} files "
+        raise UsageError(f"the validation split has no readable item ({skipped_files(datasets['validation'])} files "
                          "skipped as unreadable or empty)")
     return protocol, spec, datasets
 
@@ -450,15 +479,51 @@ def build_model(model_args: ModelArguments, config: PoolformerConfig, args: Trai
     return model, AveragedModel(model, multi_avg_fn=ema_update, use_buffers=True)
 
 
-def make_loaders(datasets: dict, args: TrainArguments) -> tuple:
+class HeldOut(torch.utils.data.Dataset):
+    """A streamed run's validation items, held as a list (the same items at every evaluation and after a resume)."""
+
+    def __init__(self, items: list, stream: AudioTokenStream):
+        self.items, self.skipped = items, stream.skipped
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def skipped_files(dataset) -> int:
+    return dataset.skipped if isinstance(dataset.skipped, int) else len(dataset.skipped)
+
+
+def default_num_workers(accelerator) -> int:
+    """Decoding workers per process: on CUDA enough to keep the GPU fed (up to 8, from the CPUs this process may
+    use, one left for the training loop); on the CPU none, since the training step already uses every core."""
+    if accelerator.device.type != "cuda":
+        return 0
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(8, cpus // max(1, accelerator.num_processes) - 1))
+
+
+def make_loaders(datasets: dict, args: TrainArguments, accelerator) -> tuple:
+    """(train, validation) DataLoaders. Map-style: shuffled by a private generator (iterating must not draw from the
+    global RNG, or dropout after a resume would differ), decoded in --num_workers persistent workers, pinned on
+    CUDA. A stream is read in the main process (its exact position goes into checkpoints)."""
+    workers = args.num_workers if args.num_workers is not None else default_num_workers(accelerator)
+    pin = accelerator.device.type == "cuda"
+
     def loader(split, shuffle):
-        # a private generator: iterating a loader must not draw from the global RNG, or dropout after a resume
-        # would differ from an uninterrupted run
+        generator = torch.Generator().manual_seed(args.seed)  # even a stream's loader draws a seed at each iter()
+        if isinstance(datasets[split], AudioTokenStream):
+            return torch.utils.data.DataLoader(datasets[split], batch_size=args.batch_size, pin_memory=pin,
+                                               generator=generator)
         return torch.utils.data.DataLoader(datasets[split], batch_size=args.batch_size, shuffle=shuffle,
-                                           drop_last=shuffle, num_workers=args.num_workers,
-                                           generator=torch.Generator().manual_seed(args.seed))
+                                           drop_last=shuffle, num_workers=workers, persistent_workers=workers > 0,
+                                           pin_memory=pin, generator=generator)
 
     train_dl, val_dl = loader("train", True), loader("validation", False)
+    if isinstance(datasets["train"], AudioTokenStream):
+        return train_dl, val_dl
     if len(train_dl) == 0:
         raise UsageError(f"{len(datasets['train'])} training items < --batch_size {args.batch_size}")
     return train_dl, val_dl
@@ -466,9 +531,14 @@ def make_loaders(datasets: dict, args: TrainArguments) -> tuple:
 
 def make_schedule(accelerator, model, train_dl, args: TrainArguments) -> tuple:
     """(optimizer, scheduler, max_steps, warmup), all in optimizer steps."""
-    steps_per_epoch = math.ceil(len(train_dl) / accelerator.num_processes / args.gradient_accumulation_steps)
-    epochs = args.num_epochs if args.num_epochs is not None else 1.0
-    max_steps = args.max_steps or math.ceil(epochs * steps_per_epoch)
+    if isinstance(train_dl.dataset, AudioTokenStream):  # a stream has no length: it runs for --max_steps
+        if not args.max_steps:
+            raise UsageError("--streaming trains for --max_steps (a stream has no epochs to count): pass --max_steps")
+        max_steps = args.max_steps
+    else:
+        steps_per_epoch = math.ceil(len(train_dl) / accelerator.num_processes / args.gradient_accumulation_steps)
+        epochs = args.num_epochs if args.num_epochs is not None else 1.0
+        max_steps = args.max_steps or math.ceil(epochs * steps_per_epoch)
     warmup = args.warmup_steps if args.warmup_steps is not None else min(1000, max_steps // 10)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(0.9, 0.999),
                                   weight_decay=args.weight_decay)
@@ -487,25 +557,32 @@ def setup(model_args: ModelArguments, data_args: DataArguments, args: TrainArgum
     config = load_config(model_args)
     if not torch.cuda.is_available():
         tune_cpu_allocator(long_sequences=config.checkpoint_chunk_size > 0)
-    protocol, spec, datasets = load_data(accelerator, data_args, config)
+    protocol, spec, datasets = load_data(accelerator, data_args, config, args)
     model, ema = build_model(model_args, config, args)
-    train_dl, val_dl = make_loaders(datasets, args)
+    train_dl, val_dl = make_loaders(datasets, args, accelerator)
     optimizer, scheduler, max_steps, warmup = make_schedule(accelerator, model, train_dl, args)
     fingerprint = run_fingerprint(config, data_args, args, accelerator, max_steps, warmup)
     if args.resume_from_checkpoint:
         check_resume(Path(args.resume_from_checkpoint), fingerprint)
-    model, optimizer, train_dl, val_dl, scheduler = accelerator.prepare(model, optimizer, train_dl, val_dl, scheduler)
+    if data_args.streaming:  # each process iterates its own shards: accelerate must not split or dispatch them
+        model, optimizer, val_dl, scheduler = accelerator.prepare(model, optimizer, val_dl, scheduler)
+    else:
+        model, optimizer, train_dl, val_dl, scheduler = accelerator.prepare(model, optimizer, train_dl, val_dl,
+                                                                            scheduler)
     ema.to(accelerator.device)
     progress = Progress()
     accelerator.register_for_checkpointing(ema, progress)
     if args.resume_from_checkpoint:  # verified by claim_output_dir and check_resume
         accelerator.load_state(args.resume_from_checkpoint)
+        if data_args.streaming:
+            datasets["train"].load_state_dict(load_stream_state(args.resume_from_checkpoint, accelerator))
         logger.info("resumed from %s at step %d", args.resume_from_checkpoint, progress.step)
     num_params = sum(p.numel() for p in model.parameters())
     if accelerator.is_main_process:
         logger.info("protocol %s: %s; %d parameters; %d optimizer steps", protocol,
-                    {k: len(v) for k, v in datasets.items()}, num_params, max_steps)
-        skipped = {k: len(v.skipped) for k, v in datasets.items() if v.skipped}
+                    {k: "streamed" if isinstance(v, AudioTokenStream) else len(v) for k, v in datasets.items()},
+                    num_params, max_steps)
+        skipped = {k: skipped_files(v) for k, v in datasets.items() if v.skipped}
         if skipped:
             logger.warning("unreadable or empty files skipped: %s", skipped)
         flat = {**asdict(model_args), **asdict(data_args), **asdict(args)}
@@ -588,9 +665,13 @@ def train_epoch(run: Run, stop: "StopRequest", bar) -> Optional[bool]:
     """The rest of the current epoch (from the saved position after a resume): True when max_steps is reached,
     False when the run was stopped (after a checkpoint), None at the epoch's end."""
     args, accelerator, model, progress = run.args, run.accelerator, run.model, run.progress
-    run.train_dl.set_epoch(progress.epoch)
-    batches = (accelerator.skip_first_batches(run.train_dl, progress.batch_in_epoch) if progress.batch_in_epoch
-               else run.train_dl)
+    streamed = isinstance(run.train_dl.dataset, AudioTokenStream)  # endless, and resumed from its own state
+    if streamed:
+        batches = ({k: v.to(accelerator.device) for k, v in b.items()} for b in run.train_dl)
+    else:
+        run.train_dl.set_epoch(progress.epoch)
+        batches = (accelerator.skip_first_batches(run.train_dl, progress.batch_in_epoch) if progress.batch_in_epoch
+                   else run.train_dl)
     log = StepLog(accelerator.device)
     model.train()
     for batch in batches:
@@ -627,7 +708,8 @@ def train_epoch(run: Run, stop: "StopRequest", bar) -> Optional[bool]:
         polled = progress.step % args.log_every == 0 or done
         preempt = (polled and stop.requested(accelerator)) or progress.step == args.stop_after_steps
         if progress.step % args.save_every == 0 or done or preempt:
-            save_checkpoint(accelerator, args, progress, run.run_id, run.fingerprint)
+            save_checkpoint(accelerator, args, progress, run.run_id, run.fingerprint,
+                            run.datasets["train"] if streamed else None)
         if preempt:
             logger.info("stopped at step %d (%s); resume with --resume_from_checkpoint latest", progress.step,
                         stop.reason or "--stop_after_steps")
@@ -717,8 +799,8 @@ def export(run: Run) -> Path:
         summary = dict(steps=progress.step, skipped_updates=progress.skipped, val_bits_per_sample=val_bits,
                        val_history=run.val_history, replica_checksums=checksums, protocol=run.protocol,
                        parameters=run.num_params, run_id=run.run_id,
-                       items={k: len(v) for k, v in run.datasets.items()},
-                       skipped_files={k: len(v.skipped) for k, v in run.datasets.items()},
+                       items={k: None if isinstance(v, AudioTokenStream) else len(v) for k, v in run.datasets.items()},
+                       skipped_files={k: skipped_files(v) for k, v in run.datasets.items()},
                        mixed_precision=accelerator.mixed_precision,
                        dynamo_backend=str(accelerator.state.dynamo_plugin.backend.value).lower())
         _write_json(Path(args.output_dir) / "train_summary.json", summary)

@@ -1,0 +1,160 @@
+"""6. The data layer at scale: start-up (cold and cached index) and peak RSS for synthetic folders of 1,000 and
+20,000 one-second files and a 20,000-clip parquet of audio bytes, a 1-s window of a 1-hour file against a 1-s file's
+decode, and loader tokens/s (0 and 4 workers, map-style and streamed) next to the SC09 model's training tokens/s."""
+
+import io
+import json
+import resource
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import soundfile
+import torch
+
+from modeling_poolformer import PoolformerConfig
+
+from common import ROOT, SC09, poolformer, run_child
+
+RATE = 16000
+
+
+def make_folder(folder: Path, n: int, seconds: float = 1.0) -> Path:
+    if (folder / ".done").exists():
+        return folder
+    rng = np.random.default_rng(n)
+    clip = (rng.uniform(-0.5, 0.5, int(seconds * RATE)) * 32767).astype(np.int16)
+    for i in range(n):
+        sub = folder / f"{i // 1000:03d}"
+        sub.mkdir(parents=True, exist_ok=True)
+        soundfile.write(sub / f"{i:06d}.wav", np.roll(clip, i), RATE, subtype="PCM_16")
+    (folder / ".done").touch()
+    return folder
+
+
+def make_parquet(folder: Path, n: int) -> Path:
+    from datasets import Audio, Dataset
+
+    if (folder / ".done").exists():
+        return folder
+    rng = np.random.default_rng(1)
+    clip = (rng.uniform(-0.5, 0.5, RATE) * 32767).astype(np.int16)
+
+    def rows():
+        for i in range(n):
+            buf = io.BytesIO()
+            soundfile.write(buf, np.roll(clip, i), RATE, format="WAV", subtype="PCM_16")
+            yield {"audio": {"bytes": buf.getvalue(), "path": f"{i:06d}.wav"}}
+
+    (folder / "data").mkdir(parents=True, exist_ok=True)
+    ds = Dataset.from_generator(rows).cast_column("audio", Audio(decode=False))
+    for k in range(4):  # four parquet shards, as a Hub dataset has them
+        ds.shard(4, k, contiguous=True).to_parquet(str(folder / "data" / f"train-{k:05d}-of-00004.parquet"))
+    (folder / ".done").touch()
+    return folder
+
+
+def child_startup(folder: str, cache: str, mode: str):
+    """One launch's data start-up in a fresh process: seconds, peak RSS over the process's RSS after imports."""
+    from training.data import DataArguments, build_datasets
+
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    start = time.perf_counter()
+    _, _, sets = build_datasets(DataArguments(dataset=folder, cache_dir=cache, mode=mode, seq_len=16000),
+                                PoolformerConfig())
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"seconds": seconds, "peak_rss_mb": peak, "rss_growth_mb": peak - base,
+                      "items": sum(len(s) for s in sets.values())}))
+
+
+def item_seconds(dataset, rows, repeats=3):
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for i in rows:
+            dataset[i]
+        best = min(best, (time.perf_counter() - start) / len(rows))
+    return best
+
+
+def loader_tokens_per_s(dataset, workers, batches=40, batch_size=8):
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                                         shuffle=not isinstance(dataset, torch.utils.data.IterableDataset))
+    it = iter(loader)
+    next(it)  # workers started, first batch in
+    start, tokens = time.perf_counter(), 0
+    for _ in range(batches):
+        tokens += int(next(it)["attention_mask"].sum())
+    return tokens / (time.perf_counter() - start)
+
+
+def bench_data(quick: bool) -> dict:
+    from training.data import AudioSpec, AudioTokenDataset, DataArguments, build_datasets, load_splits
+
+    from bench_train import train_tokens_per_s
+
+    work = ROOT / "benchmarks" / "data_cache"
+    sizes = (1000, 20000)
+    out = {"startup": []}
+    for n in sizes:
+        folder = make_folder(work / f"folder_{n}", n)
+        cache = work / f"cache_{n}"
+        shutil.rmtree(cache, ignore_errors=True)
+        for run in ("cold", "cached"):
+            r = run_child(["data", folder, cache, "pad"], timeout=1800)
+            out["startup"].append({"source": f"folder, {n:,} files", "run": run, **r})
+    parquet = make_parquet(work / "parquet_20000", 20000)
+    pq_bytes = sum(p.stat().st_size for p in (parquet / "data").glob("*.parquet"))
+    shutil.rmtree(work / "cache_pq", ignore_errors=True)
+    for run in ("cold", "cached"):
+        r = run_child(["data", parquet, work / "cache_pq", "pad"], timeout=1800)
+        out["startup"].append({"source": f"parquet of bytes, 20,000 clips ({pq_bytes / 2**20:.0f} MB)", "run": run,
+                               **r})
+    small = {r["source"]: r for r in out["startup"] if r["run"] == "cached"}
+    rss = [small[f"folder, {n:,} files"]["peak_rss_mb"] for n in sizes]
+    out["rss_growth_1k_to_20k_mb"] = rss[1] - rss[0]
+    out["cached_startup_20k_s"] = small["folder, 20,000 files"]["seconds"]
+
+    # a 1-s window of a 1-hour file vs a 1-s file
+    hour = work / "hour"
+    if not (hour / "hour.wav").exists():
+        hour.mkdir(parents=True, exist_ok=True)
+        rng = np.random.default_rng(0)
+        with soundfile.SoundFile(hour / "hour.wav", "w", RATE, 1, subtype="PCM_16") as f:
+            for _ in range(60):
+                f.write((rng.uniform(-0.5, 0.5, 60 * RATE) * 32767).astype(np.int16))
+    spec = AudioSpec(seq_len=RATE, mode="window")
+    _, hour_splits = load_splits(str(hour), cache_dir=str(work / "cache_hour"))
+    long = AudioTokenDataset(hour_splits["train"], spec, cache_dir=str(work / "cache_hour"))
+    _, clip_splits = load_splits(str(work / "folder_1000"), cache_dir=str(work / "cache_1000"))
+    clips = AudioTokenDataset(clip_splits["train"], spec, cache_dir=str(work / "cache_1000"))
+    rows = np.random.default_rng(0).choice(len(long), 50, replace=False)
+    out["window"] = {"hour_file_windows": len(long), "window_of_hour_ms": 1e3 * item_seconds(long, rows),
+                     "one_s_file_ms": 1e3 * item_seconds(clips, range(50))}
+    out["window"]["ratio"] = out["window"]["window_of_hour_ms"] / out["window"]["one_s_file_ms"]
+
+    # loader throughput vs training
+    folder = str(work / "folder_20000")
+    out["loader"] = []
+    for streaming in (False, True):
+        args = DataArguments(dataset=folder, cache_dir=str(work / "cache_20000"), streaming=streaming,
+                             shuffle_buffer=64, seq_len=RATE, mode="pad")
+        _, _, sets = build_datasets(args, PoolformerConfig())
+        for workers in (0, 4):
+            tps = loader_tokens_per_s(sets["train"], workers, batches=10 if quick else 40)
+            out["loader"].append({"kind": "streamed" if streaming else "map-style", "workers": workers,
+                                  "tokens_per_s": tps})
+    model = poolformer(SC09)
+    train_tps, step_s, _ = train_tokens_per_s(model, 2 if quick else 4, RATE, repeats=1)
+    out["train_tokens_per_s"] = train_tps
+    best4 = min(r["tokens_per_s"] for r in out["loader"] if r["workers"] == 4)
+    out["loader_4_workers_over_training"] = best4 / train_tps
+    out["targets"] = {
+        "rss growth 1k->20k files < 100 MB": out["rss_growth_1k_to_20k_mb"] < 100,
+        "cached start-up of 20k files < 5 s": out["cached_startup_20k_s"] < 5,
+        "1-s window of a 1-h file within 3x a 1-s file": out["window"]["ratio"] <= 3,
+        "loader (4 workers) >= 10x training tokens/s": out["loader_4_workers_over_training"] >= 10,
+    }
+    return out

@@ -1,0 +1,31 @@
+"""Launched with 2 processes: which items each process reads in one epoch (map-style, through train.py's loaders and
+`accelerator.prepare`) and in one pass of the stream (its own shards), as content hashes in <out>/rank<r>.json."""
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+from modeling_poolformer import PoolformerConfig
+from training.data import DataArguments, build_datasets
+from training.train import TrainArguments, make_accelerator, make_loaders
+
+folder, out = sys.argv[1], Path(sys.argv[2])
+args = TrainArguments(output_dir=str(out / "unused"), batch_size=2, log_with="none")
+accelerator = make_accelerator(args)
+seen = {}
+for streaming in (False, True):
+    data_args = DataArguments(dataset=folder, seq_len=800, mode="window", streaming=streaming, shuffle_buffer=8)
+    _, _, sets = build_datasets(data_args, PoolformerConfig(), accelerator.process_index, accelerator.num_processes)
+    if streaming:
+        sets["train"].repeat = False  # one pass
+        batches = make_loaders(sets, args, accelerator)[0]
+    else:
+        train_dl, _ = make_loaders(sets, args, accelerator)
+        batches = accelerator.prepare(train_dl)
+    seen["streaming" if streaming else "map"] = [hashlib.sha1(row.numpy().tobytes()).hexdigest()
+                                                 for batch in batches for row in batch["input_ids"]]
+    if not streaming:
+        seen["map_all"] = [hashlib.sha1(sets["train"][i]["input_ids"].numpy().tobytes()).hexdigest()
+                           for i in range(len(sets["train"]))]
+(out / f"rank{accelerator.process_index}.json").write_text(json.dumps(seen))

@@ -1,0 +1,170 @@
+"""The data layer at scale: header-only cached indexes, windowed reads, exactly resumable streams, one reader per
+item under 2 processes."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+
+from conftest import ROOT
+from modeling_poolformer import PoolformerConfig
+from modeling_poolformer.audio import resample
+from training import data as data_module
+from training.data import (
+    AudioSpec,
+    AudioTokenDataset,
+    DataArguments,
+    build_datasets,
+    load_splits,
+    read_audio,
+)
+
+
+def noise_files(folder, n, seconds, rate=16000, seed=0):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        soundfile.write(folder / f"{i:03d}.wav", rng.uniform(-0.9, 0.9, int(seconds * rate)), rate, subtype="PCM_16")
+    return folder
+
+
+@pytest.mark.parametrize("rate", [16000, 22050, 44100])
+def test_a_window_read_from_its_frames_equals_the_whole_file_sliced(tmp_path, rate):
+    path = noise_files(tmp_path, 1, 3.0, rate) / "000.wav"
+    whole, file_rate = soundfile.read(path, dtype="float32")
+    whole = resample(whole, file_rate, 16000)
+    for start, length in [(0, 4000), (16000, 16000), (30001, 5000), (44000, 8000)]:
+        window = read_audio({"path": str(path)}, 16000, start, length)
+        want = whole[start : start + length]
+        assert window.shape == want.shape
+        if rate == 16000:  # the file's own rate: the very samples
+            assert np.array_equal(window, want)
+        else:  # resampled with real context on both sides: the whole-file resample up to float rounding
+            assert np.abs(window - want).max() < 1e-5, np.abs(window - want).max()
+
+
+def test_window_items_read_only_their_frames(tmp_path, monkeypatch):
+    folder = noise_files(tmp_path / "long", 2, 5.0)
+    _, splits = load_splits(str(folder), cache_dir=str(tmp_path / "cache"))
+    ds = AudioTokenDataset(splits["train"], AudioSpec(seq_len=16000, mode="window"), cache_dir=str(tmp_path / "cache"))
+    reads = []
+    real_read = soundfile.read
+    monkeypatch.setattr(data_module.soundfile, "read", lambda *a, **k: reads.append(k.get("frames")) or real_read(*a, **k))
+    item = ds[len(ds) - 1]
+    assert reads == [16000] and int(item["attention_mask"].sum()) == 16001
+
+
+def test_the_index_reads_headers_once_and_is_cached(tmp_path, monkeypatch):
+    folder = noise_files(tmp_path / "clips", 12, 0.25)
+    (folder / "broken.wav").write_bytes(b"RIFF not really")
+    cache = str(tmp_path / "cache")
+    _, splits = load_splits(str(folder), cache_dir=cache)
+    first = AudioTokenDataset(splits["train"], AudioSpec(seq_len=2000, mode="window"), cache_dir=cache)
+    assert len(list((tmp_path / "cache" / "index").glob("*.arrow"))) >= 1
+    validation = AudioTokenDataset(splits["validation"], AudioSpec(seq_len=2000, mode="window"), cache_dir=cache)
+    assert [s for s in first.skipped + validation.skipped if "broken.wav" in s]
+
+    headers = []
+    real_header = data_module._header
+    monkeypatch.setattr(data_module, "_header", lambda audio: headers.append(audio) or real_header(audio))
+    _, again = load_splits(str(folder), cache_dir=cache)
+    second = AudioTokenDataset(again["train"], AudioSpec(seq_len=2000, mode="window"), cache_dir=cache)
+    assert headers == [] and np.array_equal(first.index, second.index) and first.skipped == second.skipped
+    # a changed file is a changed dataset: its index is read again
+    os.utime(folder / "000.wav", ns=(1, 1))
+    _, changed = load_splits(str(folder), cache_dir=cache)
+    AudioTokenDataset(changed["train"], AudioSpec(seq_len=2000, mode="window"), cache_dir=cache)
+    assert len(headers) == len(changed["train"])
+
+
+def test_the_index_in_several_processes_equals_one(tmp_path):
+    folder = noise_files(tmp_path / "clips", 24, 0.1)
+    _, splits = load_splits(str(folder), cache_dir=str(tmp_path / "a"))
+    one = AudioTokenDataset(splits["train"], AudioSpec(seq_len=500, mode="window"), cache_dir=str(tmp_path / "a"))
+    two = AudioTokenDataset(splits["train"], AudioSpec(seq_len=500, mode="window"), cache_dir=str(tmp_path / "b"),
+                            num_proc=2)
+    assert np.array_equal(one.index, two.index) and len(one) == len(splits["train"]) * 3
+
+
+def test_parquet_bytes_index_without_loading_the_audio_column(tmp_path):
+    import io
+
+    from datasets import Audio, Dataset
+
+    rng = np.random.default_rng(1)
+    blobs = []
+    for i in range(30):
+        buf = io.BytesIO()
+        soundfile.write(buf, rng.uniform(-0.5, 0.5, 800 + 10 * i), 16000, format="WAV", subtype="PCM_16")
+        blobs.append({"bytes": buf.getvalue(), "path": f"clip{i}.wav"})
+    (tmp_path / "repo" / "data").mkdir(parents=True)
+    Dataset.from_dict({"audio": blobs}).cast_column("audio", Audio(decode=False)).to_parquet(
+        str(tmp_path / "repo" / "data" / "train-00000-of-00001.parquet"))
+    _, spec, sets = build_datasets(DataArguments(dataset=str(tmp_path / "repo"), seq_len=1000, mode="pad",
+                                                 cache_dir=str(tmp_path / "cache")), PoolformerConfig())
+    assert len(sets["train"]) + len(sets["validation"]) == 30
+    lengths = sorted(int(sets[s][i]["attention_mask"].sum()) - 1 for s in sets for i in range(len(sets[s])))
+    assert lengths == sorted(min(1000, 800 + 10 * i) for i in range(30))
+
+
+def stream(folder, cache, shuffle_buffer, mode="window", seq_len=1000):
+    args = DataArguments(dataset=str(folder), seq_len=seq_len, mode=mode, streaming=True, shuffle_buffer=shuffle_buffer,
+                         cache_dir=str(cache))
+    _, _, sets = build_datasets(args, PoolformerConfig(), seed=5)
+    return sets["train"]
+
+
+def test_a_resumed_stream_continues_exactly_across_epochs(tmp_path):
+    folder = noise_files(tmp_path / "clips", 10, 0.3)
+    (folder / "bad.wav").write_bytes(b"not audio")
+    straight = stream(folder, tmp_path, 7)
+    it = iter(straight)
+    items = [next(it)["input_ids"] for _ in range(60)]  # ~ 4 windows per file, 9-10 files: several epochs
+    assert straight.epoch >= 1 and straight.skipped >= 1
+    for k in (0, 5, 23, 41):
+        resumed = stream(folder, tmp_path, 7)
+        it = iter(resumed)
+        for _ in range(k):
+            next(it)
+        state = resumed.state_dict()
+        again = stream(folder, tmp_path, 7)
+        again.load_state_dict(state)
+        rest = [b["input_ids"] for b, _ in zip(again, range(60 - k))]
+        assert all(torch.equal(a, b) for a, b in zip(items[k:], rest)), k
+    # the buffer shuffles the stream order
+    plain = stream(folder, tmp_path, 0)
+    ordered = [b["input_ids"] for b, _ in zip(plain, range(len(items)))]
+    assert not all(torch.equal(a, b) for a, b in zip(items, ordered))
+
+
+def test_a_stream_of_nothing_readable_is_an_error(tmp_path):
+    (tmp_path / "bad").mkdir()
+    for i in range(3):
+        (tmp_path / "bad" / f"{i}.wav").write_bytes(b"RIFF broken")
+    with pytest.raises(ValueError, match="no readable item"):
+        next(iter(stream(tmp_path / "bad", tmp_path, 0)))
+
+
+def test_two_processes_read_disjoint_items_that_cover_the_data(tmp_path):
+    for split, n in (("train", 8), ("validation", 2)):
+        noise_files(tmp_path / "set" / split, n, 0.1, seed=len(split))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(ROOT / "tests" / "scripts" / "item_coverage.py"), str(tmp_path / "set"), str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    everything = set(ranks[0]["map_all"])
+    assert len(everything) == 8 * 2  # 8 files of 1600 samples, windows of 800
+    for mode in ("map", "streaming"):
+        a, b = set(ranks[0][mode]), set(ranks[1][mode])
+        assert a and b and not a & b, mode
+        assert a | b == everything, mode
+        assert len(ranks[0][mode]) + len(ranks[1][mode]) == len(everything), mode
