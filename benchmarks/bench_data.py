@@ -119,10 +119,11 @@ def bench_data(quick: bool) -> dict:
 
     # a 1-s window of a 1-hour file vs a 1-s file
     hour = work / "hour"
-    if not (hour / "hour.wav").exists():
-        hour.mkdir(parents=True, exist_ok=True)
+    if not (hour / "train" / "hour.wav").exists():
+        (hour / "train").mkdir(parents=True, exist_ok=True)
+        make_folder(hour / "validation", 2)
         rng = np.random.default_rng(0)
-        with soundfile.SoundFile(hour / "hour.wav", "w", RATE, 1, subtype="PCM_16") as f:
+        with soundfile.SoundFile(hour / "train" / "hour.wav", "w", RATE, 1, subtype="PCM_16") as f:
             for _ in range(60):
                 f.write((rng.uniform(-0.5, 0.5, 60 * RATE) * 32767).astype(np.int16))
     spec = AudioSpec(seq_len=RATE, mode="window")

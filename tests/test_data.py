@@ -242,7 +242,7 @@ def test_non_finite_samples_are_masked_out_and_counted(tmp_path, caplog):
     tone(tmp_path / "float" / "validation" / "v.wav")
     _, _, sets = build_datasets(DataArguments(dataset=str(tmp_path / "float"), seq_len=4000, mode="pad"),
                                 PoolformerConfig())
-    items = {Path(sets["train"].data[row]["audio"]["path"]).name: sets["train"][i]
+    items = {Path(sets["train"].data[int(row)]["audio"]["path"]).name: sets["train"][i]
              for i, (row, _) in enumerate(sets["train"].index)}
     assert items["nan.wav"]["attention_mask"].sum() == 1 and (items["nan.wav"]["labels"][1:] == -100).all()
     assert items["fine.wav"]["attention_mask"].sum() == 1 + 4000

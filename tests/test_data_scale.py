@@ -112,6 +112,12 @@ def test_parquet_bytes_index_without_loading_the_audio_column(tmp_path):
     assert lengths == sorted(min(1000, 800 + 10 * i) for i in range(30))
 
 
+needs_streaming = pytest.mark.skipif(
+    __import__("packaging.version").version.Version(__import__("datasets").__version__)
+    < __import__("packaging.version").version.Version(data_module.STREAMING_DATASETS),
+    reason="--streaming needs a newer datasets")
+
+
 def stream(folder, cache, shuffle_buffer, mode="window", seq_len=1000):
     args = DataArguments(dataset=str(folder), seq_len=seq_len, mode=mode, streaming=True, shuffle_buffer=shuffle_buffer,
                          cache_dir=str(cache))
@@ -119,6 +125,7 @@ def stream(folder, cache, shuffle_buffer, mode="window", seq_len=1000):
     return sets["train"]
 
 
+@needs_streaming
 def test_a_resumed_stream_continues_exactly_across_epochs(tmp_path):
     folder = noise_files(tmp_path / "clips", 10, 0.3)
     (folder / "bad.wav").write_bytes(b"not audio")
@@ -142,6 +149,7 @@ def test_a_resumed_stream_continues_exactly_across_epochs(tmp_path):
     assert not all(torch.equal(a, b) for a, b in zip(items, ordered))
 
 
+@needs_streaming
 def test_a_stream_of_nothing_readable_is_an_error(tmp_path):
     (tmp_path / "bad").mkdir()
     for i in range(3):

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+import pyarrow as pa
 import soundfile
 import torch
 from datasets import Audio, Dataset, DatasetDict, IterableDataset, IterableDatasetDict, load_dataset
@@ -58,6 +59,7 @@ PROTOCOL_DEFAULTS = {
 }
 KNOWN_REPOS = {"krandiash/sc09": "sc09", "krandiash/beethoven": "beethoven", "krandiash/youtubemix": "youtubemix"}
 VALIDATION_FRACTION = 0.05
+STREAMING_DATASETS = "4.0.0"  # the oldest datasets release whose stream state_dict() resumes exactly (tested)
 STREAM_SHARDS = 64  # shards of a streamed folder: any process count up to 64 that divides it reads whole shards
 
 
@@ -92,6 +94,13 @@ class DataArguments:
     def __post_init__(self):
         if self.seq_len is not None and self.seq_len < 1:
             raise ValueError(f"--seq_len must be >= 1, got {self.seq_len}")
+        if self.streaming:
+            import datasets
+            from packaging.version import Version
+
+            if Version(datasets.__version__) < Version(STREAMING_DATASETS):
+                raise ValueError(f"--streaming needs datasets >= {STREAMING_DATASETS} (older releases do not resume a "
+                                 f"stream exactly), this is {datasets.__version__}: pip install -U datasets")
         check_flags(self, [("shuffle_buffer", lambda v: isinstance(v, int) and v >= 0, "an int >= 0"),
                            ("preprocessing_num_workers", lambda v: isinstance(v, int) and v >= 1, "an int >= 1")])
         if self.dataset is not None:
@@ -510,15 +519,27 @@ def build_index(data: Dataset, cache_dir: Optional[str] = None, num_proc: Option
         num_proc = min(8, os.cpu_count() or 1) if len(data) >= 10000 else None
     num_proc = num_proc if num_proc and num_proc > 1 and len(data) >= 2 * num_proc else None
     fingerprint = _index_fingerprint(data)
-    cache_file = None
-    if fingerprint is not None:
-        folder = Path(cache_dir or Path.home() / ".cache" / "poolformer-hf") / "index"
-        folder.mkdir(parents=True, exist_ok=True)
-        cache_file = str(folder / f"{fingerprint}.arrow")
-    return data.map(_index_batch, batched=True, batch_size=256, input_columns=["audio"],
-                    remove_columns=data.column_names, num_proc=num_proc,
-                    cache_file_name=cache_file, new_fingerprint=fingerprint, load_from_cache_file=True,
-                    desc="reading audio headers")
+    if fingerprint is None:
+        return data.map(_index_batch, batched=True, batch_size=256, input_columns=["audio"],
+                        remove_columns=data.column_names, num_proc=num_proc, desc="reading audio headers")
+    folder = Path(cache_dir or Path.home() / ".cache" / "poolformer-hf") / "index"
+    final = folder / f"{fingerprint}.arrow"
+    if final.exists():
+        return Dataset.from_file(str(final))
+    folder.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=folder, prefix=".building-"))
+    try:
+        index = data.map(_index_batch, batched=True, batch_size=256, input_columns=["audio"],
+                         remove_columns=data.column_names, num_proc=num_proc, cache_file_name=str(work / "part.arrow"),
+                         new_fingerprint=fingerprint, desc="reading audio headers")
+        # one Arrow stream file, renamed into place when complete (num_proc writes one file per process)
+        table = index.data.table if hasattr(index.data, "table") else index.data
+        with pa.OSFile(str(work / "index.arrow"), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+        os.replace(work / "index.arrow", final)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return Dataset.from_file(str(final))
 
 
 def read_audio(audio: dict, sample_rate: int, start: int = 0, length: Optional[int] = None,
@@ -589,11 +610,11 @@ class AudioTokenDataset(torch.utils.data.Dataset):
                  num_proc: Optional[int] = None):
         self.data, self.spec, self.name = data, spec, name
         self.bad_items = 0
-        header = build_index(data, cache_dir, num_proc).with_format("numpy")
-        self.file_frames = np.asarray(header["frames"], dtype=np.int64)
-        self.file_rate = np.asarray(header["rate"], dtype=np.int64)
-        errors = np.asarray(header["error"], dtype=str)
-        names = header["name"]
+        header = build_index(data, cache_dir, num_proc).data  # the Arrow table: whole columns at once
+        self.file_frames = header.column("frames").to_numpy().astype(np.int64)
+        self.file_rate = header.column("rate").to_numpy().astype(np.int64)
+        errors = np.asarray(header.column("error").to_pylist(), dtype=str)
+        names = header.column("name").to_pylist()
         self.skipped = [f"{names[r]}: {errors[r]}" for r in np.flatnonzero(errors != "")]
         good = np.flatnonzero(errors == "")
         frames = self.file_frames[good] * spec.sample_rate // np.maximum(self.file_rate[good], 1)

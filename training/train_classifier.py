@@ -28,7 +28,7 @@ class DigitClips(torch.utils.data.Dataset):
     def __init__(self, data, quantization="mu-law", sample_rate=16000):
         self.tokens = AudioTokenDataset(data, AudioSpec(sample_rate=sample_rate, quantization=quantization,
                                                          seq_len=sample_rate, mode="pad"), "classifier")
-        paths = [data[row]["path"] for row, _ in self.tokens.index]
+        paths = [data[int(row)]["path"] for row, _ in self.tokens.index]
         self.labels = [DIGITS.index(Path(p).parent.name) for p in paths]
         self.quantization = quantization
 
