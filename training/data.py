@@ -647,9 +647,6 @@ class AudioTokenDataset(torch.utils.data.Dataset):
             tokens = torch.zeros(0, dtype=torch.long)
         return token_item(tokens, spec)
 
-    def tokenize(self, wave: np.ndarray) -> dict:
-        return token_item(quantize(wave, self.spec), self.spec)
-
 
 class AudioTokenStream(torch.utils.data.IterableDataset):
     """Token items cut on the fly from a streamed `datasets.IterableDataset` (one item per clip in pad mode, every
