@@ -93,4 +93,17 @@ def markdown(results):
                   "| target | met |", "|---|---|"]
         lines += [f"| {k} | {'yes' if v else '**no**'} |" for k, v in d["targets"].items()]
         lines.append("")
+    if "pcm16" in results:
+        c = results["pcm16"]
+        f = c["flac"]
+        lines += [f"**7. 16-bit speech, lossless** ({c['train_seconds_of_audio']:.0f} s of espeak-ng speech at 16 kHz "
+                  f"for training, {c['test_clips']} held-out clips, {c['test_samples']:,} test samples in windows of "
+                  f"{c['seq_len']}; {c['budget_s']:.0f} training seconds per model, batch {c['batch']}; bits per 16-bit "
+                  f"sample, uniform = {c['uniform_bits']:.0f})", "",
+                  "| coder | params | steps | bits/sample | own terms | vs FLAC |", "|---|---|---|---|---|---|",
+                  f"| FLAC (level {c['flac_level']}, same windows, header excluded) | - | - | "
+                  f"{f['flac_bits_per_sample']:.3f} | - | 1.00 |"]
+        lines += [f"| {r['model']} | {r['params']:,} | {r['steps']} | {r['bits_per_sample']:.3f} | "
+                  f"{r['own_bits_per_sample']:.3f} ({r['own_terms']}) | {r['vs_flac']:.3f} |" for r in c["rows"]]
+        lines += ["", "Learning curves: `pcm16_curve.png` beside these results.", ""]
     return "\n".join(lines)

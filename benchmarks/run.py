@@ -1,6 +1,6 @@
 """Poolformer benchmarks, every comparison measured side by side in one run on this machine.
 
-    python benchmarks/run.py [--quick] [--out benchmarks/results] [--only scan,train,peers,generate,length,data]
+    python benchmarks/run.py [--quick] [--out benchmarks/results] [--only scan,train,peers,generate,length,data,pcm16]
 
 Writes `<out>/results.md` (the tables) and `<out>/results.json`; sections left out of `--only` keep the results an
 earlier run wrote there. Sections:
@@ -17,7 +17,11 @@ earlier run wrote there. Sections:
    transformer beside it until it runs out of memory or time;
 6. data: start-up (cold and cached index) and peak RSS for 1,000 and 20,000 files and a 20,000-clip parquet of
    bytes, a 1-s window of a 1-hour file vs a 1-s file, loader tokens/s (0 and 4 workers, map-style and streamed)
-   next to the SC09 model's training tokens/s, and the targets met (synthetic data under benchmarks/data_cache/).
+   next to the SC09 model's training tokens/s, and the targets met (synthetic data under benchmarks/data_cache/);
+7. pcm16: 16-bit speech (espeak-ng, 16 kHz) coded losslessly: held-out bits per 16-bit sample of a 16-bit
+   Poolformer (dual softmax), of the same body on byte tokens (two per sample) and of an 8-bit mu-law model (its
+   NLL plus the log2 width of its mu-law bins: the cost of the 16-bit sample), each trained for the same seconds,
+   against FLAC at its best compression on the same clips; the learning curves go to `<out>/pcm16_curve.png`.
 
 On a CUDA machine every section runs on the GPU, with the GPU's sizes: the scan compares the Triton kernel with the
 chunked torch scan; training runs under bf16 autocast (the recurrence stays fp32) at T=16000 for all models, with
@@ -42,6 +46,7 @@ from training.utils import tune_cpu_allocator
 from bench_data import bench_data, child_startup
 from bench_generate import bench_generate, child_generate
 from bench_length import bench_length, one_step
+from bench_pcm16 import bench_pcm16
 from bench_scan import bench_scan
 from bench_train import bench_peers, bench_train, child_train
 from common import DEVICE, ROOT
@@ -72,6 +77,7 @@ def main():
     sections = {"scan": bench_scan, "train": bench_train, "peers": bench_peers, "generate": bench_generate,
                 "length": bench_length, "data": bench_data}
     out = Path(args.out)
+    sections["pcm16"] = lambda quick: bench_pcm16(quick, out)
     out.mkdir(parents=True, exist_ok=True)
     if (out / "results.json").is_file():  # sections not run this time keep their earlier results
         earlier = json.loads((out / "results.json").read_text())

@@ -37,8 +37,17 @@ CONFIGS = {
     ),
 }
 
+# 16-bit linear PCM (65,536 tokens): the sample's high byte, then its low byte given the high one (dual softmax);
+# the 65,536-row embedding table is replaced by a small MLP on the sample value
+PCM16 = dict(vocab_size=65536, quantization="pcm", output_head="dual-softmax", embedding="mlp")
+CONFIGS.update({
+    "beethoven-16bit": dict(SC09, **PCM16),
+    "youtubemix-16bit": dict(SC09, **PCM16),
+    "tiny-16bit": dict(CONFIGS["tiny"], **PCM16),
+})
+
 # clip lengths in samples: what generation produces by default
-SECONDS = {"beethoven": 8, "youtubemix": 8}
+SECONDS = {"beethoven": 8, "youtubemix": 8, "beethoven-16bit": 8, "youtubemix-16bit": 8}
 
 
 def main():

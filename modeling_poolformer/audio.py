@@ -27,12 +27,15 @@ __all__ = [
     "PoolformerAudioStreamer",
     "decode_audio",
     "encode_audio",
+    "float_to_pcm16",
     "load_audio",
+    "pcm_tokens",
     "resample",
     "save_spectrogram",
     "wav_paths",
     "WavWriter",
     "ProgressStreamer",
+    "tokens_to_pcm16",
     "write_wav",
 ]
 
@@ -44,25 +47,54 @@ __all__ = [
 
 def encode_audio(waveform: torch.Tensor, quantization: str = "mu-law", levels: int = 256) -> torch.Tensor:
     """Float waveform in [-1, 1] -> token ids in [0, levels). mu-law: `F = sgn(x) ln(1 + mu|x|) / ln(1 + mu)`,
-    mu = levels - 1; linear: `F = x`. Then `q = floor((levels - 0.01) * (F + 1) / 2 + 0.005)`."""
+    mu = levels - 1; linear: `F = x`; then `q = floor((levels - 0.01) * (F + 1) / 2 + 0.005)` (SaShiMi's). pcm:
+    `q = clamp(round(x * levels / 2), -levels / 2, levels / 2 - 1) + levels / 2`, libsndfile's float -> PCM
+    conversion, so a 16-bit file read as float comes back as its own samples (`pcm_tokens` takes the integers)."""
     x = waveform.double().clamp(-1.0, 1.0)
+    if quantization == "pcm":
+        half = levels // 2
+        return (torch.round(x * half).clamp(-half, half - 1) + half).long()
     if quantization == "mu-law":
         mu = levels - 1
         x = torch.sign(x) * torch.log1p(mu * x.abs()) / math.log1p(mu)
     elif quantization != "linear":
-        raise ValueError(f"quantization must be 'mu-law' or 'linear', got {quantization!r}")
+        raise ValueError(f"quantization must be 'mu-law', 'linear' or 'pcm', got {quantization!r}")
     return torch.floor((levels - 0.01) * (x + 1) / 2 + 0.005).long().clamp(0, levels - 1)
 
 
 def decode_audio(tokens: torch.Tensor, quantization: str = "mu-law", levels: int = 256) -> torch.Tensor:
-    """Token ids -> float32 waveform in [-1, 1]: `y = q / (levels / 2) - 1`, then the inverse mu-law."""
+    """Token ids -> float32 waveform in [-1, 1]: `y = q / (levels / 2) - 1` (linear and pcm), then the inverse
+    mu-law. At 16-bit pcm, `y * 32768` is the sample exactly (what the WAV writers store)."""
     y = tokens.double() / (levels / 2) - 1
     if quantization == "mu-law":
         mu = levels - 1
         y = torch.sign(y) * (torch.pow(1.0 + mu, y.abs()) - 1) / mu
-    elif quantization != "linear":
-        raise ValueError(f"quantization must be 'mu-law' or 'linear', got {quantization!r}")
+    elif quantization not in ("linear", "pcm"):
+        raise ValueError(f"quantization must be 'mu-law', 'linear' or 'pcm', got {quantization!r}")
     return y.float()
+
+
+def pcm_tokens(samples, levels: int = 65536) -> torch.Tensor:
+    """Integer PCM samples (e.g. int16 from `soundfile.read(..., dtype="int16")`) -> token ids: sample + levels / 2,
+    with no float in between."""
+    samples = torch.as_tensor(np.asarray(samples)).long()
+    half = levels // 2
+    if samples.numel() and (int(samples.min()) < -half or int(samples.max()) >= half):
+        raise ValueError(f"PCM samples must lie in [{-half}, {half}) for {levels} levels, got "
+                         f"[{int(samples.min())}, {int(samples.max())}]")
+    return samples + half
+
+
+def tokens_to_pcm16(tokens: torch.Tensor, quantization: str = "mu-law", levels: int = 256) -> torch.Tensor:
+    """Token ids -> int16 samples, as every WAV written here stores them: `round(decode_audio(q) * 32768)`, clipped
+    (libsndfile's scaling); exact for 16-bit pcm tokens."""
+    if quantization == "pcm" and levels == 65536:
+        return (tokens.long() - 32768).to(torch.int16)
+    return float_to_pcm16(decode_audio(tokens, quantization, levels))
+
+
+def float_to_pcm16(waveform: torch.Tensor) -> torch.Tensor:
+    return (waveform.double() * 32768.0).round().clamp(-32768, 32767).to(torch.int16)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -90,7 +122,7 @@ class WavWriter:
         self.file.setframerate(sample_rate)
 
     def write(self, waveform: torch.Tensor):
-        pcm = (waveform.float() * 32768.0).round().clamp(-32768, 32767).to(torch.int16)  # as libsndfile scales
+        pcm = waveform if waveform.dtype == torch.int16 else float_to_pcm16(waveform)  # as libsndfile scales
         self.file.writeframes(pcm.numpy().astype("<i2").tobytes())
         self.handle.flush()  # readable by others while generation goes on
 

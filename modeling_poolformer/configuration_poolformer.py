@@ -1,6 +1,7 @@
 """Poolformer configuration (arXiv 2510.02206): a raw-audio language model built from RG-LRU recurrences
 nested in pooling SkipBlocks."""
 
+import math
 import warnings
 
 import transformers
@@ -36,7 +37,8 @@ _POOLINGS = ("conv", "linear")
 _SHIFTS = ("fine", "coarse")
 _SKIPS = ("short", "long")
 _EMBEDDINGS = ("sinusoidal", "learned", "mlp")
-_QUANTIZATIONS = ("mu-law", "linear")
+_QUANTIZATIONS = ("mu-law", "linear", "pcm")
+_OUTPUT_HEADS = ("softmax", "dual-softmax")
 _SCAN_IMPLEMENTATIONS = ("auto", "numba", "loop", "chunked", "triton")
 _AUTO_MAP = {
     "AutoConfig": "configuration_poolformer.PoolformerConfig",
@@ -53,7 +55,8 @@ class PoolformerConfig(PretrainedConfig):
 
     Args:
         vocab_size (`int`, defaults to 256):
-            Number of quantisation levels of the audio; token ids are sample values in `[0, vocab_size)`.
+            Number of quantisation levels of the audio; token ids are sample values in `[0, vocab_size)`. 65,536
+            with `quantization="pcm"` is 16-bit linear PCM: token = sample + 32768 (`hub_configs/*-16bit`).
         hidden_size (`int`, defaults to 128):
             Width D of the residual stream. It stays D at every pooling level.
         pooling_factors (`list[int]`, defaults to `[2, 4, 4, 5]`):
@@ -144,9 +147,20 @@ class PoolformerConfig(PretrainedConfig):
         sample_rate (`int`, defaults to 16000):
             Audio sample rate in Hz; used when tokens are turned into waveforms and when data is resampled.
         quantization (`str`, defaults to `"mu-law"`):
-            How waveforms map to tokens: `"mu-law"` (8-bit mu-law, mu = vocab_size - 1) or `"linear"`.
-        bos_token_id (`int`, defaults to 128):
-            The "zero" token (middle of the 8-bit range) that starts every sequence.
+            How waveforms map to tokens: `"mu-law"` (mu = vocab_size - 1) or `"linear"`, SaShiMi's codecs of a
+            float waveform; `"pcm"`: the file's own linear PCM values, offset to be non-negative (token = sample +
+            vocab_size / 2; at vocab_size 65,536 the 16-bit samples themselves, read from WAV/FLAC without a float
+            round trip). `training/data.py` never min-max scales PCM.
+        output_head (`str`, defaults to `"softmax"`):
+            `"softmax"`: one Linear(D -> vocab_size) and a softmax. `"dual-softmax"` (*extension*, for 16-bit PCM;
+            WaveRNN's dual softmax, arXiv 1802.08435): with n = sqrt(vocab_size), token v has a coarse part
+            c = v // n (the high byte at 16 bits) and a fine part f = v % n, and
+            `p(v) = softmax(W_c h)[c] * softmax(W_f act(W_h h + E[c]))[f]`: the fine part sees the coarse part of
+            its own sample (E is a learned table) and nothing later. The likelihood is exact over all vocab_size
+            values; the loss is `-log p(c) - log p(f | c)` per sample. vocab_size must be a square.
+        bos_token_id (`int`, *optional*):
+            The "zero" token that starts every sequence: by default the middle of the range, `vocab_size // 2`
+            (128 at 8 bits, 32768, the sample 0, at 16 bits).
         tie_word_embeddings (`bool`, defaults to `False`):
             Always `False`: the sinusoidal embedding has no weights to tie.
     """
@@ -186,7 +200,8 @@ class PoolformerConfig(PretrainedConfig):
         checkpoint_chunk_size=0,
         sample_rate=16000,
         quantization="mu-law",
-        bos_token_id=128,
+        output_head="softmax",
+        bos_token_id=None,
         tie_word_embeddings=False,
         **kwargs,
     ):
@@ -223,6 +238,9 @@ class PoolformerConfig(PretrainedConfig):
         self.checkpoint_chunk_size = checkpoint_chunk_size
         self.sample_rate = sample_rate
         self.quantization = quantization
+        self.output_head = output_head
+        if bos_token_id is None:
+            bos_token_id = vocab_size // 2 if _is_int(vocab_size) else 128
         if tie_word_embeddings:
             raise ValueError("tie_word_embeddings: Poolformer's output head is never tied to the embedding; use False.")
         _warn_near_misses(kwargs)
@@ -250,6 +268,11 @@ class PoolformerConfig(PretrainedConfig):
         if isinstance(self.layers_per_level, int):
             return [self.layers_per_level] * self.num_levels
         return list(self.layers_per_level)
+
+    @property
+    def coarse_size(self) -> int:
+        """Values of the coarse (and of the fine) part of a token under the dual-softmax head: sqrt(vocab_size)."""
+        return math.isqrt(self.vocab_size)
 
     @property
     def num_recurrent_units(self):
@@ -347,6 +370,8 @@ _RULES = (
     ("checkpoint_chunk_size", lambda v, c: _is_int(v, 0), "an int >= 0 (0 = off)"),
     ("sample_rate", lambda v, c: _is_int(v, 1), "a positive int (Hz)"),
     ("quantization", _one_of(*_QUANTIZATIONS), f"one of {_QUANTIZATIONS}"),
+    ("output_head", lambda v, c: v in _OUTPUT_HEADS and (v == "softmax" or math.isqrt(c.vocab_size) ** 2 == c.vocab_size),
+     f"one of {_OUTPUT_HEADS}; 'dual-softmax' needs a square vocab_size (65536 = 256 x 256 for 16-bit PCM)"),
     ("bos_token_id", lambda v, c: _is_int(v, 0) and v < c.vocab_size, "an int in [0, vocab_size={c.vocab_size})"),
 )
 _FIELDS = tuple(field for field, _, _ in _RULES)

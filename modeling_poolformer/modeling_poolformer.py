@@ -59,14 +59,22 @@ class PoolformerEmbedding(nn.Module):
             return self.embed(input_ids).to(dtype)
         if self.kind == "mlp":
             return self.value_proj(input_ids.to(dtype).unsqueeze(-1) * (2.0 / self.vocab_size) - 1.0)
+        if self.vocab_size > self.TABLE_LIMIT:  # 16-bit values: the features of each id, computed (same numbers)
+            return self._fourier(input_ids).to(dtype)
         # a fixed table of the vocab_size values (made once per device), then a lookup
         table = self._tables.get(input_ids.device)
         if table is None:
-            half = self.hidden_size // 2
-            freqs = torch.pow(10000.0, -torch.arange(half, device=input_ids.device, dtype=torch.float32) / half)
-            angles = torch.arange(self.vocab_size, device=input_ids.device, dtype=torch.float32).unsqueeze(-1) * freqs
-            table = self._tables[input_ids.device] = torch.cat([angles.cos(), angles.sin()], dim=-1)
+            table = self._tables[input_ids.device] = self._fourier(torch.arange(self.vocab_size, device=input_ids.device))
         return F.embedding(input_ids, table).to(dtype)
+
+    TABLE_LIMIT = 4096  # largest vocabulary whose sinusoidal features are kept as a table
+
+    def _fourier(self, values: torch.Tensor) -> torch.Tensor:
+        """[cos(v * w_k), sin(v * w_k)], w_k = 10000^(-k / (D/2)), in fp32."""
+        half = self.hidden_size // 2
+        freqs = torch.pow(10000.0, -torch.arange(half, device=values.device, dtype=torch.float32) / half)
+        angles = values.to(torch.float32).unsqueeze(-1) * freqs
+        return torch.cat([angles.cos(), angles.sin()], dim=-1)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -661,16 +669,64 @@ class PoolformerModel(PoolformerPreTrainedModel):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+class PoolformerDualSoftmaxHead(nn.Module):
+    """WaveRNN's dual softmax (arXiv 1802.08435) over vocab_size = n^2 values, `config.output_head="dual-softmax"`.
+    A token v is a coarse part c = v // n and a fine part f = v % n (the high and low byte of a 16-bit sample):
+
+        log p(v | h) = log softmax(W_c h)[c] + log softmax(W_f act(W_h h + E[c]))[f]
+
+    The fine softmax sees the coarse part of its own sample (`coarse_embed`, E) and, through h, only the samples
+    before it; both factors are normalised, so the n^2 probabilities sum to 1 exactly. Training needs one coarse
+    and one fine softmax per sample (`nll`); `log_probs` spells out all n^2 values (n fine softmaxes), which
+    generation does for one step at a time."""
+
+    def __init__(self, config: PoolformerConfig):
+        super().__init__()
+        n, d = config.coarse_size, config.hidden_size
+        self.coarse_size = n
+        self.coarse_proj = nn.Linear(d, n)  # W_c
+        self.fine_in = nn.Linear(d, d)  # W_h
+        self.coarse_embed = nn.Embedding(n, d)  # E
+        self.fine_proj = nn.Linear(d, n)  # W_f
+        self.act = ACT2FN[config.hidden_act]
+
+    def fine_logits(self, hidden: torch.Tensor, coarse: torch.LongTensor) -> torch.Tensor:
+        """(..., D) hidden states and (...) coarse parts -> (..., n) logits of the fine part."""
+        return self.fine_proj(self.act(self.fine_in(hidden) + self.coarse_embed(coarse)))
+
+    def log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., D) -> (..., n^2) log-probabilities of every value, fp32: log p(c) + log p(f | c) at index n c + f."""
+        coarse = F.log_softmax(self.coarse_proj(hidden).float(), dim=-1)
+        fine = self.fine_proj(self.act(self.fine_in(hidden).unsqueeze(-2) + self.coarse_embed.weight))  # (..., n, n)
+        return (coarse.unsqueeze(-1) + F.log_softmax(fine.float(), dim=-1)).flatten(-2)
+
+    def nll(self, hidden: torch.Tensor, targets: torch.LongTensor) -> torch.Tensor:
+        """(B, T, D) and (B, T) target values (-100: ignored) -> (B, T) NLL in nats, -log p(c) - log p(f | c)
+        (0 where ignored). The fine factor is conditioned on the target's own coarse part (teacher forcing)."""
+        n, valid = self.coarse_size, targets != -100
+        value = targets.clamp_min(0)
+        coarse_t = (value // n).masked_fill(~valid, -100)
+        fine_t = (value % n).masked_fill(~valid, -100)
+        coarse = F.cross_entropy(self.coarse_proj(hidden).float().flatten(0, -2), coarse_t.flatten(), reduction="none")
+        fine_logits = self.fine_logits(hidden, value // n).float()
+        fine = F.cross_entropy(fine_logits.flatten(0, -2), fine_t.flatten(), reduction="none")
+        return (coarse + fine).view(targets.shape)
+
+
 class PoolformerForCausalLM(PoolformerPreTrainedModel, PoolformerGenerationMixin, GenerationMixin, PoolformerAudioMixin):
-    """Poolformer with a LayerNorm'd Linear(D -> vocab) head. logits[:, t] predicts input_ids[:, t + 1]; sequences
-    start with the zero token (`config.bos_token_id`, 128). `generate` (`generation.PoolformerGenerationMixin`) is
+    """Poolformer with a LayerNorm'd Linear(D -> vocab) head, or the dual softmax of `PoolformerDualSoftmaxHead`
+    (`config.output_head`, 16-bit PCM). logits[:, t] predicts input_ids[:, t + 1]; sequences start with the zero
+    token (`config.bos_token_id`, 128 at 8 bits, 32768 at 16). `generate` (`generation.PoolformerGenerationMixin`) is
     transformers' with a compiled decoding step around it; `save_wav`, `tokens_to_waveform` and `audio_streamer`
     come from `audio.PoolformerAudioMixin`."""
 
     def __init__(self, config: PoolformerConfig):
         super().__init__(config)
         self.model = PoolformerModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size)
+        if config.output_head == "dual-softmax":
+            self.lm_head = PoolformerDualSoftmaxHead(config)
+        else:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size)
         self.post_init()
 
     def forward(
@@ -688,7 +744,9 @@ class PoolformerForCausalLM(PoolformerPreTrainedModel, PoolformerGenerationMixin
         **kwargs,
     ) -> Union[tuple, "PoolformerCausalLMOutput"]:
         """`labels` (B, T) are shifted inside (`-100` and masked positions are ignored); `past_key_values` is the old
-        name of `cache`."""
+        name of `cache`. With labels, `sample_nll` holds each predicted sample's NLL (position t: of labels[t + 1]).
+        The dual-softmax head's `logits` are the log-probabilities of all vocab_size values (256 KB per position at
+        16 bits): a forward with labels returns them only when `logits_to_keep` asks for positions."""
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -700,9 +758,15 @@ class PoolformerForCausalLM(PoolformerPreTrainedModel, PoolformerGenerationMixin
         )
         hidden = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden[:, keep])
+        dual = isinstance(self.lm_head, PoolformerDualSoftmaxHead)
+        all_positions = isinstance(logits_to_keep, int) and logits_to_keep == 0
+        logits = None
+        if not dual:
+            logits = self.lm_head(hidden[:, keep])
+        elif labels is None or not all_positions:
+            logits = self.lm_head.log_probs(hidden[:, keep])
 
-        loss = bits = None
+        loss = bits = nll = None
         if labels is not None:
             if labels.shape != hidden.shape[:2]:
                 raise ValueError(f"labels must have the shape of input_ids {tuple(hidden.shape[:2])}, got "
@@ -715,22 +779,25 @@ class PoolformerForCausalLM(PoolformerPreTrainedModel, PoolformerGenerationMixin
                 if len(bad):
                     raise ValueError(f"labels must lie in [0, {self.config.vocab_size}) or be -100 (ignored), got "
                                      f"{bad[0].item()}.")
-            all_logits = logits if logits.shape[1] == hidden.shape[1] else self.lm_head(hidden)
-            labels = labels.to(all_logits.device).long()
+            labels = labels.to(hidden.device).long()
             if attention_mask is not None:
                 labels = labels.masked_fill(attention_mask[:, -labels.shape[1] :] == 0, -100)
             # shift the labels, not the logits: slicing (B, T, vocab) logits would copy them
             targets = F.pad(labels[:, 1:], (0, 1), value=-100)
-            loss = F.cross_entropy(
-                all_logits.float().reshape(-1, self.config.vocab_size), targets.reshape(-1), ignore_index=-100
-            )
+            if dual:
+                nll = self.lm_head.nll(hidden, targets)
+            else:
+                all_logits = logits if logits.shape[1] == hidden.shape[1] else self.lm_head(hidden)
+                nll = F.cross_entropy(all_logits.float().reshape(-1, self.config.vocab_size), targets.reshape(-1),
+                                      ignore_index=-100, reduction="none").view(targets.shape)
+            loss = nll.sum() / (targets != -100).sum()  # NaN when nothing is predicted, as a mean over nothing
             if _can_read(targets) and bool((targets == -100).all()):
                 warnings.warn("Poolformer: no label left to predict (all -100 or masked, or sequences of one "
                               "sample): the loss is NaN.", RuntimeWarning, stacklevel=2)
             bits = nats_to_bits(loss)
 
         out = PoolformerCausalLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
-                                       bits_per_sample=bits, **{CACHE_FIELD: outputs.cache})
+                                       bits_per_sample=bits, sample_nll=nll, **{CACHE_FIELD: outputs.cache})
         return out if return_dict is not False else out.to_tuple()
 
 
@@ -957,6 +1024,7 @@ __all__ = [
     "CACHE_FIELD",
     "PoolformerCache",
     "PoolformerCausalLMOutput",
+    "PoolformerDualSoftmaxHead",
     "PoolformerForCausalLM",
     "PoolformerModel",
     "PoolformerModelOutput",

@@ -43,9 +43,11 @@ PoolformerModelOutput = _output_class(
 )
 PoolformerCausalLMOutput = _output_class(
     "PoolformerCausalLMOutput",
-    "`loss`: mean NLL in nats over the unmasked predicted positions; `bits_per_sample`: the same in bits; `logits` "
-    "(B, T, vocab); `cache`: the `PoolformerCache`, when used; `hidden_states` as in `PoolformerModelOutput`.",
-    ["loss", "logits", "cache", "hidden_states", "bits_per_sample"],
+    "`loss`: mean NLL in nats per predicted sample over the unmasked positions; `bits_per_sample`: the same in bits "
+    "(8 or 16 for a uniform model); `logits` (B, T, vocab) (the dual-softmax head's are log-probabilities); `cache`: "
+    "the `PoolformerCache`, when used; `hidden_states` as in `PoolformerModelOutput`; `sample_nll` (B, T), with "
+    "labels: the NLL in nats of the sample each position predicts (0 where none is).",
+    ["loss", "logits", "cache", "hidden_states", "bits_per_sample", "sample_nll"],
 )
 
 

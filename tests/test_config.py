@@ -58,6 +58,7 @@ INVALID = [
     ("checkpoint_chunk_size", 16.5),
     ("sample_rate", 0),
     ("quantization", "a-law"),
+    ("output_head", "softmax-65536"),
     ("bos_token_id", 256),
 ]
 

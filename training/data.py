@@ -17,7 +17,9 @@ stable 5% of the training items (at least one) becomes the validation split, cho
 path (or its row number), so the same item always lands on the same side.
 
 Audio is decoded with soundfile (no FFmpeg), mixed to mono, resampled to the model's rate with soxr, optionally
-min-max scaled per clip, quantised, and prefixed with the zero token. Padding is masked out of the loss
+min-max scaled per clip, quantised, and prefixed with the zero token. A 16-bit model (`quantization="pcm"`,
+65,536 values) reads any protocol's split as 16-bit PCM: the files' int16 samples themselves (no float round trip,
+no min-max scaling), rounded only where channels are mixed or the audio is resampled. Padding is masked out of the loss
 (`labels = -100`). Files that cannot be read or are empty are skipped and counted, never a crash mid-epoch.
 """
 
@@ -42,7 +44,7 @@ import torch
 from datasets import Audio, Dataset, DatasetDict, IterableDataset, IterableDatasetDict, load_dataset
 
 from modeling_poolformer import encode_audio
-from modeling_poolformer.audio import resample
+from modeling_poolformer.audio import pcm_tokens, resample
 from training.utils import check_flags, check_local_or_hub
 
 logger = logging.getLogger(__name__)
@@ -463,6 +465,11 @@ class AudioSpec:
     mode: str = "pad"  # "pad": one clip per file, padded and masked; "window": fixed windows cut from files
     minmax: bool = True  # per-clip min-max scaling to [-1, 1] before quantisation
 
+    @property
+    def pcm16(self) -> bool:
+        """16-bit linear PCM: samples are read as int16 and become tokens without a float in between."""
+        return self.quantization == "pcm" and self.levels == 65536
+
 
 INDEX_VERSION = 1  # bump when the index's columns or their meaning change: old cached indexes are then not reused
 RESAMPLE_MARGIN = 512  # extra frames read on both sides of a resampled window: soxr's filter sees real context
@@ -543,17 +550,22 @@ def build_index(data: Dataset, cache_dir: Optional[str] = None, num_proc: Option
 
 
 def read_audio(audio: dict, sample_rate: int, start: int = 0, length: Optional[int] = None,
-               file_frames: Optional[int] = None, file_rate: Optional[int] = None) -> np.ndarray:
+               file_frames: Optional[int] = None, file_rate: Optional[int] = None, pcm16: bool = False) -> np.ndarray:
     """Mono float32 samples `[start, start + length)` of an item at `sample_rate`. Encoded audio is read from the
     frames that hold them only (soundfile `start`/`frames` at the file's own rate); when it must be resampled,
     RESAMPLE_MARGIN frames more on each side are read, from a frame that maps onto a whole output sample, so the
     window equals the same slice of the whole file resampled up to float rounding at the resampler's precision.
-    Decoded arrays are resampled whole and sliced."""
+    Decoded arrays are resampled whole and sliced.
+
+    `pcm16`: int16 samples instead. A mono file at `sample_rate` gives its own samples, read as integers
+    (soundfile's `dtype="int16"`; libsndfile converts other sample formats); channels are averaged and rounded,
+    and resampled audio (new samples) is rounded to int16 as libsndfile scales floats."""
     if audio.get("array") is not None:
-        samples = np.asarray(audio["array"], dtype=np.float32)
+        samples = np.asarray(audio["array"])
         samples = samples.mean(axis=1) if samples.ndim == 2 else samples
-        wave = resample(samples, int(audio["sampling_rate"]), sample_rate)
-        return wave[start : None if length is None else start + length]
+        wave = resample(samples.astype(np.float32), int(audio["sampling_rate"]), sample_rate)
+        wave = wave[start : None if length is None else start + length]
+        return _to_pcm16(wave) if pcm16 else wave
     if file_frames is None or file_rate is None:
         file_frames, file_rate = _header(audio)
     if file_rate == sample_rate:
@@ -566,14 +578,31 @@ def read_audio(audio: dict, sample_rate: int, start: int = 0, length: Optional[i
         offset = start - first * sample_rate // file_rate
     if stop <= first:
         return np.zeros(0, dtype=np.float32)
+    if pcm16 and file_rate == sample_rate:  # the file's integers, never through a float
+        samples, _ = soundfile.read(_source(audio), start=first, frames=stop - first, dtype="int16", always_2d=True)
+        if samples.shape[1] == 1:
+            return samples[:, 0]
+        return np.round(samples.mean(axis=1)).astype(np.int16)
     samples, rate = soundfile.read(_source(audio), start=first, frames=stop - first, dtype="float32", always_2d=True)
     wave = resample(samples.mean(axis=1), rate, sample_rate)
-    return wave[offset : None if length is None else offset + length]
+    wave = wave[offset : None if length is None else offset + length]
+    return _to_pcm16(wave) if pcm16 else wave
+
+
+def _to_pcm16(wave: np.ndarray) -> np.ndarray:
+    """Float samples -> int16 as libsndfile converts them (x * 32768, rounded, clipped): exact for floats that came
+    from 16-bit PCM."""
+    return np.clip(np.round(np.asarray(wave, dtype=np.float64) * 32768.0), -32768, 32767).astype(np.int16)
 
 
 def quantize(wave: np.ndarray, spec: AudioSpec) -> torch.Tensor:
     """Tokens of one clip or window (no zero token): optional min-max scaling to [-1, 1], then the spec's
-    quantisation."""
+    quantisation. Integer samples (`read_audio(..., pcm16=True)`) of a 16-bit pcm spec become tokens as they are."""
+    if np.issubdtype(np.asarray(wave).dtype, np.integer):
+        if not spec.pcm16:
+            raise ValueError(f"integer samples need a 16-bit pcm spec, this one is {spec.levels}-level "
+                             f"{spec.quantization}")
+        return pcm_tokens(wave, spec.levels)
     wave = torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32))
     if not torch.isfinite(wave).all():  # NaN/inf would defeat min-max scaling and quantise to 0/255
         raise ValueError(f"{int((~torch.isfinite(wave)).sum())} samples are NaN or infinite")
@@ -638,7 +667,7 @@ class AudioTokenDataset(torch.utils.data.Dataset):
         audio = self.data[row]["audio"]
         try:
             wave = read_audio(audio, spec.sample_rate, start, spec.seq_len, int(self.file_frames[row]),
-                              int(self.file_rate[row]))
+                              int(self.file_rate[row]), pcm16=spec.pcm16)
             tokens = quantize(wave, spec)
         except Exception as err:  # noqa: BLE001 - a file that breaks after its header was read: a masked item
             self.bad_items += 1
@@ -673,7 +702,7 @@ class AudioTokenStream(torch.utils.data.IterableDataset):
         """The compact token arrays of one streamed file: its clip, or all its windows."""
         spec, audio = self.spec, example["audio"]
         try:
-            wave = read_audio(audio, spec.sample_rate)
+            wave = read_audio(audio, spec.sample_rate, pcm16=spec.pcm16)
             if wave.size == 0:
                 raise ValueError("empty")
             if spec.mode == "pad":
@@ -748,15 +777,19 @@ def held_out_items(stream: AudioTokenStream, count: int) -> list:
 
 def build_datasets(data_args: DataArguments, config, rank: int = 0, world_size: int = 1, seed: int = 0) -> tuple:
     """(protocol, spec, {split: AudioTokenDataset, or AudioTokenStream with --streaming}). The spec's quantisation is
-    the protocol's (the model config's for `generic`); the config is only read: a caller whose model quantises
-    otherwise decides what to do."""
+    the protocol's (the model config's for `generic`), except that a pcm model (16-bit) reads every protocol's
+    split as pcm, never min-max scaled: its samples are the files' own. The config is only read: a caller whose
+    model quantises otherwise decides what to do."""
     protocol, splits = load_splits(data_args.dataset, data_args.protocol, data_args.audio_column, data_args.cache_dir,
                                    config.sample_rate, data_args.dataset_config, streaming=data_args.streaming)
     defaults = PROTOCOL_DEFAULTS[protocol]
+    pcm = config.quantization == "pcm"
+    if pcm and not data_args.no_minmax:
+        logger.info("pcm quantisation: per-clip min-max scaling is off (the samples are the files' own)")
     spec = AudioSpec(
-        sample_rate=config.sample_rate, quantization=defaults["quantization"] or config.quantization,
+        sample_rate=config.sample_rate, quantization="pcm" if pcm else defaults["quantization"] or config.quantization,
         levels=config.vocab_size, bos=config.bos_token_id, seq_len=data_args.seq_len or defaults["seq_len"],
-        mode=data_args.mode or defaults["mode"], minmax=not data_args.no_minmax,
+        mode=data_args.mode or defaults["mode"], minmax=not (data_args.no_minmax or pcm),
     )
     if data_args.streaming:
         sets = {name: AudioTokenStream(ds, spec, name, data_args.shuffle_buffer if name == "train" else 0, seed,

@@ -6,6 +6,10 @@
 
 NLL uses the training convention: total NLL over every unmasked predicted sample divided by their count (a
 per-sample average over the split, independent of the batch size), with the model's EMA weights as exported.
+Beside it: FLAC's bits/sample on the same clips (each coded alone at FLAC's highest level, audio frames only: the
+stream header is excluded, frame headers are included) and the ratio model / FLAC. A model's NLL in bits is the
+size a lossless coder driven by it would reach, so below 1 the model compresses the clips better than FLAC. For a
+16-bit model both code the 16-bit samples; for an 8-bit one, FLAC codes its 8-bit tokens.
 Quality follows SaShiMi: N unconditional clips at temperature 1 from the zero token, optionally trimmed to the
 clips whose NLL under the model ranks between 40% and 95% (`--trim`); features and class probabilities from
 the digit classifier of `train_classifier.py`; reference statistics from the training split. The JSON result
@@ -23,7 +27,7 @@ from transformers import AutoModelForCausalLM
 
 from modeling_poolformer import decode_audio, nats_to_bits
 from training.data import DataArguments, build_datasets
-from training.metrics import DigitClassifier, nll_bits, sample_quality
+from training.metrics import DigitClassifier, flac_bits, nll_bits, sample_quality
 from training.utils import at_least, check_file, check_flags, check_local_or_hub, parse_arguments, positive
 
 
@@ -34,6 +38,7 @@ class EvaluateArguments:
     batch_size: int = 8
     max_batches: Optional[int] = field(default=None, metadata={"help": "evaluate only the first batches (an estimate)"})
     no_nll: bool = field(default=False, metadata={"help": "skip the NLL"})
+    no_flac: bool = field(default=False, metadata={"help": "skip FLAC's bits/sample on the same clips"})
     quality: bool = field(default=False, metadata={"help": "SC09 sample quality: FID, IS, mIS, AM"})
     classifier: Optional[str] = field(default=None, metadata={
         "help": "digit classifier checkpoint (.safetensors, or a torch state dict)"})
@@ -76,8 +81,7 @@ def generate_clips(model, args):
         count = min(args.generate_batch_size, args.num_generate - start)
         seq = model.generate(max_new_tokens=new_tokens, num_return_sequences=count, do_sample=True,
                              temperature=1.0, top_k=0, generator=generator, progress=True)
-        logits = model(seq).logits[:, :-1].float()
-        nll.append(torch.nn.functional.cross_entropy(logits.transpose(1, 2), seq[:, 1:], reduction="none").mean(1))
+        nll.append(model(seq, labels=seq).sample_nll[:, :-1].mean(1))
         tokens.append(seq[:, 1:].cpu())
     tokens, nll = torch.cat(tokens), nats_to_bits(torch.cat(nll).cpu())
     protocol = (f"{args.num_generate} unconditional clips of {args.seconds} s, temperature 1, from token "
@@ -172,6 +176,12 @@ def small_classifier_quality(model, args, datasets, spec, clips, gen_nll, protoc
     return quality
 
 
+def flac_baseline(dataset, count: int, config) -> dict:
+    """FLAC's bits/sample on the first `count` items of `dataset`: the samples the NLL was taken on (the model's
+    tokens as PCM: 16-bit samples, or 8-bit codes)."""
+    return flac_bits((dataset[i] for i in range(count)), config.vocab_size, config.sample_rate)
+
+
 def main(argv=None):
     args, data_args = parse_arguments((EvaluateArguments, DataArguments), argv, __doc__)
     torch.manual_seed(args.seed)
@@ -197,6 +207,11 @@ def main(argv=None):
                       nll_convention="total NLL over unmasked predicted samples / their count (bits)",
                       nll_seconds=time.perf_counter() - start)
         print(f"{args.split}: {bits:.4f} bits/sample over {count} samples")
+        if not args.no_flac and config.vocab_size in (256, 65536):
+            result.update(flac_baseline(datasets[args.split], result["items"], config))
+            result["model_to_flac_ratio"] = bits / result["flac_bits_per_sample"]
+            print(f"{args.split}: FLAC {result['flac_bits_per_sample']:.4f} bits/sample on the same clips; model / FLAC "
+                  f"= {result['model_to_flac_ratio']:.4f} (< 1: the model codes them in fewer bits)")
 
     if args.quality:
         result["quality"] = sample_quality_of(model, args, datasets, spec)

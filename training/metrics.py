@@ -1,4 +1,5 @@
-"""Metrics: NLL in bits per sample (the training convention) and SaShiMi's SC09 sample-quality metrics.
+"""Metrics: NLL in bits per sample (the training convention), FLAC's bits per sample on the same audio, and
+SaShiMi's SC09 sample-quality metrics.
 
 NLL: total NLL over every unmasked predicted sample / their count, in bits. It does not depend on the batch size.
 
@@ -10,9 +11,11 @@ Sample quality (SaShiMi's definitions) from a digit classifier on 32-bin log-mel
 - AM = KL(p_train_mean || p_gen_mean) + mean_i H(p_i).
 """
 
+import io
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,18 +30,23 @@ N_MELS = 32
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def nll_per_item(logits: torch.Tensor, labels: torch.Tensor) -> tuple:
-    """(total NLL in nats, number of predicted samples) per item of a batch, float64: logits[:, t] predicts
-    labels[:, t + 1], labels of -100 are not predicted."""
-    labels = labels[:, 1:]
-    nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels, ignore_index=-100, reduction="none")
-    return nll.double().sum(1), (labels != -100).sum(1).double()
+def nll_per_item(outputs, labels: torch.Tensor) -> tuple:
+    """(total NLL in nats, number of predicted samples) per item of a batch, float64; position t predicts
+    labels[:, t + 1], labels of -100 are not predicted. `outputs` is either a model's output from a forward with
+    `labels` (its `sample_nll`: the same for every output head, a dual softmax never spells out its 65,536 logits)
+    or a (B, T, vocab) tensor of softmax logits."""
+    targets = labels[:, 1:]
+    if isinstance(outputs, torch.Tensor):
+        nll = F.cross_entropy(outputs[:, :-1].float().transpose(1, 2), targets, ignore_index=-100, reduction="none")
+    else:
+        nll = outputs.sample_nll
+    return nll.double().sum(1), (targets != -100).sum(1).double()
 
 
 @torch.no_grad()
 def nll_bits(model, dataloader, accelerator=None, max_batches=None, progress=False):
     """(bits per sample, total NLL in nats, number of predicted samples). Batches are dicts with `input_ids`,
-    `attention_mask`, `labels` (-100 where masked); logits[t] predicts input_ids[t + 1]. Under data parallelism
+    `attention_mask`, `labels` (-100 where masked); position t predicts input_ids[t + 1]. Under data parallelism
     the per-item sums go through `gather_for_metrics`, which drops the items that `accelerator.prepare` repeats
     to even out the last batch, so every item counts once."""
     model.eval()
@@ -54,8 +62,8 @@ def nll_bits(model, dataloader, accelerator=None, max_batches=None, progress=Fal
         if max_batches is not None and i >= max_batches:
             break
         batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        item_nll, item_count = nll_per_item(logits, batch["labels"])
+        outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        item_nll, item_count = nll_per_item(outputs, batch["labels"])
         if accelerator is not None:
             item_nll, item_count = accelerator.gather_for_metrics((item_nll, item_count))
         total += item_nll.sum()
@@ -64,6 +72,73 @@ def nll_bits(model, dataloader, accelerator=None, max_batches=None, progress=Fal
         raise ValueError("no sample was evaluated (no batch, or every label masked): there is no NLL to report; "
                          "check the split, --max_eval_batches / --max_batches and the files' readability.")
     return nats_to_bits(total / count).item(), total.item(), int(count.item())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# FLAC: the lossless coder a model's bits/sample are measured against
+# ---------------------------------------------------------------------------------------------------------------------
+
+FLAC_LEVEL = "FLAC level 8 (libsndfile compression_level=1.0, the highest)"
+
+
+def flac_header_bytes(data: bytes) -> int:
+    """Bytes before the first audio frame of a FLAC stream: the `fLaC` marker and every metadata block (STREAMINFO,
+    and whatever else the encoder wrote: a seek table, tags, padding)."""
+    if data[:4] != b"fLaC":
+        raise ValueError("not a FLAC stream (no fLaC marker)")
+    pos = 4
+    while True:
+        if pos + 4 > len(data):
+            raise ValueError("truncated FLAC metadata")
+        last, length = data[pos] & 0x80, int.from_bytes(data[pos + 1 : pos + 4], "big")
+        pos += 4 + length
+        if last:
+            return pos
+
+
+def flac_audio_bytes(samples: np.ndarray, sample_rate: int, bits: int = 16) -> int:
+    """Size in bytes of the audio frames (frame headers included, the stream's header excluded) of `samples`, an
+    integer PCM array (int16 values; at 8 bits, values in [-128, 128)), coded alone as one FLAC stream at the
+    highest compression level."""
+    import soundfile
+
+    samples = np.asarray(samples)
+    if bits not in (8, 16):
+        raise ValueError(f"FLAC is compared at 8 or 16 bits, got {bits}")
+    pcm = samples.astype(np.int16) * (256 if bits == 8 else 1)  # libsndfile writes 8-bit as the high byte
+    buffer = io.BytesIO()
+    soundfile.write(buffer, pcm, sample_rate, format="FLAC", subtype="PCM_16" if bits == 16 else "PCM_S8",
+                    compression_level=1.0)
+    data = buffer.getvalue()
+    return len(data) - flac_header_bytes(data)
+
+
+def item_pcm(item: dict, levels: int) -> np.ndarray:
+    """The integer samples of one data item (`input_ids` after the zero token, where `attention_mask` is 1) as
+    signed PCM: token - levels / 2."""
+    length = int(item["attention_mask"].sum()) - 1
+    return (item["input_ids"][1 : 1 + length].long() - levels // 2).numpy()
+
+
+def flac_bits(items, levels: int, sample_rate: int) -> dict:
+    """FLAC on the same samples a model's NLL covers: each item coded alone (as the model scores each from a fresh
+    state), total audio-frame bits / total samples. `items`: data items (dicts with `input_ids`,
+    `attention_mask`); `levels`: 256 (the 8-bit tokens as 8-bit PCM) or 65536."""
+    bits = {256: 8, 65536: 16}.get(levels)
+    if bits is None:
+        raise ValueError(f"the FLAC baseline needs 8- or 16-bit tokens (256 or 65536 levels), got {levels}")
+    total_bytes = total_samples = 0
+    for item in items:
+        samples = item_pcm(item, levels)
+        if len(samples):
+            total_bytes += flac_audio_bytes(samples, sample_rate, bits)
+            total_samples += len(samples)
+    if total_samples == 0:
+        raise ValueError("no sample to code with FLAC")
+    return {"flac_bits_per_sample": 8 * total_bytes / total_samples, "flac_audio_bytes": total_bytes,
+            "flac_samples": total_samples, "flac_items": "each item coded alone",
+            "flac_convention": f"{FLAC_LEVEL}; audio frames only: the fLaC marker and metadata blocks (stream header) "
+                               "are excluded, frame headers are included; / number of samples"}
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -765,8 +765,8 @@ Load it with `AutoModelForCausalLM.from_pretrained(repo, trust_remote_code=True)
 ## Data
 
 - dataset: {data} (protocol {run.protocol})
-- {spec.sample_rate} Hz, 8-bit {spec.quantization}, per-clip min-max {'on' if spec.minmax else 'off'}, items of
-  {spec.seq_len} samples ({spec.mode})
+- {spec.sample_rate} Hz, {spec.levels.bit_length() - 1}-bit {spec.quantization}, per-clip min-max
+  {'on' if spec.minmax else 'off'}, items of {spec.seq_len} samples ({spec.mode})
 
 ## Training
 
