@@ -52,6 +52,7 @@ SENTENCES = (
     "Music drifted from the open window across the empty square.",
 )
 SPEEDS_PITCHES = ((150, 50), (175, 40))
+LR, LR_END = 2e-3, 1e-4
 BODY = dict(pooling_factors=[4, 4, 5], layers_per_level=1, hidden_size=64, lru_width=64, num_gate_blocks=8,
             pooling_groups=64, dropout=0.0, embedding="mlp")
 
@@ -134,10 +135,11 @@ def held_out_bits(model, batches, transform, bin_log2=None) -> tuple:
 
 
 def train_for(name, model, transform, train_items, val_batches, budget_s, eval_every_s, batch_size, bin_log2):
-    """AdamW (lr 2e-3, 50 warm-up steps) on shuffled training windows until `budget_s` seconds of training have
-    passed (evaluations not counted), with validation every `eval_every_s` training seconds."""
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / 50))
+    """AdamW on shuffled training windows until `budget_s` seconds of training have passed (evaluations not
+    counted), with validation every `eval_every_s` training seconds. The learning rate warms up over 50 steps and
+    then follows a cosine in *time* from 2e-3 to 1e-4 at the end of the budget: every model anneals by its deadline,
+    however many steps it fits in."""
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=1e-4)
     generator = torch.Generator().manual_seed(0)
     curve, step, trained, next_eval = [], 0, 0.0, 0.0
     model.train()
@@ -149,12 +151,14 @@ def train_for(name, model, transform, train_items, val_batches, budget_s, eval_e
         batch = collate([train_items[int(i)] for i in order])
         if transform is not None:
             batch = transform(batch)
+        cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, trained / budget_s)))
+        for group in opt.param_groups:
+            group["lr"] = min(1.0, (step + 1) / 50) * (LR_END + (LR - LR_END) * cosine)
         start = time.perf_counter()
         loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 200.0)
         opt.step()
-        schedule.step()
         opt.zero_grad(set_to_none=True)
         trained += time.perf_counter() - start
         step += 1

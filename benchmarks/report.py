@@ -101,7 +101,7 @@ def markdown(results):
                   f"{c['seq_len']}; {c['budget_s']:.0f} training seconds per model, batch {c['batch']}; bits per 16-bit "
                   f"sample, uniform = {c['uniform_bits']:.0f})", "",
                   "| coder | params | steps | bits/sample | own terms | vs FLAC |", "|---|---|---|---|---|---|",
-                  f"| FLAC (level {c['flac_level']}, same windows, header excluded) | - | - | "
+                  f"| FLAC ({c['flac_level']}; same windows, header excluded) | - | - | "
                   f"{f['flac_bits_per_sample']:.3f} | - | 1.00 |"]
         lines += [f"| {r['model']} | {r['params']:,} | {r['steps']} | {r['bits_per_sample']:.3f} | "
                   f"{r['own_bits_per_sample']:.3f} ({r['own_terms']}) | {r['vs_flac']:.3f} |" for r in c["rows"]]

@@ -21,6 +21,11 @@ from modeling_poolformer import PoolformerConfig, PoolformerForCausalLM  # noqa:
 ROOT = Path(__file__).resolve().parent.parent
 HUB_CONFIGS = ROOT / "hub_configs"
 HUB_CONFIG_NAMES = sorted(p.name for p in HUB_CONFIGS.iterdir() if (p / "config.json").exists())
+# one name per distinct model (configs that differ only in their generation settings are one model to test)
+_first_of = {}
+for _name in HUB_CONFIG_NAMES:
+    _first_of.setdefault((HUB_CONFIGS / _name / "config.json").read_text(), _name)
+MODEL_CONFIG_NAMES = list(_first_of.values())
 
 
 def shrink(config: PoolformerConfig, **overrides) -> PoolformerConfig:

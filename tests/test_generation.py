@@ -13,7 +13,7 @@ import soundfile
 import torch
 from transformers import CompileConfig
 
-from conftest import HUB_CONFIG_NAMES, ROOT, hub_config, hub_model
+from conftest import MODEL_CONFIG_NAMES, ROOT, hub_config, hub_model
 from modeling_poolformer import PoolformerAudioStreamer, PoolformerCache, decode_audio, encode_audio
 from modeling_poolformer.outputs import CACHE_FIELD
 
@@ -24,7 +24,7 @@ def _period(config):
 
 @pytest.mark.compat
 @pytest.mark.parametrize("shift", ["fine", "coarse"])
-@pytest.mark.parametrize("name", HUB_CONFIG_NAMES)
+@pytest.mark.parametrize("name", MODEL_CONFIG_NAMES)
 def test_cached_decoding_equals_full_forward(name, shift):
     model = hub_model(name, causal_shift=shift, conv1d_width=3)
     length = 3 * _period(model.config) + 7
@@ -136,7 +136,7 @@ def test_greedy_generate_equals_argmax_rollout(name):
 
 @pytest.mark.compat
 @pytest.mark.parametrize("shift", ["fine", "coarse"])
-@pytest.mark.parametrize("name", HUB_CONFIG_NAMES)
+@pytest.mark.parametrize("name", MODEL_CONFIG_NAMES)
 def test_generated_logits_equal_forward_on_the_produced_sequence(name, shift):
     model = hub_model(name, causal_shift=shift)
     prompt = torch.randint(0, 256, (2, _period(model.config) + 3))  # odd length, mid-group at every level
@@ -363,6 +363,7 @@ def test_save_wav_readable_at_16khz(tmp_path):
     np.testing.assert_allclose(data, want, atol=1 / 32767 + 1e-6)
 
 
+@pytest.mark.slow
 def test_sample_cli_writes_wavs_and_spectrogram(tmp_path):
     model = hub_model()
     model.save_pretrained(tmp_path / "model")
@@ -394,6 +395,7 @@ def test_sample_cli_writes_wavs_and_spectrogram(tmp_path):
     assert bad.returncode == 2 and "--temperature must be > 0" in bad.stderr
 
 
+@pytest.mark.slow
 def test_sample_cli_checks_paths_first_and_handles_a_one_sample_clip(tmp_path):
     script = [sys.executable, str(ROOT / "training" / "sample.py"), "--out", str(tmp_path / "out"), "--no_progress"]
     bad = subprocess.run(script + ["--model", "/no/such/dir"], capture_output=True, text=True, timeout=300)

@@ -15,10 +15,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import HUB_CONFIG_NAMES, ROOT, hub_config, hub_model
+from conftest import MODEL_CONFIG_NAMES, ROOT, hub_config, hub_model
 from modeling_poolformer import PoolformerConfig, PoolformerForCausalLM
 
-POOLED = [n for n in HUB_CONFIG_NAMES if PoolformerConfig.from_pretrained(ROOT / "hub_configs" / n).pooling_factors]
+POOLED = [n for n in MODEL_CONFIG_NAMES if PoolformerConfig.from_pretrained(ROOT / "hub_configs" / n).pooling_factors]
 
 
 def _fresh_env(tmp_path):

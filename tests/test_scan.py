@@ -168,6 +168,7 @@ def _loss_and_grads(model, ids, forward=None):
     return loss.detach(), [p.grad.clone() for p in model.parameters()]
 
 
+@pytest.mark.slow
 def test_compiled_training_step_is_one_graph_and_equals_eager():
     from conftest import hub_model
 

@@ -88,6 +88,7 @@ def test_kill_and_resume_equals_uninterrupted(cache_dir, tmp_path):
     assert summary(tmp_path / "split")["steps"] == 8
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_resumes(cache_dir, tmp_path):
     out = tmp_path / "run"
     args = ["--dataset", str(cache_dir / "spoken_digits_v1"), *FAST, "--max_steps", "10000", "--save_every", "2",
@@ -192,6 +193,7 @@ def _checkpoints(out):
     return sorted(p.name for p in (Path(out) / "checkpoints").iterdir())
 
 
+@pytest.mark.slow
 def test_a_finished_run_is_not_overwritten_and_rotation_stays_within_a_run(cache_dir, tmp_path):
     out = tmp_path / "run"
     args = ["--dataset", str(cache_dir / "spoken_digits_v1"), *FAST, "--max_steps", "3", "--save_every", "1",
@@ -218,6 +220,7 @@ def test_a_finished_run_is_not_overwritten_and_rotation_stays_within_a_run(cache
     assert _checkpoints(out) == ["step_00000002", "step_00000003", "step_00000099"]
 
 
+@pytest.mark.slow
 def test_a_damaged_checkpoint_fails_naming_the_file(cache_dir, tmp_path):
     out = tmp_path / "run"
     args = ["--dataset", str(cache_dir / "spoken_digits_v1"), *FAST, "--max_steps", "4", "--eval_every", "100",

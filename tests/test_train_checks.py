@@ -100,6 +100,7 @@ def _common(cache_dir):
             "1", "--save_every", "2"]
 
 
+@pytest.mark.slow
 def test_resume_refuses_changed_settings_and_says_what_changed(cache_dir, tmp_path):
     out = tmp_path / "run"
     args = [*_common(cache_dir), "--output_dir", str(out), "--max_steps", "6", "--dropout", "0.1"]
