@@ -87,13 +87,13 @@ def pcm_tokens(samples, levels: int = 65536) -> torch.Tensor:
 
 def tokens_to_pcm16(tokens: torch.Tensor, quantization: str = "mu-law", levels: int = 256) -> torch.Tensor:
     """Token ids -> int16 samples, as every WAV written here stores them: `round(decode_audio(q) * 32768)`, clipped
-    (libsndfile's scaling); exact for 16-bit pcm tokens."""
-    if quantization == "pcm" and levels == 65536:
-        return (tokens.long() - 32768).to(torch.int16)
+    (libsndfile's scaling); exact for 16-bit pcm tokens, whose float32 waveform holds sample / 32768 exactly."""
     return float_to_pcm16(decode_audio(tokens, quantization, levels))
 
 
 def float_to_pcm16(waveform: torch.Tensor) -> torch.Tensor:
+    """Float waveform -> int16 as libsndfile converts it: x * 32768, rounded, clipped; exact for floats that came
+    from 16-bit PCM."""
     return (waveform.double() * 32768.0).round().clamp(-32768, 32767).to(torch.int16)
 
 

@@ -697,7 +697,8 @@ class PoolformerDualSoftmaxHead(nn.Module):
     def log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., D) -> (..., n^2) log-probabilities of every value, fp32: log p(c) + log p(f | c) at index n c + f."""
         coarse = F.log_softmax(self.coarse_proj(hidden).float(), dim=-1)
-        fine = self.fine_proj(self.act(self.fine_in(hidden).unsqueeze(-2) + self.coarse_embed.weight))  # (..., n, n)
+        every_coarse = torch.arange(self.coarse_size, device=hidden.device)
+        fine = self.fine_logits(hidden.unsqueeze(-2), every_coarse)  # (..., n, n): row c = the fine logits given c
         return (coarse.unsqueeze(-1) + F.log_softmax(fine.float(), dim=-1)).flatten(-2)
 
     def nll(self, hidden: torch.Tensor, targets: torch.LongTensor) -> torch.Tensor:

@@ -44,7 +44,7 @@ import torch
 from datasets import Audio, Dataset, DatasetDict, IterableDataset, IterableDatasetDict, load_dataset
 
 from modeling_poolformer import encode_audio
-from modeling_poolformer.audio import pcm_tokens, resample
+from modeling_poolformer.audio import float_to_pcm16, pcm_tokens, resample
 from training.utils import check_flags, check_local_or_hub
 
 logger = logging.getLogger(__name__)
@@ -590,9 +590,7 @@ def read_audio(audio: dict, sample_rate: int, start: int = 0, length: Optional[i
 
 
 def _to_pcm16(wave: np.ndarray) -> np.ndarray:
-    """Float samples -> int16 as libsndfile converts them (x * 32768, rounded, clipped): exact for floats that came
-    from 16-bit PCM."""
-    return np.clip(np.round(np.asarray(wave, dtype=np.float64) * 32768.0), -32768, 32767).astype(np.int16)
+    return float_to_pcm16(torch.from_numpy(np.ascontiguousarray(wave))).numpy()
 
 
 def quantize(wave: np.ndarray, spec: AudioSpec) -> torch.Tensor:

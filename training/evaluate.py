@@ -176,12 +176,6 @@ def small_classifier_quality(model, args, datasets, spec, clips, gen_nll, protoc
     return quality
 
 
-def flac_baseline(dataset, count: int, config) -> dict:
-    """FLAC's bits/sample on the first `count` items of `dataset`: the samples the NLL was taken on (the model's
-    tokens as PCM: 16-bit samples, or 8-bit codes)."""
-    return flac_bits((dataset[i] for i in range(count)), config.vocab_size, config.sample_rate)
-
-
 def main(argv=None):
     args, data_args = parse_arguments((EvaluateArguments, DataArguments), argv, __doc__)
     torch.manual_seed(args.seed)
@@ -208,7 +202,9 @@ def main(argv=None):
                       nll_seconds=time.perf_counter() - start)
         print(f"{args.split}: {bits:.4f} bits/sample over {count} samples")
         if not args.no_flac and config.vocab_size in (256, 65536):
-            result.update(flac_baseline(datasets[args.split], result["items"], config))
+            # the items the NLL was taken on, their tokens as PCM (16-bit samples, or 8-bit codes)
+            split = datasets[args.split]
+            result.update(flac_bits((split[i] for i in range(result["items"])), config.vocab_size, config.sample_rate))
             result["model_to_flac_ratio"] = bits / result["flac_bits_per_sample"]
             print(f"{args.split}: FLAC {result['flac_bits_per_sample']:.4f} bits/sample on the same clips; model / FLAC "
                   f"= {result['model_to_flac_ratio']:.4f} (< 1: the model codes them in fewer bits)")
