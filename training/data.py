@@ -427,6 +427,42 @@ def _digits_only(data: DatasetDict) -> DatasetDict:
     return IterableDatasetDict(out) if isinstance(data, IterableDatasetDict) else DatasetDict(out)
 
 
+INTEGER_DTYPES = ("int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64")
+
+
+def _array_dtype(features) -> Optional[str]:
+    """The integer type of a decoded `audio` column's arrays, which datasets hands out as lists of Python ints (their
+    width lost); None for float arrays, other columns, or unknown features."""
+    feature = (features or {}).get("audio")
+    if not (isinstance(feature, dict) and "array" in feature):
+        return None
+    value = feature["array"]
+    while hasattr(value, "feature"):  # List(Value), or List(List(Value)) for channels
+        value = value.feature
+    dtype = getattr(value, "dtype", None)
+    return dtype if dtype in INTEGER_DTYPES else None
+
+
+def _check_audio_feature(feature, column: str):
+    """A clear error for an audio column that holds no audio (numbers, labels...), before a cast fails deep in
+    Arrow. Unknown features (None) are let through."""
+    if feature is None or isinstance(feature, Audio):
+        return
+    if isinstance(feature, dict) and {"array", "sampling_rate"} <= set(feature):
+        dtype = _array_dtype({"audio": feature})
+        if dtype in ("int64", "uint64"):
+            raise ValueError(f"--audio_column {column!r} holds {dtype} arrays: integer PCM arrays must be int8, uint8, "
+                             "int16, uint16, int32 or uint32 (their width gives the scale), or floats in [-1, 1]")
+        return
+    if isinstance(feature, dict) and set(feature) & {"bytes", "path"}:
+        return
+    if getattr(feature, "dtype", None) in ("string", "large_string", "binary", "large_binary"):
+        return
+    raise ValueError(f"--audio_column {column!r} holds {feature} values, not audio: expected an Audio column, file "
+                     "paths or encoded bytes (or {bytes, path} rows), or decoded {array, sampling_rate} rows; pass the "
+                     "dataset's audio column with --audio_column")
+
+
 def _hub_splits(data, audio_column: str, digits_only: bool = False) -> dict:
     if isinstance(data, IterableDataset):
         data = IterableDatasetDict({"train": data})
@@ -439,6 +475,7 @@ def _hub_splits(data, audio_column: str, digits_only: bool = False) -> dict:
         raise ValueError(f"--audio_column {audio_column!r} is not a column of the dataset; it has {columns}")
     names = {"valid": "validation", "val": "validation", "dev": "validation"}
     feature = (next(iter(data.values())).features or {}).get(audio_column)
+    _check_audio_feature(feature, audio_column)
     decoded = isinstance(feature, dict) and {"array", "sampling_rate"} <= set(feature)
     out = {}
     for split, ds in data.items():
@@ -473,6 +510,8 @@ class AudioSpec:
 
 INDEX_VERSION = 1  # bump when the index's columns or their meaning change: old cached indexes are then not reused
 RESAMPLE_MARGIN = 512  # extra frames read on both sides of a resampled window: soxr's filter sees real context
+# soundfile subtypes whose samples are floats: read as float32 and rounded, never read as int16 (unscaled there)
+FLOAT_SUBTYPES = ("FLOAT", "DOUBLE", "VORBIS", "OPUS", "MPEG_LAYER_I", "MPEG_LAYER_II", "MPEG_LAYER_III")
 
 
 def _source(audio: dict):
@@ -550,20 +589,23 @@ def build_index(data: Dataset, cache_dir: Optional[str] = None, num_proc: Option
 
 
 def read_audio(audio: dict, sample_rate: int, start: int = 0, length: Optional[int] = None,
-               file_frames: Optional[int] = None, file_rate: Optional[int] = None, pcm16: bool = False) -> np.ndarray:
+               file_frames: Optional[int] = None, file_rate: Optional[int] = None, pcm16: bool = False,
+               array_dtype: Optional[str] = None) -> np.ndarray:
     """Mono float32 samples `[start, start + length)` of an item at `sample_rate`. Encoded audio is read from the
     frames that hold them only (soundfile `start`/`frames` at the file's own rate); when it must be resampled,
     RESAMPLE_MARGIN frames more on each side are read, from a frame that maps onto a whole output sample, so the
     window equals the same slice of the whole file resampled up to float rounding at the resampler's precision.
-    Decoded arrays are resampled whole and sliced.
+    Decoded arrays are resampled whole and sliced; integer arrays are PCM, scaled by their type's range
+    (`pcm_to_float`; `array_dtype` names the type of arrays that arrive as lists of Python ints).
 
-    `pcm16`: int16 samples instead. A mono file at `sample_rate` gives its own samples, read as integers
-    (soundfile's `dtype="int16"`; libsndfile converts other sample formats); channels are averaged and rounded,
-    and resampled audio (new samples) is rounded to int16 as libsndfile scales floats."""
+    `pcm16`: int16 samples instead. A mono integer-PCM file at `sample_rate` gives its own samples, read as integers
+    (soundfile's `dtype="int16"`; libsndfile converts other integer widths); channels are averaged and rounded, and
+    floating-point files (FLOAT, DOUBLE, lossy codecs) and resampled audio are rounded to int16 as libsndfile scales
+    floats. Non-finite samples are an error (the caller masks or skips the item)."""
     if audio.get("array") is not None:
-        samples = np.asarray(audio["array"])
+        samples = pcm_to_float(np.asarray(audio["array"], dtype=array_dtype))
         samples = samples.mean(axis=1) if samples.ndim == 2 else samples
-        wave = resample(samples.astype(np.float32), int(audio["sampling_rate"]), sample_rate)
+        wave = resample(samples, int(audio["sampling_rate"]), sample_rate)
         wave = wave[start : None if length is None else start + length]
         return _to_pcm16(wave) if pcm16 else wave
     if file_frames is None or file_rate is None:
@@ -578,7 +620,8 @@ def read_audio(audio: dict, sample_rate: int, start: int = 0, length: Optional[i
         offset = start - first * sample_rate // file_rate
     if stop <= first:
         return np.zeros(0, dtype=np.float32)
-    if pcm16 and file_rate == sample_rate:  # the file's integers, never through a float
+    if pcm16 and file_rate == sample_rate and soundfile.info(_source(audio)).subtype not in FLOAT_SUBTYPES:
+        # the file's integers, never through a float (libsndfile's int16 reading of a float file does not scale it)
         samples, _ = soundfile.read(_source(audio), start=first, frames=stop - first, dtype="int16", always_2d=True)
         if samples.shape[1] == 1:
             return samples[:, 0]
@@ -590,7 +633,24 @@ def read_audio(audio: dict, sample_rate: int, start: int = 0, length: Optional[i
 
 
 def _to_pcm16(wave: np.ndarray) -> np.ndarray:
+    if not np.isfinite(wave).all():  # NaN has no int16 value: the same error as quantize's
+        raise ValueError(f"{int((~np.isfinite(wave)).sum())} samples are NaN or infinite")
     return float_to_pcm16(torch.from_numpy(np.ascontiguousarray(wave))).numpy()
+
+
+def pcm_to_float(samples: np.ndarray) -> np.ndarray:
+    """Decoded samples as float32 in [-1, 1]: floats as they are; integer PCM divided by its type's half range
+    (int8 by 128, int16 by 32768, int32 by 2**31), unsigned types offset-binary (uint8 128 is silence), as
+    libsndfile reads such files."""
+    if samples.dtype.kind == "f":
+        return samples.astype(np.float32)
+    if samples.dtype.kind not in "iu" or samples.dtype.itemsize > 4:
+        raise ValueError(f"decoded audio arrays must be floats in [-1, 1] or integer PCM (int8, uint8, int16, "
+                         f"uint16, int32, uint32), got {samples.dtype} (a list of Python ints has no width: store the "
+                         "arrays typed)")
+    half = 2.0 ** (8 * samples.dtype.itemsize - 1)
+    offset = half if samples.dtype.kind == "u" else 0.0
+    return ((samples.astype(np.float64) - offset) / half).astype(np.float32)
 
 
 def quantize(wave: np.ndarray, spec: AudioSpec) -> torch.Tensor:
@@ -637,6 +697,7 @@ class AudioTokenDataset(torch.utils.data.Dataset):
                  num_proc: Optional[int] = None):
         self.data, self.spec, self.name = data, spec, name
         self.bad_items = 0
+        self.array_dtype = _array_dtype(data.features)
         header = build_index(data, cache_dir, num_proc).data  # the Arrow table: whole columns at once
         self.file_frames = header.column("frames").to_numpy().astype(np.int64)
         self.file_rate = header.column("rate").to_numpy().astype(np.int64)
@@ -665,7 +726,7 @@ class AudioTokenDataset(torch.utils.data.Dataset):
         audio = self.data[row]["audio"]
         try:
             wave = read_audio(audio, spec.sample_rate, start, spec.seq_len, int(self.file_frames[row]),
-                              int(self.file_rate[row]), pcm16=spec.pcm16)
+                              int(self.file_rate[row]), pcm16=spec.pcm16, array_dtype=self.array_dtype)
             tokens = quantize(wave, spec)
         except Exception as err:  # noqa: BLE001 - a file that breaks after its header was read: a masked item
             self.bad_items += 1
@@ -689,6 +750,7 @@ class AudioTokenStream(torch.utils.data.IterableDataset):
                  rank: int = 0, world_size: int = 1, repeat: bool = True):
         from datasets.distributed import split_dataset_by_node
 
+        self.array_dtype = _array_dtype(source.features)
         self.source = split_dataset_by_node(source, rank, world_size) if world_size > 1 else source
         self.spec, self.name, self.shuffle_buffer, self.repeat = spec, name, shuffle_buffer, repeat
         self.seed, self.rank = seed, rank
@@ -700,7 +762,7 @@ class AudioTokenStream(torch.utils.data.IterableDataset):
         """The compact token arrays of one streamed file: its clip, or all its windows."""
         spec, audio = self.spec, example["audio"]
         try:
-            wave = read_audio(audio, spec.sample_rate, pcm16=spec.pcm16)
+            wave = read_audio(audio, spec.sample_rate, pcm16=spec.pcm16, array_dtype=self.array_dtype)
             if wave.size == 0:
                 raise ValueError("empty")
             if spec.mode == "pad":

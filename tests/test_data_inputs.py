@@ -1,0 +1,133 @@
+"""Inputs the data layer must read right or refuse clearly: float files and integer arrays for 16-bit and 8-bit
+models, non-audio columns, the rendered digit set per sample rate, streams whose files changed, a single validation
+file under 2 processes, builds of the header index killed mid-way."""
+
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import soundfile
+import torch
+from datasets import Audio, Dataset
+
+from modeling_poolformer.audio import encode_audio
+from training.data import AudioSpec, AudioTokenDataset, AudioTokenStream, load_splits, read_audio
+
+PCM16 = AudioSpec(quantization="pcm", levels=65536, bos=32768, seq_len=1600, mode="pad", minmax=False)
+LINEAR8 = AudioSpec(quantization="linear", levels=256, bos=128, seq_len=1600, mode="pad", minmax=False)
+
+
+def one_file_dataset(*paths):
+    paths = [str(p) for p in paths]
+    return Dataset.from_dict({"audio": paths, "path": paths}).cast_column("audio", Audio(decode=False))
+
+
+def libsndfile_pcm16(wave):
+    """What libsndfile stores when it writes these floats as PCM_16: x * 32768, rounded, clipped."""
+    return np.clip(np.round(np.asarray(wave, dtype=np.float64) * 32768), -32768, 32767).astype(np.int16)
+
+
+@pytest.mark.parametrize("subtype", ["FLOAT", "DOUBLE"])
+@pytest.mark.parametrize("channels", [1, 2])
+@pytest.mark.parametrize("amplitude", [0.5, 1.0])
+def test_float_wavs_are_scaled_for_16bit_models(tmp_path, subtype, channels, amplitude):
+    wave = amplitude * np.sin(np.arange(1600) / 5)
+    frames = wave if channels == 1 else np.stack([wave, 0.5 * wave], axis=1)
+    soundfile.write(tmp_path / "f.wav", frames, 16000, subtype=subtype)
+    got = read_audio({"path": str(tmp_path / "f.wav")}, 16000, pcm16=True)
+    want = libsndfile_pcm16(frames if channels == 1 else frames.astype(np.float32).mean(axis=1))
+    assert got.dtype == np.int16 and np.abs(got.astype(int) - want).max() <= 1, np.unique(got)[:5]
+    assert len(np.unique(got)) > 100  # not the silence (or -1, 0, 1) of unscaled int16 reading
+    item = AudioTokenDataset(one_file_dataset(tmp_path / "f.wav"), PCM16)[0]
+    assert torch.equal(item["input_ids"][1:], torch.from_numpy(got.astype(np.int64)) + 32768)
+
+
+def test_16bit_integer_files_still_read_their_own_samples(tmp_path):
+    pcm = (np.arange(1600) * 41 % 65536 - 32768).astype(np.int16)
+    soundfile.write(tmp_path / "i.wav", pcm, 16000, subtype="PCM_16")
+    assert np.array_equal(read_audio({"path": str(tmp_path / "i.wav")}, 16000, pcm16=True), pcm)
+
+
+@pytest.mark.parametrize("rate", [16000, 8000])
+def test_a_nan_in_a_float_wav_is_masked_and_counted_for_16bit_models(tmp_path, caplog, rate):
+    wave = 0.5 * np.sin(np.arange(800) / 5).astype(np.float32)
+    wave[100] = np.nan
+    soundfile.write(tmp_path / "a_nan.wav", wave, rate, subtype="FLOAT")
+    soundfile.write(tmp_path / "b_fine.wav", np.nan_to_num(wave), rate, subtype="FLOAT")
+    ds = AudioTokenDataset(one_file_dataset(tmp_path / "a_nan.wav", tmp_path / "b_fine.wav"), PCM16)
+    nan_item, fine_item = ds[0], ds[1]
+    assert nan_item["attention_mask"].sum() == 1 and (nan_item["labels"][1:] == -100).all()
+    assert fine_item["attention_mask"].sum() == 1 + 800 * 16000 // rate
+    assert ds.bad_items == 1 and "NaN or infinite" in caplog.text
+    # the stream skips and counts it
+    stream = AudioTokenStream(one_file_dataset(tmp_path / "a_nan.wav", tmp_path / "b_fine.wav").to_iterable_dataset(),
+                              PCM16, repeat=False)
+    assert len(list(stream)) == 1 and stream.skipped == 1
+
+
+def int_array_parquet(folder, dtype, rows=6, length=800):
+    """A parquet dataset of decoded integer arrays (`{"array": [...], "sampling_rate": 16000}` rows), typed."""
+    rng = np.random.default_rng(0)
+    info = np.iinfo(dtype)
+    arrays = [rng.integers(info.min, int(info.max) + 1, length, dtype=np.int64).astype(dtype) for _ in range(rows)]
+    for a in arrays:
+        a[:2] = (info.min, info.max)
+    struct = pa.struct([("array", pa.list_(pa.from_numpy_dtype(np.dtype(dtype)))), ("sampling_rate", pa.int64())])
+    table = pa.table({"audio": pa.array([{"array": a, "sampling_rate": 16000} for a in arrays], type=struct),
+                      "key": [f"row{i}" for i in range(rows)]})
+    (folder / "data").mkdir(parents=True)
+    pq.write_table(table, folder / "data" / "train-00000-of-00001.parquet")
+    return {f"row{i}": a for i, a in enumerate(arrays)}
+
+
+def unit_float(a):
+    """Integer PCM as floats in [-1, 1), unsigned types offset-binary: what libsndfile reads from such a file."""
+    info = np.iinfo(a.dtype)
+    half = 2.0 ** (info.bits - 1)
+    return (a.astype(np.float64) - (half if info.min == 0 else 0)) / half
+
+
+@pytest.mark.parametrize("dtype", ["int16", "uint8", "int8", "int32"])
+def test_integer_array_rows_are_scaled_by_their_type_for_16_and_8_bit_models(tmp_path, dtype):
+    arrays = int_array_parquet(tmp_path / "repo", dtype)
+    want16 = {k: torch.from_numpy(libsndfile_pcm16(unit_float(a)).astype(np.int64)) + 32768 for k, a in arrays.items()}
+    want8 = {k: encode_audio(torch.from_numpy(unit_float(a)), "linear", 256) for k, a in arrays.items()}
+    if dtype == "int16":  # the very samples
+        assert all(torch.equal(want16[k], torch.from_numpy(a.astype(np.int64)) + 32768) for k, a in arrays.items())
+    for streaming in (False, True):
+        _, splits = load_splits(str(tmp_path / "repo"), cache_dir=str(tmp_path / "cache"), streaming=streaming)
+        for spec, want in ((PCM16, want16), (LINEAR8, want8)):
+            for split in ("train", "validation"):
+                if streaming:
+                    keys = [ex["key"] for ex in splits[split]]
+                    items = list(AudioTokenStream(splits[split], spec, repeat=False))
+                else:
+                    keys = splits[split]["key"]
+                    ds = AudioTokenDataset(splits[split], spec, cache_dir=str(tmp_path / "cache"))
+                    items = [ds[i] for i in range(len(ds))]
+                assert len(items) == len(keys) > 0
+                for key, item in zip(keys, items):  # int32 (more bits than a float32 holds): to the nearest step
+                    error = (item["input_ids"][1:801] - want[key]).abs().max()
+                    assert error <= (dtype == "int32"), (streaming, spec.quantization, key, error)
+
+
+def test_a_list_of_python_ints_without_a_type_is_refused_clearly():
+    with pytest.raises(ValueError, match="integer PCM.*int64"):
+        read_audio({"array": [1, 2, 3], "sampling_rate": 16000}, 16000)
+    # typed, the same list is PCM
+    assert np.allclose(read_audio({"array": [16384, -16384], "sampling_rate": 16000}, 16000, array_dtype="int16"),
+                       [0.5, -0.5])
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_non_audio_column_is_named_with_what_was_expected(tmp_path, streaming):
+    (tmp_path / "ints" / "data").mkdir(parents=True)
+    pq.write_table(pa.table({"audio": pa.array(range(6), pa.int64())}),
+                   tmp_path / "ints" / "data" / "train-00000-of-00001.parquet")
+    with pytest.raises(ValueError, match=r"--audio_column 'audio' holds Value\('int64'\).*not audio: expected"):
+        load_splits(str(tmp_path / "ints"), cache_dir=str(tmp_path / "cache"), streaming=streaming)
+    (tmp_path / "wide").mkdir()
+    int_array_parquet(tmp_path / "wide", "int64")
+    with pytest.raises(ValueError, match="'audio' holds int64 arrays: integer PCM arrays must be"):
+        load_splits(str(tmp_path / "wide"), cache_dir=str(tmp_path / "cache"), streaming=streaming)
