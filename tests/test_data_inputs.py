@@ -131,3 +131,25 @@ def test_a_non_audio_column_is_named_with_what_was_expected(tmp_path, streaming)
     int_array_parquet(tmp_path / "wide", "int64")
     with pytest.raises(ValueError, match="'audio' holds int64 arrays: integer PCM arrays must be"):
         load_splits(str(tmp_path / "wide"), cache_dir=str(tmp_path / "cache"), streaming=streaming)
+
+
+def clip_rates(splits):
+    return {soundfile.info(p).samplerate for ds in splits.values() for p in ds["path"]}
+
+
+def test_the_built_in_digit_set_is_cached_per_sample_rate(cache_dir, tmp_path):
+    from training.data import make_spoken_digits
+
+    voices, variants = ("en-us", "en+m3", "en-us+f3"), ((150, 50),)
+    # what an older version left after an 8 kHz model: the 8 kHz set under the 16 kHz name
+    cache = tmp_path / "old"
+    make_spoken_digits(cache / "spoken_digits_v1", voices, variants, sample_rate=8000)
+    (cache / "spoken_digits_v1_16000hz").symlink_to(cache_dir / "spoken_digits_v1")  # (rendered once per session)
+    assert clip_rates(load_splits(None, cache_dir=str(cache), sample_rate=16000)[1]) == {16000}
+    # an 8 kHz run beside an existing 16 kHz set: each rate its own set, the 16 kHz one found where it always was
+    cache = tmp_path / "new"
+    make_spoken_digits(cache / "spoken_digits_v1_8000hz", voices, variants, sample_rate=8000)
+    (cache / "spoken_digits_v1").symlink_to(cache_dir / "spoken_digits_v1")
+    assert clip_rates(load_splits(None, cache_dir=str(cache), sample_rate=8000)[1]) == {8000}
+    _, splits = load_splits(None, cache_dir=str(cache), sample_rate=16000)
+    assert clip_rates(splits) == {16000} and all(str(cache / "spoken_digits_v1") in p for p in splits["train"]["path"])

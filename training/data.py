@@ -203,6 +203,23 @@ def make_spoken_digits(root: Path, voices=VOICES, variants=VARIANTS, sample_rate
     return root
 
 
+def spoken_digits_folder(cache: Path, sample_rate: int) -> Path:
+    """Where the built-in set rendered at `sample_rate` is cached: `spoken_digits_v1` at 16 kHz (its name from the
+    start), `spoken_digits_v1_<rate>hz` at any other rate. A `spoken_digits_v1` whose clips are at another rate (older
+    versions rendered it there for any model) is left alone: the 16 kHz set goes to `spoken_digits_v1_16000hz`."""
+    cache = Path(cache)
+    if sample_rate != 16000:
+        return cache / f"spoken_digits_v1_{sample_rate}hz"
+    root = cache / "spoken_digits_v1"
+    clip = next(root.glob("*/*.wav"), None) if (root / "testing_list.txt").exists() else None
+    if clip is not None and soundfile.info(str(clip)).samplerate != sample_rate:
+        logger.warning("%s holds clips at %d Hz (rendered for another model by an older version): the %d Hz set is "
+                       "rendered in %s_%dhz", root, soundfile.info(str(clip)).samplerate, sample_rate, root.name,
+                       sample_rate)
+        return cache / f"spoken_digits_v1_{sample_rate}hz"
+    return root
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Sources and split protocols
 # ---------------------------------------------------------------------------------------------------------------------
@@ -332,7 +349,7 @@ def load_splits(dataset: Optional[str], protocol: str = "auto", audio_column: st
         raise ValueError(f"--protocol must be one of {PROTOCOLS}, got {protocol!r}")
     cache = Path(cache_dir or Path.home() / ".cache" / "poolformer-hf")
     if dataset is None:
-        root, protocol = make_spoken_digits(cache / "spoken_digits_v1", sample_rate=sample_rate), "sc09"
+        root, protocol = make_spoken_digits(spoken_digits_folder(cache, sample_rate), sample_rate=sample_rate), "sc09"
     elif Path(dataset).expanduser().is_dir():
         root = Path(dataset).expanduser()
     else:
