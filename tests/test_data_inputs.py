@@ -2,6 +2,9 @@
 models, non-audio columns, the rendered digit set per sample rate, streams whose files changed, a single validation
 file under 2 processes, builds of the header index killed mid-way."""
 
+import os
+import signal
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -153,3 +156,41 @@ def test_the_built_in_digit_set_is_cached_per_sample_rate(cache_dir, tmp_path):
     assert clip_rates(load_splits(None, cache_dir=str(cache), sample_rate=8000)[1]) == {8000}
     _, splits = load_splits(None, cache_dir=str(cache), sample_rate=16000)
     assert clip_rates(splits) == {16000} and all(str(cache / "spoken_digits_v1") in p for p in splits["train"]["path"])
+
+
+def start_builder(fifo, cache):
+    """An index build in a forked process, held mid-build: its only file is a named pipe that nobody writes, so
+    reading its header blocks until the process is killed."""
+    import multiprocessing
+
+    from training.data import build_index
+
+    os.mkfifo(fifo)
+    builder = multiprocessing.get_context("fork").Process(target=build_index, args=(one_file_dataset(fifo), str(cache)))
+    builder.start()
+    return builder
+
+
+def test_a_killed_index_build_leaves_nothing_behind_and_live_builds_are_kept(tmp_path):
+    import socket
+
+    from training.data import build_index
+
+    cache, index = tmp_path / "cache", tmp_path / "cache" / "index"
+    killed = start_builder(tmp_path / "a.wav", cache)
+    deadline = time.time() + 120
+    while not list(index.glob(".building-*")):
+        assert time.time() < deadline and killed.is_alive(), "the builder never started"
+        time.sleep(0.1)
+    os.kill(killed.pid, signal.SIGKILL)  # mid-build: no finally runs
+    killed.join()
+    (left_by_kill,) = index.glob(".building-*")
+    live = index / f".building-{socket.gethostname()}-{os.getpid()}-abcd1234"  # a build going on in a live process
+    live.mkdir()
+    (index / ".building-unnamed").mkdir()  # an older version's, abandoned two days ago
+    os.utime(index / ".building-unnamed", (time.time() - 2 * 86400,) * 2)
+    (index / ".building-recent").mkdir()  # whoever's it is, it may still be working
+    soundfile.write(tmp_path / "c.wav", np.zeros(100), 16000)
+    build_index(one_file_dataset(tmp_path / "c.wav"), str(cache))  # the next build cleans up
+    assert not left_by_kill.exists() and str(killed.pid) in left_by_kill.name
+    assert {p.name for p in index.glob(".building-*")} == {live.name, ".building-recent"}

@@ -30,8 +30,10 @@ import math
 import os
 import re
 import shutil
+import socket
 import subprocess
 import tempfile
+import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -574,6 +576,38 @@ def _index_fingerprint(data: Dataset) -> Optional[str]:
     return digest.hexdigest()
 
 
+STALE_BUILD_SECONDS = 24 * 3600  # a build folder untouched this long is abandoned, whoever made it
+
+
+def remove_stale_builds(folder: Path) -> list:
+    """Removes the `.building-<host>-<pid>-*` folders of index builds that will never finish: made on this host by a
+    process that is gone (a kill -9, a crash), or, whatever made them (another host, an older version's unnamed
+    ones), untouched for STALE_BUILD_SECONDS. A live builder's folder is left alone, so concurrent builders are
+    safe. Returns the folders removed."""
+    removed = []
+    for work in Path(folder).glob(".building-*"):
+        parts = work.name[len(".building-"):].rsplit("-", 2)
+        stale = False
+        if len(parts) == 3 and parts[0] == socket.gethostname() and parts[1].isdigit():
+            try:
+                os.kill(int(parts[1]), 0)
+            except ProcessLookupError:
+                stale = True
+            except OSError:  # alive, owned by another user
+                pass
+        if not stale:
+            try:
+                touched = max([work.stat().st_mtime] + [p.stat().st_mtime for p in work.iterdir()])
+            except OSError:  # removed meanwhile (by its builder or another cleaner)
+                continue
+            stale = time.time() - touched > STALE_BUILD_SECONDS
+        if stale:
+            shutil.rmtree(work, ignore_errors=True)
+            logger.info("removed %s, left by an index build that did not finish", work)
+            removed.append(work)
+    return removed
+
+
 def build_index(data: Dataset, cache_dir: Optional[str] = None, num_proc: Optional[int] = None) -> Dataset:
     """Columns `frames`, `rate` (the file's own), `error`, `name`, one row per item of `data`, read from headers by
     `Dataset.map` in batches (the audio column is never held whole), in `num_proc` processes (default: up to 8 for
@@ -590,7 +624,8 @@ def build_index(data: Dataset, cache_dir: Optional[str] = None, num_proc: Option
     if final.exists():
         return Dataset.from_file(str(final))
     folder.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(dir=folder, prefix=".building-"))
+    remove_stale_builds(folder)
+    work = Path(tempfile.mkdtemp(dir=folder, prefix=f".building-{socket.gethostname()}-{os.getpid()}-"))
     try:
         index = data.map(_index_batch, batched=True, batch_size=256, input_columns=["audio"],
                          remove_columns=data.column_names, num_proc=num_proc, cache_file_name=str(work / "part.arrow"),
