@@ -4,6 +4,8 @@ file under 2 processes, builds of the header index killed mid-way."""
 
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -14,8 +16,17 @@ import soundfile
 import torch
 from datasets import Audio, Dataset
 
+from modeling_poolformer import PoolformerConfig
 from modeling_poolformer.audio import encode_audio
-from training.data import AudioSpec, AudioTokenDataset, AudioTokenStream, load_splits, read_audio
+from training.data import (
+    AudioSpec,
+    AudioTokenDataset,
+    AudioTokenStream,
+    DataArguments,
+    build_datasets,
+    load_splits,
+    read_audio,
+)
 
 PCM16 = AudioSpec(quantization="pcm", levels=65536, bos=32768, seq_len=1600, mode="pad", minmax=False)
 LINEAR8 = AudioSpec(quantization="linear", levels=256, bos=128, seq_len=1600, mode="pad", minmax=False)
@@ -194,3 +205,77 @@ def test_a_killed_index_build_leaves_nothing_behind_and_live_builds_are_kept(tmp
     build_index(one_file_dataset(tmp_path / "c.wav"), str(cache))  # the next build cleans up
     assert not left_by_kill.exists() and str(killed.pid) in left_by_kill.name
     assert {p.name for p in index.glob(".building-*")} == {live.name, ".building-recent"}
+
+
+def noise_folder(folder, names, seconds=0.2):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(len(names))
+    for name in names:
+        soundfile.write(folder / name, rng.uniform(-0.5, 0.5, int(16000 * seconds)), 16000, subtype="PCM_16")
+    return folder
+
+
+def stream_state_after(source_folder, steps, cache):
+    args = DataArguments(dataset=str(source_folder), seq_len=800, mode="window", streaming=True, shuffle_buffer=4,
+                         cache_dir=str(cache))
+    stream = build_datasets(args, PoolformerConfig(), seed=1)[2]["train"]
+    it = iter(stream)
+    for _ in range(steps):
+        next(it)
+    return stream, args
+
+
+@pytest.mark.parametrize("layout", ["audio files", "parquet"])
+def test_a_stream_resumed_on_changed_files_is_refused(tmp_path, layout):
+    folder = noise_folder(tmp_path / "set", [f"{i:02d}.wav" for i in range(8)])
+    if layout == "parquet":  # the same clips as encoded bytes in parquet files
+        (tmp_path / "pq" / "data").mkdir(parents=True)
+        for part, names in enumerate((["00", "01", "02", "03"], ["04", "05", "06", "07"])):
+            pq.write_table(pa.table({"audio": [{"bytes": (folder / f"{n}.wav").read_bytes(), "path": f"{n}.wav"}
+                                               for n in names]}),
+                           tmp_path / "pq" / "data" / f"train-{part:05d}-of-00002.parquet")
+        folder = tmp_path / "pq"
+    stream, args = stream_state_after(folder, 3, tmp_path / "cache")
+    state = stream.state_dict()
+    assert state["defined_by"]["files"] == (8 if layout == "audio files" else 2)
+
+    def resumed():
+        again = build_datasets(args, PoolformerConfig(), seed=1)[2]["train"]
+        again.load_state_dict(state)
+        return again
+
+    rest = [next(iter(stream))["input_ids"] for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(rest, [x["input_ids"] for x, _ in zip(resumed(), range(2))]))
+    if layout == "audio files":
+        noise_folder(folder, ["08.wav"])  # a file added
+        with pytest.raises(ValueError, match=r"the dataset changed since the stream state was saved \(it read 8 files.*"
+                                             r"it has 9 files.*cannot resume exactly"):
+            resumed()
+        (folder / "08.wav").unlink()
+        (folder / "03.wav").unlink()  # one removed
+        with pytest.raises(ValueError, match="it has 7 files"):
+            resumed()
+    else:
+        table = pq.read_table(folder / "data" / "train-00001-of-00002.parquet")
+        pq.write_table(table.slice(0, 3), folder / "data" / "train-00001-of-00002.parquet")  # rows removed
+        with pytest.raises(ValueError, match="the dataset changed since the stream state was saved"):
+            resumed()
+
+
+@pytest.mark.slow  # two train.py launches (a minute on 2 loaded cores); the data-level refusal above is fast
+def test_train_refuses_to_resume_a_stream_whose_folder_changed(tmp_path):
+    from test_train import FAST, TRAIN, env
+
+    folder = noise_folder(tmp_path / "set", [f"{i:02d}.wav" for i in range(10)], seconds=0.1)
+    common = [TRAIN, "--dataset", str(folder), *FAST, "--seq_len", "400", "--streaming", "--shuffle_buffer", "4",
+              "--max_steps", "4", "--save_every", "1", "--eval_every", "100", "--max_eval_batches", "1",
+              "--output_dir", str(tmp_path / "run"), "--cache_dir", str(tmp_path / "cache")]
+    proc = subprocess.run([sys.executable, *common, "--stop_after_steps", "1"], capture_output=True, text=True,
+                          timeout=600, env=env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    noise_folder(folder, ["10.wav"], seconds=0.1)
+    proc = subprocess.run([sys.executable, *common, "--resume_from_checkpoint", "latest"], capture_output=True,
+                          text=True, timeout=600, env=env())
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "the dataset changed since the stream state was saved (it read 10 files" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -360,7 +360,7 @@ def load_splits(dataset: Optional[str], protocol: str = "auto", audio_column: st
             protocol = KNOWN_REPOS.get(dataset, "generic")
         if protocol in ("generic", "sc09") and dataset not in KNOWN_REPOS:  # a parquet/arrow dataset on the Hub
             data = load_dataset(dataset, dataset_config, cache_dir=cache_dir, streaming=streaming)
-            return protocol, _hub_splits(data, audio_column, digits_only=protocol == "sc09")
+            return protocol, _table_splits(data, audio_column, protocol == "sc09", streaming)
         from huggingface_hub import snapshot_download  # file-based repos (zips, lists) come down as a folder
 
         root = Path(snapshot_download(dataset, repo_type="dataset", cache_dir=cache_dir))
@@ -371,7 +371,7 @@ def load_splits(dataset: Optional[str], protocol: str = "auto", audio_column: st
         if protocol in ("auto", "generic") or (protocol == "sc09" and tables):  # parquet/arrow: datasets reads it
             data = load_dataset(str(root), cache_dir=cache_dir, streaming=streaming)
             protocol = "sc09" if protocol == "sc09" else "generic"
-            return protocol, _hub_splits(data, audio_column, digits_only=protocol == "sc09")
+            return protocol, _table_splits(data, audio_column, protocol == "sc09", streaming)
         raise ValueError(f"no audio files ({', '.join(AUDIO_EXTENSIONS)}) under {root}")
     if protocol == "auto":
         protocol = "sc09" if _find(root, "testing_list.txt") else "generic"
@@ -387,7 +387,47 @@ def load_splits(dataset: Optional[str], protocol: str = "auto", audio_column: st
     out = _with_validation(out)
     if streaming:  # shards of the file list, so that processes and workers each read their own files
         out = {name: ds.to_iterable_dataset(num_shards=min(len(ds), STREAM_SHARDS)) for name, ds in out.items()}
+        _mark_stream_source(out, [f"{p.relative_to(root).as_posix()}\0{p.stat().st_size}"
+                                  for paths in splits.values() for p in paths])
     return protocol, out
+
+
+def _table_splits(data, audio_column: str, digits_only: bool, streaming: bool) -> dict:
+    """`_hub_splits` of a parquet/arrow dataset; streamed, each split marked with the data files it reads (for the
+    Hub, their addresses name the commit: the dataset's revision)."""
+    files = []
+    if streaming:
+        for ds in (data.values() if isinstance(data, IterableDatasetDict) else [data]):
+            files += _data_files(ds)
+    out = _hub_splits(data, audio_column, digits_only=digits_only)
+    if streaming:
+        _mark_stream_source(out, [f"{f}\0{os.path.getsize(f) if os.path.isfile(f) else ''}" for f in files] or None)
+    return out
+
+
+def _data_files(ds: IterableDataset) -> list:
+    """The files a streamed `load_dataset` reads (local paths, or hf:// addresses pinned to a commit), from its
+    examples iterables; empty when this datasets release keeps them elsewhere."""
+    found, todo = [], [getattr(ds, "_ex_iterable", None)]
+    while todo:
+        node = todo.pop()
+        if node is None:
+            continue
+        files = (getattr(node, "kwargs", None) or {}).get("files")
+        if isinstance(files, (list, tuple)):
+            found += [str(f) for f in files]
+        todo += [getattr(node, "ex_iterable", None), *(getattr(node, "ex_iterables", None) or [])]
+    return sorted(set(found))
+
+
+def _mark_stream_source(splits: dict, entries: Optional[list]):
+    """Records on each streamed split what defines the stream (`defined_by`: the number of files and a digest of
+    their names and sizes): a checkpoint's stream state keeps it, and a resume on other files is refused."""
+    if entries is None:
+        return
+    digest = hashlib.sha1("\n".join(sorted(entries)).encode()).hexdigest()
+    for ds in splits.values():
+        ds.defined_by = {"files": len(entries), "digest": digest}
 
 
 def _stable_fraction(key: str) -> float:
@@ -803,6 +843,7 @@ class AudioTokenStream(torch.utils.data.IterableDataset):
         from datasets.distributed import split_dataset_by_node
 
         self.array_dtype = _array_dtype(source.features)
+        self.defined_by = getattr(source, "defined_by", None)  # the files the stream reads (load_splits)
         self.source = split_dataset_by_node(source, rank, world_size) if world_size > 1 else source
         self.spec, self.name, self.shuffle_buffer, self.repeat = spec, name, shuffle_buffer, repeat
         self.seed, self.rank = seed, rank
@@ -866,11 +907,25 @@ class AudioTokenStream(torch.utils.data.IterableDataset):
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "source": self._source_state, "buffer": list(self._buffer),
-                "rng": self._rng.bit_generator.state, "skipped": self.skipped, "rank": self.rank}
+                "rng": self._rng.bit_generator.state, "skipped": self.skipped, "rank": self.rank,
+                "defined_by": self.defined_by}
 
     def load_state_dict(self, state: dict):
+        """Resumes the stream; refused when its files changed since the state was saved (files added, removed or
+        resized, another revision of a Hub dataset): its shards and hash-carved validation items would be others."""
         if state["rank"] != self.rank:
             raise ValueError(f"a stream state saved by process {state['rank']} cannot resume process {self.rank}")
+        then, now = state.get("defined_by"), self.defined_by
+        if then is None or now is None:
+            logger.warning("%s: the stream's files cannot be compared with the saved state's (%s): if they changed, the "
+                           "resumed stream is not the one the run read", self.name,
+                           "an older version saved it" if then is None else "this source does not name its files")
+        elif then != now:
+            raise ValueError(f"{self.name}: the dataset changed since the stream state was saved (it read "
+                             f"{then['files']} files, digest {then['digest'][:12]}; it has {now['files']} files, digest "
+                             f"{now['digest'][:12]}, now: files added, removed or resized, or another revision), so "
+                             "its shards and held-out validation items are others and the run cannot resume exactly. "
+                             "Restore the dataset as it was, or start a new run.")
         self.epoch, self._source_state, self.skipped = state["epoch"], state["source"], state["skipped"]
         self._buffer = list(state["buffer"])
         self._rng.bit_generator.state = state["rng"]

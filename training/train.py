@@ -575,7 +575,11 @@ def setup(model_args: ModelArguments, data_args: DataArguments, args: TrainArgum
     if args.resume_from_checkpoint:  # verified by claim_output_dir and check_resume
         accelerator.load_state(args.resume_from_checkpoint)
         if data_args.streaming:
-            datasets["train"].load_state_dict(load_stream_state(args.resume_from_checkpoint, accelerator))
+            state = load_stream_state(args.resume_from_checkpoint, accelerator)
+            try:
+                datasets["train"].load_state_dict(state)
+            except ValueError as e:  # e.g. the dataset's files changed
+                raise UsageError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: {e}") from None
         logger.info("resumed from %s at step %d", args.resume_from_checkpoint, progress.step)
     num_params = sum(p.numel() for p in model.parameters())
     if accelerator.is_main_process:
