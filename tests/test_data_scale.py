@@ -159,7 +159,7 @@ def test_a_stream_of_nothing_readable_is_an_error(tmp_path):
 
 
 def test_two_processes_read_disjoint_items_that_cover_the_data(tmp_path):
-    for split, n in (("train", 8), ("validation", 2)):
+    for split, n in (("train", 8), ("validation", 1)):  # one validation file: a single shard for 2 processes
         noise_files(tmp_path / "set" / split, n, 0.1, seed=len(split))
     env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
@@ -176,3 +176,6 @@ def test_two_processes_read_disjoint_items_that_cover_the_data(tmp_path):
         assert a and b and not a & b, mode
         assert a | b == everything, mode
         assert len(ranks[0][mode]) + len(ranks[1][mode]) == len(everything), mode
+    # streamed: every process holds the same validation items (the single file's 2 windows); evaluated, each counts once
+    assert len(ranks[0]["held_out"]) == 2 and ranks[0]["held_out"] == ranks[1]["held_out"]
+    assert sorted(ranks[0]["evaluated"]) == sorted(ranks[1]["evaluated"]) == sorted(ranks[0]["held_out"])

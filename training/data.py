@@ -958,9 +958,10 @@ def build_datasets(data_args: DataArguments, config, rank: int = 0, world_size: 
         levels=config.vocab_size, bos=config.bos_token_id, seq_len=data_args.seq_len or defaults["seq_len"],
         mode=data_args.mode or defaults["mode"], minmax=not (data_args.no_minmax or pcm),
     )
-    if data_args.streaming:
+    if data_args.streaming:  # each process reads its own shards of the training stream, and the whole of the others
+        # (a validation split may be a single file, one shard): the evaluation's loader divides their items
         sets = {name: AudioTokenStream(ds, spec, name, data_args.shuffle_buffer if name == "train" else 0, seed,
-                                       rank, world_size, repeat=name == "train")
+                                       *((rank, world_size) if name == "train" else (0, 1)), repeat=name == "train")
                 for name, ds in splits.items()}
     else:
         sets = {name: AudioTokenDataset(ds, spec, name, data_args.cache_dir, data_args.preprocessing_num_workers)

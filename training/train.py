@@ -447,7 +447,8 @@ def load_config(model_args: ModelArguments) -> PoolformerConfig:
 def load_data(accelerator, data_args: DataArguments, config: PoolformerConfig, args: TrainArguments) -> tuple:
     """(protocol, spec, datasets); the model is trained with the protocol's quantisation. Streamed, every process
     gets its own shards of the training stream, and the validation split becomes a fixed held-out list: the first
-    --max_eval_batches (default 16) batches of each process's share of the validation stream."""
+    --max_eval_batches (default 16) batches of the validation stream, the same in every process (the prepared
+    evaluation loader divides them)."""
     with accelerator.main_process_first():  # the main process renders/downloads/unpacks/indexes first
         protocol, spec, datasets = build_datasets(data_args, config, accelerator.process_index,
                                                   accelerator.num_processes, args.seed)
