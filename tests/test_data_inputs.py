@@ -279,3 +279,24 @@ def test_train_refuses_to_resume_a_stream_whose_folder_changed(tmp_path):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "the dataset changed since the stream state was saved (it read 10 files" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_evaluate_streaming_scores_the_first_batches_of_the_stream(tmp_path):
+    from conftest import hub_model
+    from training.evaluate import main as evaluate
+
+    for split, n in (("train", 4), ("validation", 1), ("test", 3)):
+        noise_folder(tmp_path / "set" / split, [f"{split}{i}.wav" for i in range(n)], seconds=0.1)
+    hub_model("tiny").save_pretrained(tmp_path / "model")
+    common = ["--model", str(tmp_path / "model"), "--dataset", str(tmp_path / "set"), "--seq_len", "400",
+              "--batch_size", "2", "--max_batches", "2", "--split", "test", "--device", "cpu",
+              "--cache_dir", str(tmp_path / "cache")]
+    indexed = evaluate([*common, "--out", str(tmp_path / "indexed.json")])
+    streamed = evaluate([*common, "--streaming", "--out", str(tmp_path / "streamed.json")])
+    assert streamed["items"] == indexed["items"] == 4
+    for key in ("nll_bits_per_sample", "predicted_samples", "flac_bits_per_sample"):
+        assert streamed[key] == pytest.approx(indexed[key], rel=1e-6), key
+    whole = common[: common.index("--max_batches")] + common[common.index("--max_batches") + 2 :]
+    for argv in (whole, [*common, "--quality", "--classifier", str(tmp_path / "model" / "config.json")]):
+        with pytest.raises(SystemExit, match="--streaming scores the first --max_batches batches"):
+            evaluate([*argv, "--streaming"])

@@ -26,7 +26,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from modeling_poolformer import decode_audio, nats_to_bits
-from training.data import DataArguments, build_datasets
+from training.data import DataArguments, build_datasets, held_out_items
 from training.metrics import DigitClassifier, flac_bits, nll_bits, sample_quality
 from training.utils import at_least, check_file, check_flags, check_local_or_hub, parse_arguments, positive
 
@@ -178,6 +178,10 @@ def small_classifier_quality(model, args, datasets, spec, clips, gen_nll, protoc
 
 def main(argv=None):
     args, data_args = parse_arguments((EvaluateArguments, DataArguments), argv, __doc__)
+    if data_args.streaming and (args.max_batches is None or args.quality):  # a stream has no length, nor an index
+        raise SystemExit("evaluate.py: error: --streaming scores the first --max_batches batches of the split's stream "
+                         "(pass --max_batches), without --quality (its reference clips need the indexed training "
+                         "split); for the whole split, leave --streaming out")
     torch.manual_seed(args.seed)
     model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True).to(args.device).eval()
     config = model.config
@@ -192,6 +196,8 @@ def main(argv=None):
     if not args.no_nll:
         if args.split not in datasets:
             raise SystemExit(f"the dataset has no {args.split!r} split; it has {sorted(datasets)}")
+        if data_args.streaming:  # the first --max_batches batches of the stream, held as a list
+            datasets[args.split] = held_out_items(datasets[args.split], args.max_batches * args.batch_size)
         loader = torch.utils.data.DataLoader(datasets[args.split], batch_size=args.batch_size)
         start = time.perf_counter()
         bits, nats, count = nll_bits(model, loader, max_batches=args.max_batches, progress=True)
