@@ -19,8 +19,9 @@ path (or its row number), so the same item always lands on the same side.
 Audio is decoded with soundfile (no FFmpeg), mixed to mono, resampled to the model's rate with soxr, optionally
 min-max scaled per clip, quantised, and prefixed with the zero token. A 16-bit model (`quantization="pcm"`,
 65,536 values) reads any protocol's split as 16-bit PCM: the files' int16 samples themselves (no float round trip,
-no min-max scaling), rounded only where channels are mixed or the audio is resampled. Padding is masked out of the loss
-(`labels = -100`). Files that cannot be read or are empty are skipped and counted, never a crash mid-epoch.
+no min-max scaling), rounded only where channels are mixed, the audio is resampled or the file holds floats.
+Padding is masked out of the loss (`labels = -100`). Files that cannot be read or are empty are skipped and counted,
+never a crash mid-epoch.
 """
 
 import hashlib
