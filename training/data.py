@@ -713,12 +713,14 @@ def read_audio(audio: dict, sample_rate: int, start: int = 0, length: Optional[i
         offset = start - first * sample_rate // file_rate
     if stop <= first:
         return np.zeros(0, dtype=np.float32)
-    if pcm16 and file_rate == sample_rate and soundfile.info(_source(audio)).subtype not in FLOAT_SUBTYPES:
-        # the file's integers, never through a float (libsndfile's int16 reading of a float file does not scale it)
-        samples, _ = soundfile.read(_source(audio), start=first, frames=stop - first, dtype="int16", always_2d=True)
-        if samples.shape[1] == 1:
-            return samples[:, 0]
-        return np.round(samples.mean(axis=1)).astype(np.int16)
+    if pcm16 and file_rate == sample_rate:  # the file's integers, never through a float
+        with soundfile.SoundFile(_source(audio)) as f:
+            if f.subtype not in FLOAT_SUBTYPES:  # (libsndfile's int16 reading of a float file does not scale it)
+                f.seek(first)
+                samples = f.read(stop - first, dtype="int16", always_2d=True)
+                if samples.shape[1] == 1:
+                    return samples[:, 0]
+                return np.round(samples.mean(axis=1)).astype(np.int16)
     samples, rate = soundfile.read(_source(audio), start=first, frames=stop - first, dtype="float32", always_2d=True)
     wave = resample(samples.mean(axis=1), rate, sample_rate)
     wave = wave[offset : None if length is None else offset + length]
