@@ -284,6 +284,7 @@ def test_train_refuses_to_resume_a_stream_whose_folder_changed(tmp_path):
 def test_evaluate_streaming_scores_the_first_batches_of_the_stream(tmp_path):
     from conftest import hub_model
     from training.evaluate import main as evaluate
+    from training.metrics import DigitClassifier
 
     for split, n in (("train", 4), ("validation", 1), ("test", 3)):
         noise_folder(tmp_path / "set" / split, [f"{split}{i}.wav" for i in range(n)], seconds=0.1)
@@ -297,6 +298,7 @@ def test_evaluate_streaming_scores_the_first_batches_of_the_stream(tmp_path):
     for key in ("nll_bits_per_sample", "predicted_samples", "flac_bits_per_sample"):
         assert streamed[key] == pytest.approx(indexed[key], rel=1e-6), key
     whole = common[: common.index("--max_batches")] + common[common.index("--max_batches") + 2 :]
-    for argv in (whole, [*common, "--quality", "--classifier", str(tmp_path / "model" / "config.json")]):
+    DigitClassifier().save(tmp_path / "classifier.safetensors")
+    for argv in (whole, [*common, "--quality", "--classifier", str(tmp_path / "classifier.safetensors")]):
         with pytest.raises(SystemExit, match="--streaming scores the first --max_batches batches"):
             evaluate([*argv, "--streaming"])

@@ -178,11 +178,11 @@ def small_classifier_quality(model, args, datasets, spec, clips, gen_nll, protoc
 
 def main(argv=None):
     args, data_args = parse_arguments((EvaluateArguments, DataArguments), argv, __doc__)
+    torch.manual_seed(args.seed)
     if data_args.streaming and (args.max_batches is None or args.quality):  # a stream has no length, nor an index
         raise SystemExit("evaluate.py: error: --streaming scores the first --max_batches batches of the split's stream "
                          "(pass --max_batches), without --quality (its reference clips need the indexed training "
                          "split); for the whole split, leave --streaming out")
-    torch.manual_seed(args.seed)
     model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True).to(args.device).eval()
     config = model.config
     protocol, spec, datasets = build_datasets(data_args, config)
