@@ -169,6 +169,9 @@ def test_two_processes_read_disjoint_items_that_cover_the_data(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    # streamed: every process holds the same validation items (the single file's 2 windows); evaluated, each counts once
+    assert len(ranks[0]["held_out"]) == 2 and ranks[0]["held_out"] == ranks[1]["held_out"]
+    assert sorted(ranks[0]["evaluated"]) == sorted(ranks[1]["evaluated"]) == sorted(ranks[0]["held_out"])
     everything = set(ranks[0]["map_all"])
     assert len(everything) == 8 * 2  # 8 files of 1600 samples, windows of 800
     for mode in ("map", "streaming"):
@@ -176,6 +179,3 @@ def test_two_processes_read_disjoint_items_that_cover_the_data(tmp_path):
         assert a and b and not a & b, mode
         assert a | b == everything, mode
         assert len(ranks[0][mode]) + len(ranks[1][mode]) == len(everything), mode
-    # streamed: every process holds the same validation items (the single file's 2 windows); evaluated, each counts once
-    assert len(ranks[0]["held_out"]) == 2 and ranks[0]["held_out"] == ranks[1]["held_out"]
-    assert sorted(ranks[0]["evaluated"]) == sorted(ranks[1]["evaluated"]) == sorted(ranks[0]["held_out"])

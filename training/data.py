@@ -361,7 +361,7 @@ def load_splits(dataset: Optional[str], protocol: str = "auto", audio_column: st
             protocol = KNOWN_REPOS.get(dataset, "generic")
         if protocol in ("generic", "sc09") and dataset not in KNOWN_REPOS:  # a parquet/arrow dataset on the Hub
             data = load_dataset(dataset, dataset_config, cache_dir=cache_dir, streaming=streaming)
-            return protocol, _table_splits(data, audio_column, protocol == "sc09", streaming)
+            return protocol, _hub_splits(data, audio_column, digits_only=protocol == "sc09")
         from huggingface_hub import snapshot_download  # file-based repos (zips, lists) come down as a folder
 
         root = Path(snapshot_download(dataset, repo_type="dataset", cache_dir=cache_dir))
@@ -372,7 +372,7 @@ def load_splits(dataset: Optional[str], protocol: str = "auto", audio_column: st
         if protocol in ("auto", "generic") or (protocol == "sc09" and tables):  # parquet/arrow: datasets reads it
             data = load_dataset(str(root), cache_dir=cache_dir, streaming=streaming)
             protocol = "sc09" if protocol == "sc09" else "generic"
-            return protocol, _table_splits(data, audio_column, protocol == "sc09", streaming)
+            return protocol, _hub_splits(data, audio_column, digits_only=protocol == "sc09")
         raise ValueError(f"no audio files ({', '.join(AUDIO_EXTENSIONS)}) under {root}")
     if protocol == "auto":
         protocol = "sc09" if _find(root, "testing_list.txt") else "generic"
@@ -391,19 +391,6 @@ def load_splits(dataset: Optional[str], protocol: str = "auto", audio_column: st
         _mark_stream_source(out, [f"{p.relative_to(root).as_posix()}\0{p.stat().st_size}"
                                   for paths in splits.values() for p in paths])
     return protocol, out
-
-
-def _table_splits(data, audio_column: str, digits_only: bool, streaming: bool) -> dict:
-    """`_hub_splits` of a parquet/arrow dataset; streamed, each split marked with the data files it reads (for the
-    Hub, their addresses name the commit: the dataset's revision)."""
-    files = []
-    if streaming:
-        for ds in (data.values() if isinstance(data, IterableDatasetDict) else [data]):
-            files += _data_files(ds)
-    out = _hub_splits(data, audio_column, digits_only=digits_only)
-    if streaming:
-        _mark_stream_source(out, [f"{f}\0{os.path.getsize(f) if os.path.isfile(f) else ''}" for f in files] or None)
-    return out
 
 
 def _data_files(ds: IterableDataset) -> list:
@@ -544,7 +531,12 @@ def _hub_splits(data, audio_column: str, digits_only: bool = False) -> dict:
         if audio_column != "audio":
             ds = ds.rename_column(audio_column, "audio")
         out[names.get(split, split)] = ds
-    return _with_validation(out)
+    out = _with_validation(out)
+    if isinstance(next(iter(out.values())), IterableDataset):  # streamed: marked with the data files it reads (for
+        # the Hub, addresses that name the commit: the dataset's revision)
+        files = sorted({f for ds in out.values() for f in _data_files(ds)})
+        _mark_stream_source(out, [f"{f}\0{os.path.getsize(f) if os.path.isfile(f) else ''}" for f in files] or None)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------------

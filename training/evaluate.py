@@ -26,7 +26,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from modeling_poolformer import decode_audio, nats_to_bits
-from training.data import DataArguments, build_datasets, held_out_items
+from training.data import DataArguments, build_datasets
 from training.metrics import DigitClassifier, flac_bits, nll_bits, sample_quality
 from training.utils import at_least, check_file, check_flags, check_local_or_hub, parse_arguments, positive
 
@@ -197,6 +197,8 @@ def main(argv=None):
         if args.split not in datasets:
             raise SystemExit(f"the dataset has no {args.split!r} split; it has {sorted(datasets)}")
         if data_args.streaming:  # the first --max_batches batches of the stream, held as a list
+            from training.data import held_out_items
+
             datasets[args.split] = held_out_items(datasets[args.split], args.max_batches * args.batch_size)
         loader = torch.utils.data.DataLoader(datasets[args.split], batch_size=args.batch_size)
         start = time.perf_counter()
