@@ -393,31 +393,6 @@ def load_splits(dataset: Optional[str], protocol: str = "auto", audio_column: st
     return protocol, out
 
 
-def _data_files(ds: IterableDataset) -> list:
-    """The files a streamed `load_dataset` reads (local paths, or hf:// addresses pinned to a commit), from its
-    examples iterables; empty when this datasets release keeps them elsewhere."""
-    found, todo = [], [getattr(ds, "_ex_iterable", None)]
-    while todo:
-        node = todo.pop()
-        if node is None:
-            continue
-        files = (getattr(node, "kwargs", None) or {}).get("files")
-        if isinstance(files, (list, tuple)):
-            found += [str(f) for f in files]
-        todo += [getattr(node, "ex_iterable", None), *(getattr(node, "ex_iterables", None) or [])]
-    return sorted(set(found))
-
-
-def _mark_stream_source(splits: dict, entries: Optional[list]):
-    """Records on each streamed split what defines the stream (`defined_by`: the number of files and a digest of
-    their names and sizes): a checkpoint's stream state keeps it, and a resume on other files is refused."""
-    if entries is None:
-        return
-    digest = hashlib.sha1("\n".join(sorted(entries)).encode()).hexdigest()
-    for ds in splits.values():
-        ds.defined_by = {"files": len(entries), "digest": digest}
-
-
 def _stable_fraction(key: str) -> float:
     return int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) / 2**32
 
@@ -537,6 +512,31 @@ def _hub_splits(data, audio_column: str, digits_only: bool = False) -> dict:
         files = sorted({f for ds in out.values() for f in _data_files(ds)})
         _mark_stream_source(out, [f"{f}\0{os.path.getsize(f) if os.path.isfile(f) else ''}" for f in files] or None)
     return out
+
+
+def _data_files(ds: IterableDataset) -> list:
+    """The files a streamed `load_dataset` reads (local paths, or hf:// addresses pinned to a commit), from its
+    examples iterables; empty when this datasets release keeps them elsewhere."""
+    found, todo = [], [getattr(ds, "_ex_iterable", None)]
+    while todo:
+        node = todo.pop()
+        if node is None:
+            continue
+        files = (getattr(node, "kwargs", None) or {}).get("files")
+        if isinstance(files, (list, tuple)):
+            found += [str(f) for f in files]
+        todo += [getattr(node, "ex_iterable", None), *(getattr(node, "ex_iterables", None) or [])]
+    return sorted(set(found))
+
+
+def _mark_stream_source(splits: dict, entries: Optional[list]):
+    """Records on each streamed split what defines the stream (`defined_by`: the number of files and a digest of
+    their names and sizes): a checkpoint's stream state keeps it, and a resume on other files is refused."""
+    if entries is None:
+        return
+    digest = hashlib.sha1("\n".join(sorted(entries)).encode()).hexdigest()
+    for ds in splits.values():
+        ds.defined_by = {"files": len(entries), "digest": digest}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
