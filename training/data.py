@@ -784,10 +784,10 @@ class AudioTokenDataset(torch.utils.data.Dataset):
                  num_proc: Optional[int] = None):
         self.data, self.spec, self.name = data, spec, name
         self.bad_items = 0
-        self.array_dtype = _array_dtype(data.features)
         header = build_index(data, cache_dir, num_proc).data  # the Arrow table: whole columns at once
         self.file_frames = header.column("frames").to_numpy().astype(np.int64)
         self.file_rate = header.column("rate").to_numpy().astype(np.int64)
+        self.array_dtype = _array_dtype(data.features)  # of decoded integer arrays (lists of ints)
         errors = np.asarray(header.column("error").to_pylist(), dtype=str)
         names = header.column("name").to_pylist()
         self.skipped = [f"{names[r]}: {errors[r]}" for r in np.flatnonzero(errors != "")]
