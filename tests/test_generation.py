@@ -363,6 +363,27 @@ def test_save_wav_readable_at_16khz(tmp_path):
     np.testing.assert_allclose(data, want, atol=1 / 32767 + 1e-6)
 
 
+@pytest.mark.parametrize("name,tokens,match", [
+    ("tiny", [128, 300, 5], r"must lie in \[0, 256\).*\[5, 300\]"),
+    ("tiny", [128, -1, 5], r"must lie in \[0, 256\).*\[-1, 128\]"),
+    ("tiny", [128.0, 3.5], "integer tensor .* got torch.float32"),
+    ("tiny", [True, False], "integer tensor .* got torch.bool"),
+    ("tiny-16bit", [32768, 65536], r"must lie in \[0, 65536\).*\[32768, 65536\]"),
+    ("tiny-16bit", [32768, -2], r"must lie in \[0, 65536\)"),
+])
+def test_save_wav_refuses_tokens_that_forward_refuses(tmp_path, name, tokens, match):
+    # forward refuses these ids; save_wav used to clip them into audio
+    model = hub_model(name)
+    tokens = torch.tensor(tokens)
+    with pytest.raises(ValueError, match=match):
+        model.save_wav(tokens, tmp_path / "clip.wav")
+    if not tokens.dtype.is_floating_point and tokens.dtype != torch.bool:
+        with pytest.raises(ValueError, match=match.split(".*")[0]):
+            model(tokens[None])
+    assert not (tmp_path / "clip.wav").exists()
+    model.save_wav(torch.tensor([128, 0, model.config.vocab_size - 1]), tmp_path / "edges.wav")  # the range's ends
+
+
 @pytest.mark.slow
 def test_sample_cli_writes_wavs_and_spectrogram(tmp_path):
     model = hub_model()
