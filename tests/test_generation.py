@@ -384,6 +384,42 @@ def test_save_wav_refuses_tokens_that_forward_refuses(tmp_path, name, tokens, ma
     model.save_wav(torch.tensor([128, 0, model.config.vocab_size - 1]), tmp_path / "edges.wav")  # the range's ends
 
 
+@pytest.mark.parametrize("flags,match", [
+    (["--seconds", "nan"], "--seconds nan: expected a finite number > 0"),
+    (["--seconds", "inf"], "--seconds inf: expected a finite number > 0"),
+    (["--prompt_seconds", "nan"], "--prompt_seconds nan: expected"),
+    (["--temperature", "nan"], "--temperature nan: expected"),
+    (["--prompt", "speech.wav"], "--prompt speech.wav: no such file"),
+    (["--out", "{tmp}/a_file/samples"], "a_file is a file"),
+])
+def test_sample_cli_checks_its_arguments_before_loading(tmp_path, flags, match, capsys):
+    # each used to pass the checks and fail after the model was loaded (or a batch generated)
+    from training.sample import SampleArguments
+    from training.utils import parse_arguments
+
+    (tmp_path / "a_file").write_text("")
+    argv = ["--model", str(tmp_path), "--out", str(tmp_path / "out"), *[f.format(tmp=tmp_path) for f in flags]]
+    with pytest.raises(SystemExit) as exit_:
+        parse_arguments(SampleArguments, argv)
+    assert exit_.value.code == 2
+    assert match in capsys.readouterr().err
+
+
+def test_sample_cli_refuses_a_read_only_out_before_generating(tmp_path, read_only_folder, capsys):
+    from training.sample import main
+
+    hub_model().save_pretrained(tmp_path / "model")
+    for out in (read_only_folder, read_only_folder / "new"):
+        with pytest.raises(SystemExit) as exit_:
+            main(["--model", str(tmp_path / "model"), "--out", str(out), "--seconds", "0.01", "--no_progress"])
+        assert exit_.value.code == 2
+        assert f"--out {out}: cannot write into {read_only_folder}" in capsys.readouterr().err
+    main(["--model", str(tmp_path / "model"), "--out", str(tmp_path / "out"), "--num_samples", "1", "--seconds", "0.01",
+          "--no_progress"])
+    assert "wrote 1 WAV and spectrograms.png" in capsys.readouterr().out
+    assert (tmp_path / "out" / "sample_0000.wav").exists()
+
+
 @pytest.mark.slow
 def test_sample_cli_writes_wavs_and_spectrogram(tmp_path):
     model = hub_model()
