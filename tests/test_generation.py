@@ -1,7 +1,9 @@
 """Cache, step-by-step decoding, generate (eager and compiled steps, padded batches, seeds), streaming, audio codec
 and the sampling CLI."""
 
+import json
 import math
+import re
 import subprocess
 import sys
 import threading
@@ -416,7 +418,12 @@ def test_sample_cli_refuses_a_read_only_out_before_generating(tmp_path, read_onl
         assert f"--out {out}: cannot write into {read_only_folder}" in capsys.readouterr().err
     main(["--model", str(tmp_path / "model"), "--out", str(tmp_path / "out"), "--num_samples", "1", "--seconds", "0.01",
           "--no_progress"])
-    assert "wrote 1 WAV and spectrograms.png" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "wrote 1 WAV and spectrograms.png" in out  # not "1 WAVs"
+    # the bar counts samples per clip; the summary says which rate is which
+    assert re.search(r"\d+ samples/s per clip, as on the bar; \d+ samples/s over all 1 clips", out), out
+    info = json.loads((tmp_path / "out" / "generation.json").read_text())
+    assert info["samples_per_second"] == pytest.approx(info["samples_per_second_per_clip"])  # one clip: the same
     assert (tmp_path / "out" / "sample_0000.wav").exists()
 
 

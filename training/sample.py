@@ -105,10 +105,13 @@ def main(argv=None):
         "model": args.model, "num_samples": len(paths), "seconds": args.seconds, "prompt": args.prompt,
         "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "greedy": args.greedy,
         "seed": args.seed, "samples_per_second": len(paths) * new_tokens / elapsed,
+        # what the progress bar counts: samples of each clip (a batch's clips grow together)
+        "samples_per_second_per_clip": new_tokens * len(range(0, args.num_samples, args.batch_size)) / elapsed,
     }
     (out / "generation.json").write_text(json.dumps(info, indent=2) + "\n")
     print(f"wrote {len(paths)} WAV{'s' if len(paths) != 1 else ''} and {png.name} to {out} "
-          f"({info['samples_per_second']:.0f} samples/s)")
+          f"({info['samples_per_second_per_clip']:.0f} samples/s per clip, as on the bar; "
+          f"{info['samples_per_second']:.0f} samples/s over all {len(paths)} clips)")
 
 
 if __name__ == "__main__":
