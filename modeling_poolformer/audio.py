@@ -265,12 +265,27 @@ class PoolformerAudioStreamer(BaseStreamer):
         return chunk
 
 
+def _checked_tokens(tokens, vocab_size: int) -> torch.Tensor:
+    """`tokens` as a tensor, after the checks `forward` makes of its input ids: integer ids in [0, vocab_size)."""
+    if not isinstance(tokens, torch.Tensor):
+        tokens = torch.as_tensor(np.asarray(tokens))
+    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+        raise ValueError(f"tokens must be an integer tensor of token ids (sample values), got {tokens.dtype}")
+    if tokens.numel():
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(f"tokens must lie in [0, {vocab_size}) (sample values), got values in [{lo}, {hi}]")
+    return tokens
+
+
 class PoolformerAudioMixin:
     """Audio out for `PoolformerForCausalLM`: tokens to waveforms, WAV files and a streamer for `generate`."""
 
     def tokens_to_waveform(self, tokens: torch.Tensor, drop_bos: bool = True) -> torch.Tensor:
         """(B, T) or (T,) token ids -> float32 waveforms in [-1, 1] with this model's quantisation. The leading zero
-        token that `generate` starts from is dropped when `drop_bos`."""
+        token that `generate` starts from is dropped when `drop_bos`. Tokens that `forward` would refuse (not an
+        integer tensor, or outside `[0, vocab_size)`) raise a ValueError instead of being clipped into audio."""
+        tokens = _checked_tokens(tokens, self.config.vocab_size)
         if drop_bos and tokens.shape[-1] > 1:
             tokens = tokens[..., 1:]
         return decode_audio(tokens.cpu(), self.config.quantization, self.config.vocab_size)

@@ -3,6 +3,8 @@ Hub folder that loads with `AutoModelForCausalLM.from_pretrained(DIR, trust_remo
 
     python -m modeling_poolformer.convert_flax_checkpoint --checkpoint PATH --out DIR [--config CONFIG] [--no_ema]
 
+`DIR` must be new or empty; `--overwrite` writes over the model in a folder that holds one.
+
 `PATH` is one of
 - a checkpoint file written by the author's `train.py` (flax `checkpoints.save_checkpoint` of its `TrainState`:
   msgpack with `weights`, `weights_ema`, `optimizer_state`, `step`, `rng`), or the folder holding such files (the
@@ -25,6 +27,7 @@ import argparse
 import json
 import re
 import sys
+import zipfile
 from pathlib import Path
 from typing import Optional, Union
 
@@ -107,6 +110,17 @@ def _latest_checkpoint(folder: Path) -> Path:
     return max(next(iter(runs.values())))[1]
 
 
+def _json_object(text: str, what: str) -> dict:
+    """A JSON object (the hyperparameters or a config), or a ConversionError naming `what`."""
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        raise ConversionError(f"{what} is not JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ConversionError(f"{what} is JSON but not an object of hyperparameters (got {type(data).__name__})")
+    return data
+
+
 def _unflatten(flat: dict) -> dict:
     tree = {}
     for key, value in flat.items():
@@ -124,11 +138,16 @@ def load_flax_params(path: PathLike, ema: bool = True) -> tuple:
     if not path.exists():
         raise FileNotFoundError(f"--checkpoint {path}: no such file or folder")
     if path.suffix == ".npz":
-        with np.load(path) as npz:
-            params = {k[len("params/"):]: npz[k] for k in npz.files if k.startswith("params/")}
-            hparams = json.loads(str(npz["hparams_json"])) if "hparams_json" in npz.files else None
-            if not params:
-                raise ConversionError(f"{path} has no 'params/<flax path>' arrays (keys: {sorted(npz.files)[:8]})")
+        try:
+            with np.load(path) as npz:
+                params = {k[len("params/"):]: npz[k] for k in npz.files if k.startswith("params/")}
+                hparams = str(npz["hparams_json"]) if "hparams_json" in npz.files else None
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # truncated, not a zip, pickled objects
+            raise ConversionError(f"--checkpoint {path}: not a readable .npz file ({type(e).__name__}: {e})") from None
+        if not params:
+            raise ConversionError(f"{path} has no 'params/<flax path>' arrays (keys: {sorted(npz.files)[:8]})")
+        if hparams is not None:
+            hparams = _json_object(hparams, f"--checkpoint {path}: its hparams_json")
         return _unflatten(params), hparams, f"{path} (flattened parameters)"
     if path.is_dir():
         if (path / "_CHECKPOINT_METADATA").exists() or (path / "checkpoint").is_dir():
@@ -198,7 +217,11 @@ def _author_hparams_to_fields(hparams: dict) -> dict:
     if "mu_law_encoding" in flat:
         fields["quantization"] = "mu-law" if flat["mu_law_encoding"] else "linear"
     if "input_transform" in flat:
-        fields["embedding"] = {"sine": "sinusoidal", "embed": "learned", "mlp": "mlp"}[flat["input_transform"]]
+        transforms = {"sine": "sinusoidal", "embed": "learned", "mlp": "mlp"}
+        if flat["input_transform"] not in transforms:
+            raise ConversionError(f"hyperparameter input_transform={flat['input_transform']!r}: expected one of "
+                                  f"{sorted(transforms)}")
+        fields["embedding"] = transforms[flat["input_transform"]]
     if "conv_pooling" in flat:
         fields["pooling"] = "conv" if flat["conv_pooling"] else "linear"
     if "use_temporal_cnn" in flat:
@@ -224,15 +247,43 @@ def read_config(path: Optional[PathLike]) -> tuple:
     file = path / "config.json" if path.is_dir() else path
     if not file.exists():
         raise FileNotFoundError(f"--config {path}: no such file (a config.json, a folder holding one, or a JSON file)")
-    data = json.loads(file.read_text())
-    if _is_our_config(data):
-        return PoolformerConfig.from_pretrained(file).to_dict(), None
-    return None, _author_hparams_to_fields(data)
+    try:
+        text = file.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConversionError(f"--config {file}: cannot be read ({e})") from None
+    data = _json_object(text, f"--config {file}")
+    try:
+        if _is_our_config(data):
+            return PoolformerConfig.from_pretrained(file).to_dict(), None
+        return None, _author_hparams_to_fields(data)
+    except (ValueError, TypeError) as e:  # the config's own checks, or a hyperparameter the port lacks
+        raise ConversionError(f"--config {file}: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The parameter tree -> (inferred config fields, our state dict)
 # ---------------------------------------------------------------------------------------------------------------------
+
+
+_NDIM = {"bias": 1, "scale": 1, "a_real_param": 1, "a_imag_param": 1, "embedding": 2, "W": 3}
+
+
+def _check_leaves(tree, source: str, where: str = "params"):
+    """Every parameter is an array of numbers with the rank its name implies (a Dense kernel 2-D, a Conv kernel
+    3-D, ...): a ConversionError naming the file and the parameter otherwise, before any of them is used."""
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            _check_leaves(value, source, f"{where}/{key}")
+        return
+    numeric = isinstance(tree, (np.ndarray, np.generic)) and (tree.dtype.kind in "fiu" or "float" in tree.dtype.name)
+    if not numeric:  # (bfloat16 and the like are numpy "void" kinds)
+        what = f"an array of dtype {tree.dtype}" if isinstance(tree, (np.ndarray, np.generic)) else type(tree).__name__
+        raise ConversionError(f"--checkpoint {source}: parameter {where} is {what}, expected an array of numbers")
+    parent, name = where.split("/")[-2:] if "/" in where else ("", where)
+    ndim = (3 if parent.startswith("Conv") else 2) if name == "kernel" else _NDIM.get(name)
+    if ndim is not None and tree.ndim != ndim:
+        raise ConversionError(f"--checkpoint {source}: parameter {where} has shape {tuple(tree.shape)}, expected a "
+                              f"{ndim}-D array")
 
 
 def _numbered(node: dict, name: str) -> list:
@@ -448,16 +499,25 @@ def _normal(value):
 def convert(checkpoint: PathLike, config: Optional[PathLike] = None, ema: bool = True) -> PoolformerForCausalLM:
     """The author's checkpoint as a `PoolformerForCausalLM` (eval mode)."""
     tree, file_hparams, _ = load_flax_params(checkpoint, ema=ema)
+    _check_leaves(tree, str(checkpoint))
     ours, theirs = read_config(config)
+    if file_hparams:
+        try:
+            file_hparams = _author_hparams_to_fields(file_hparams)
+        except (ValueError, TypeError) as e:
+            raise ConversionError(f"--checkpoint {checkpoint}: its hparams_json: {e}") from None
     inferred, state = _Converter().model(tree)
     if isinstance(ours, dict) and isinstance(ours.get("layers_per_level"), int):
         ours["layers_per_level"] = [ours["layers_per_level"]] * (len(ours.get("pooling_factors", [])) + 1)
-    sources = [("hparams_json", _author_hparams_to_fields(file_hparams) if file_hparams else None),
+    sources = [("hparams_json", file_hparams or None),
                ("--config", theirs), ("--config", ours)]
     fields = _merge(inferred, sources)
     for key in ("auto_map", "transformers_version", "model_type", "architectures", "_name_or_path"):
         fields.pop(key, None)
-    model = PoolformerForCausalLM(PoolformerConfig(architectures=["PoolformerForCausalLM"], **fields))
+    try:
+        model = PoolformerForCausalLM(PoolformerConfig(architectures=["PoolformerForCausalLM"], **fields))
+    except (ValueError, TypeError) as e:  # a value from hparams_json or --config that the config refuses
+        raise ConversionError(f"the converted config is not valid: {e}") from None
     expected = model.state_dict()
     missing, unexpected = set(expected) - set(state), set(state) - set(expected)
     if missing or unexpected:
@@ -472,6 +532,28 @@ def convert(checkpoint: PathLike, config: Optional[PathLike] = None, ema: bool =
     return model.eval()
 
 
+def _check_out(out: Path, overwrite: bool):
+    """--out is a folder this process can write, and holds no files unless --overwrite (as train.py refuses a folder
+    that holds another run)."""
+    import tempfile
+
+    if out.exists() and not out.is_dir():
+        raise ConversionError(f"--out {out}: a file is in the way (expected a folder)")
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if held and not overwrite:
+        shown = ", ".join(held[:5]) + (f" and {len(held) - 5} more" if len(held) > 5 else "")
+        raise ConversionError(f"--out {out} is not empty (it holds {shown}): pick another --out, or pass --overwrite to "
+                              "write the converted model over it")
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise ConversionError(f"--out {out}: cannot write into {existing} ({e.strerror or e})") from None
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -480,8 +562,10 @@ def main(argv=None):
     parser.add_argument("--config", help="a PoolformerConfig (config.json or its folder) or the author's hparams JSON, "
                                          "for what shapes cannot tell")
     parser.add_argument("--no_ema", action="store_true", help="convert the raw weights, not the EMA weights")
+    parser.add_argument("--overwrite", action="store_true", help="replace the files of a model already in --out")
     args = parser.parse_args(argv)
     try:
+        _check_out(Path(args.out), args.overwrite)  # before the conversion
         model = convert(args.checkpoint, args.config, ema=not args.no_ema)
     except (ConversionError, FileNotFoundError, ImportError) as e:
         parser.exit(2, f"convert_flax_checkpoint: error: {e}\n")

@@ -62,6 +62,23 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A folder nobody may write into: mode 0o555, and for root (whom modes do not stop) immutable as well."""
+    import subprocess
+
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    immutable = os.geteuid() == 0
+    if immutable and subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
+        pytest.skip("running as root on a file system without chattr +i: no folder is read-only")
+    yield folder
+    if immutable:
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
+    folder.chmod(0o755)
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory):
     """The built-in spoken-digit set, rendered once (espeak-ng) where train.py's --cache_dir finds it."""

@@ -4,6 +4,7 @@ errors; the author's parameter counts and initialisation at SC09 size."""
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -198,6 +199,60 @@ def test_config_that_disagrees_with_the_shapes_fails_and_cli_exits_2(tmp_path, c
     (tmp_path / "garbage_5").write_bytes(b"\x93\x01")
     with pytest.raises(ConversionError, match="not a msgpack|does not hold a dict"):
         convert(tmp_path)
+
+
+def test_cli_refuses_an_occupied_out_unless_overwrite(tmp_path, read_only_folder, capsys):
+    out = tmp_path / "hub"
+    assert main(["--checkpoint", str(AUTHOR / "author_small.npz"), "--out", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    capsys.readouterr()
+    for target, match in [(out, f"--out {out} is not empty (it holds "), (read_only_folder / "hub", "cannot write into")]:
+        with pytest.raises(SystemExit) as exit_info:  # checked before converting
+            main(["--checkpoint", str(AUTHOR / "author_mlp_nopool.npz"), "--out", str(target)])
+        assert exit_info.value.code == 2 and match in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before  # untouched
+    assert main(["--checkpoint", str(AUTHOR / "author_mlp_nopool.npz"), "--out", str(out), "--overwrite"]) == 0
+    assert (out / "model.safetensors").read_bytes() != before["model.safetensors"]
+
+
+def _truncated(tmp_path):
+    path = tmp_path / "truncated.npz"
+    data = (AUTHOR / "author_small.npz").read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def _not_json(tmp_path):
+    (tmp_path / "config.json").write_text("{'base_dim': 32,")
+    return tmp_path / "config.json"
+
+
+@pytest.mark.parametrize("make,config,match", [
+    (_truncated, None, r"--checkpoint .*truncated.npz: not a readable .npz file \(BadZipFile"),
+    (lambda t: _tree_npz(t, lambda a: a.update({"params/cls_head/final/kernel": np.zeros(256, np.float32)})), None,
+     r"edited.npz: parameter params/cls_head/final/kernel has shape \(256,\), expected a 2-D array"),
+    (lambda t: _tree_npz(t, lambda a: a.update({"params/norm/bias": np.array(["a"] * 32)})), None,
+     r"edited.npz: parameter params/norm/bias is an array of dtype <U1, expected an array of numbers"),
+    (lambda t: _tree_npz(t, lambda a: a.update({"hparams_json": np.array("{base_dim: 32")})), None,
+     r"edited.npz: its hparams_json is not JSON"),
+    (lambda t: _tree_npz(t, lambda a: a.update({"hparams_json": np.array(json.dumps({"input_transform": "fourier"}))})),
+     None, r"edited.npz: its hparams_json: hyperparameter input_transform='fourier': expected one of"),
+    (lambda t: AUTHOR / "author_small.npz", _not_json, r"--config .*config.json is not JSON"),
+    (lambda t: AUTHOR / "author_small.npz", lambda t: (t / "h.json").write_text('{"input_transform": "fourier"}') and t / "h.json",
+     r"--config .*h.json: hyperparameter input_transform='fourier'"),
+])
+def test_cli_names_the_file_and_the_parameter_of_bad_input(tmp_path, make, config, match, capsys):
+    # each of these ended in a traceback (BadZipFile, not enough values to unpack, could not convert string to
+    # float, JSONDecodeError, KeyError: 'fourier')
+    argv = ["--checkpoint", str(make(tmp_path)), "--out", str(tmp_path / "out")]
+    if config:
+        argv += ["--config", str(config(tmp_path))]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert re.search(match, err), err
+    assert not (tmp_path / "out").exists()
 
 
 def test_config_supplies_what_shapes_cannot(tmp_path):

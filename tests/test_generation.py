@@ -1,7 +1,9 @@
 """Cache, step-by-step decoding, generate (eager and compiled steps, padded batches, seeds), streaming, audio codec
 and the sampling CLI."""
 
+import json
 import math
+import re
 import subprocess
 import sys
 import threading
@@ -361,6 +363,68 @@ def test_save_wav_readable_at_16khz(tmp_path):
     assert rate == 16000 and data.shape == (800,)
     want = model.tokens_to_waveform(tokens)[1].numpy()
     np.testing.assert_allclose(data, want, atol=1 / 32767 + 1e-6)
+
+
+@pytest.mark.parametrize("name,tokens,match", [
+    ("tiny", [128, 300, 5], r"must lie in \[0, 256\).*\[5, 300\]"),
+    ("tiny", [128, -1, 5], r"must lie in \[0, 256\).*\[-1, 128\]"),
+    ("tiny", [128.0, 3.5], "integer tensor .* got torch.float32"),
+    ("tiny", [True, False], "integer tensor .* got torch.bool"),
+    ("tiny-16bit", [32768, 65536], r"must lie in \[0, 65536\).*\[32768, 65536\]"),
+    ("tiny-16bit", [32768, -2], r"must lie in \[0, 65536\)"),
+])
+def test_save_wav_refuses_tokens_that_forward_refuses(tmp_path, name, tokens, match):
+    # forward refuses these ids; save_wav used to clip them into audio
+    model = hub_model(name)
+    tokens = torch.tensor(tokens)
+    with pytest.raises(ValueError, match=match):
+        model.save_wav(tokens, tmp_path / "clip.wav")
+    if not tokens.dtype.is_floating_point and tokens.dtype != torch.bool:
+        with pytest.raises(ValueError, match=match.split(".*")[0]):
+            model(tokens[None])
+    assert not (tmp_path / "clip.wav").exists()
+    model.save_wav(torch.tensor([128, 0, model.config.vocab_size - 1]), tmp_path / "edges.wav")  # the range's ends
+
+
+@pytest.mark.parametrize("flags,match", [
+    (["--seconds", "nan"], "--seconds nan: expected a finite number > 0"),
+    (["--seconds", "inf"], "--seconds inf: expected a finite number > 0"),
+    (["--prompt_seconds", "nan"], "--prompt_seconds nan: expected"),
+    (["--temperature", "nan"], "--temperature nan: expected"),
+    (["--prompt", "speech.wav"], "--prompt speech.wav: no such file"),
+    (["--out", "{tmp}/a_file/samples"], "a_file is a file"),
+])
+def test_sample_cli_checks_its_arguments_before_loading(tmp_path, flags, match, capsys):
+    # each used to pass the checks and fail after the model was loaded (or a batch generated)
+    from training.sample import SampleArguments
+    from training.utils import parse_arguments
+
+    (tmp_path / "a_file").write_text("")
+    argv = ["--model", str(tmp_path), "--out", str(tmp_path / "out"), *[f.format(tmp=tmp_path) for f in flags]]
+    with pytest.raises(SystemExit) as exit_:
+        parse_arguments(SampleArguments, argv)
+    assert exit_.value.code == 2
+    assert match in capsys.readouterr().err
+
+
+def test_sample_cli_refuses_a_read_only_out_before_generating(tmp_path, read_only_folder, capsys):
+    from training.sample import main
+
+    hub_model().save_pretrained(tmp_path / "model")
+    for out in (read_only_folder, read_only_folder / "new"):
+        with pytest.raises(SystemExit) as exit_:
+            main(["--model", str(tmp_path / "model"), "--out", str(out), "--seconds", "0.01", "--no_progress"])
+        assert exit_.value.code == 2
+        assert f"--out {out}: cannot write into {read_only_folder}" in capsys.readouterr().err
+    main(["--model", str(tmp_path / "model"), "--out", str(tmp_path / "out"), "--num_samples", "1", "--seconds", "0.01",
+          "--no_progress"])
+    out = capsys.readouterr().out
+    assert "wrote 1 WAV and spectrograms.png" in out  # not "1 WAVs"
+    # the bar counts samples per clip; the summary says which rate is which
+    assert re.search(r"\d+ samples/s per clip, as on the bar; \d+ samples/s over all 1 clips", out), out
+    info = json.loads((tmp_path / "out" / "generation.json").read_text())
+    assert info["samples_per_second"] == pytest.approx(info["samples_per_second_per_clip"])  # one clip: the same
+    assert (tmp_path / "out" / "sample_0000.wav").exists()
 
 
 @pytest.mark.slow

@@ -45,3 +45,13 @@ def test_readme_snippets_run(tmp_path):
                          timeout=600)
     assert run.returncode == 0, session + "\n" + run.stderr[-4000:]
     assert (tmp_path / "samples" / "digit_3.wav").exists() and (tmp_path / "live.wav").exists()
+
+
+def test_the_readme_prompts_with_a_file_the_quick_start_writes():
+    # `--prompt speech.wav` named a file nobody has; the quick start's run leaves its samples in the model folder
+    from training.train import TrainArguments
+
+    prompts = re.findall(r"--prompt (\S+)", (ROOT / "README.md").read_text())
+    assert prompts
+    written = {f"runs/digits/model/samples/sample_{i}.wav" for i in range(TrainArguments.num_samples)}
+    assert set(prompts) <= written, prompts

@@ -96,15 +96,10 @@ def test_the_classifier_loads_without_running_pickled_code(tmp_path):
         load_resnext(tmp_path / "junk.pth")
 
 
-def test_evaluate_py_runs_sashimis_evaluator_on_an_sc09_folder(tmp_path):
-    # the fixture laid out as SC09 (digit folders, validation/testing lists): evaluate.py --quality with the
-    # ResNeXt file prints the reference script's numbers
-    import json
+def _sc09_folder(tmp_path):
+    """The fixture laid out as SC09: digit folders, validation/testing lists."""
     import shutil
-    import subprocess
-    import sys
 
-    from conftest import hub_model
     from training.sashimi_eval import CLASSES
 
     root = tmp_path / "sc09"
@@ -116,6 +111,19 @@ def test_evaluate_py_runs_sashimis_evaluator_on_an_sc09_folder(tmp_path):
     shutil.copy(DATA / "samples" / "0.wav", root / "zero" / "v0.wav")
     (root / "testing_list.txt").write_text("".join(f"{d}/t0.wav\n" for d in CLASSES))
     (root / "validation_list.txt").write_text("zero/v0.wav\n")
+    return root
+
+
+def test_evaluate_py_runs_sashimis_evaluator_on_an_sc09_folder(tmp_path):
+    # the fixture laid out as SC09 (digit folders, validation/testing lists): evaluate.py --quality with the
+    # ResNeXt file prints the reference script's numbers
+    import json
+    import subprocess
+    import sys
+
+    from conftest import hub_model
+
+    root = _sc09_folder(tmp_path)
     hub_model().save_pretrained(tmp_path / "model")
     run = subprocess.run([sys.executable, str(ROOT / "training" / "evaluate.py"), "--model", str(tmp_path / "model"),
                           "--dataset", str(root), "--no_nll", "--quality", "--classifier",
@@ -164,3 +172,94 @@ def test_sc09_out_of_a_speech_commands_style_dataset(tmp_path):
     want = printed_scores(DATA / "reference_output.txt")
     _close(got["test_set"], want["Test Set Scores"])
     _close(got["samples"], want["Sample Scores (no Threshold Tuning)"])
+
+
+def test_clips_of_another_rate_reach_the_classifier_at_16khz():
+    # the fixture's samples are 8 kHz WAVs: as generated clips of an 8 kHz model they must give the features of the
+    # same audio at 16 kHz (what SaShiMi's evaluator computes from the files), not those of 8 kHz samples read as 16 kHz
+    import librosa
+    import soundfile
+
+    from training.evaluate import to_classifier_rate
+    from training.sashimi_eval import mel_features, sample_files
+
+    for f in sample_files(DATA / "samples")[:4]:
+        wave, rate = soundfile.read(f, dtype="float32")
+        assert rate == 8000
+        want = mel_features(f)  # librosa.load(sr=16000)
+        clip = to_classifier_rate(torch.from_numpy(wave)[None], rate, 16000)[0]
+        assert clip.shape == (16000,)
+        np.testing.assert_allclose(clip[: 2 * len(wave)].numpy(), librosa.load(f, sr=16000)[0][:16000], atol=0.02)
+        off = np.linalg.norm(mel_features(wave) - want) / np.linalg.norm(want)  # what evaluate.py fed it before
+        assert np.linalg.norm(mel_features(clip.numpy()) - want) / np.linalg.norm(want) < 0.2 * off
+
+
+def test_evaluate_py_resamples_generated_clips_of_an_8khz_model(tmp_path, capsys):
+    from conftest import hub_model
+    from training.evaluate import main
+
+    root = _sc09_folder(tmp_path)
+    hub_model(sample_rate=8000).save_pretrained(tmp_path / "model")
+    result = main(["--model", str(tmp_path / "model"), "--dataset", str(root), "--no_nll", "--quality", "--classifier",
+                   str(DATA / "resnext_small.pth"), "--num_generate", "2", "--seconds",
+                   "0.005", "--out", str(tmp_path / "eval.json")])
+    assert "resampled from the model's 8000 Hz to the classifier's 16000 Hz" in result["quality"]["generation"]
+    assert result["quality"]["num_samples"] == 2
+    out = capsys.readouterr().out
+    assert f"the results go to {tmp_path / 'eval.json'}" in out and "resampled from the model's 8000 Hz" in out
+
+
+@pytest.mark.parametrize("flags,match", [
+    (["--classifier", "{tmp}/empty.pth"], r"--classifier \S+empty.pth: not a classifier checkpoint"),
+    (["--classifier", "{tmp}/pickle.safetensors"], r"--classifier \S+pickle.safetensors: not a classifier checkpoint"),
+    (["--classifier", "{tmp}/empty.pth", "--threshold"], r"--classifier \S+empty.pth: not a classifier checkpoint"),
+    (["--classifier", "{tmp}/small.safetensors", "--threshold"], "--threshold needs SaShiMi's ResNeXt classifier"),
+    (["--sample_dir", "{tmp}/one"], r"--sample_dir \S+one holds 1 WAV file\(s\): 1 clip\(s\) would be scored"),
+    (["--sample_dir", "{tmp}/none"], r"--sample_dir \S+none holds 0 WAV file\(s\): 0 clip"),
+    (["--num_generate", "3", "--trim"], r"--num_generate 3: 1 clip\(s\) would be scored after --trim"),
+    (["--num_generate", "4", "--threshold"], r"--num_generate 4: 1 clip\(s\) would be scored after --threshold's cut"),
+    (["--sample_dir", "{tmp}/three", "--threshold"], r"holds 3 WAV file\(s\): 0 clip\(s\) .* after --threshold"),
+    (["--out", "{tmp}"], "a folder; expected the path of the JSON file"),
+    (["--out", "{tmp}/empty.pth/eval.json"], "empty.pth: a file is in the way"),
+])
+def test_evaluate_py_checks_every_quality_input_before_any_compute(tmp_path, flags, match, capsys):
+    # each of these used to compute the NLL, FLAC and every clip first, then fail (EOFError, header too large, a
+    # hang in sqrtm on one clip's NaN covariance, torch.cat of nothing)
+    import shutil
+
+    from training.data import DataArguments
+    from training.evaluate import EvaluateArguments
+    from training.metrics import DigitClassifier
+    from training.utils import parse_arguments
+
+    (tmp_path / "empty.pth").write_bytes(b"")
+    torch.save({"weight": torch.zeros(3)}, tmp_path / "pickle.safetensors")
+    DigitClassifier().save(tmp_path / "small.safetensors")
+    for name, count in (("one", 1), ("none", 0), ("three", 3)):
+        (tmp_path / name).mkdir()
+        for i in range(count):
+            shutil.copy(DATA / "samples" / f"{i}.wav", tmp_path / name)
+    argv = ["--model", str(tmp_path), "--no_nll", "--quality", "--classifier", str(DATA / "resnext_small.pth"),
+            *[f.format(tmp=tmp_path) for f in flags]]
+    with pytest.raises(SystemExit) as exit_:
+        parse_arguments((EvaluateArguments, DataArguments), argv)
+    assert exit_.value.code == 2
+    assert re.search(match, capsys.readouterr().err)
+
+
+def test_evaluate_py_refuses_a_read_only_out_before_any_compute(tmp_path, read_only_folder, capsys):
+    from training.data import DataArguments
+    from training.evaluate import EvaluateArguments
+    from training.utils import parse_arguments
+
+    with pytest.raises(SystemExit) as exit_:
+        parse_arguments((EvaluateArguments, DataArguments), ["--model", str(tmp_path), "--out",
+                                                             str(read_only_folder / "eval.json")])
+    assert exit_.value.code == 2 and f"cannot write into {read_only_folder}" in capsys.readouterr().err
+
+
+def test_fid_of_one_clip_is_an_error_not_a_hang():
+    from training.sashimi_eval import fid
+
+    with pytest.raises(ValueError, match="at least 2 clips"):
+        fid(np.random.rand(5, 64), np.random.rand(1, 64))

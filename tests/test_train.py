@@ -66,6 +66,7 @@ def test_embedded_default_loss_goes_down_and_exports(cache_dir, tmp_path):
     assert {"model.safetensors", "config.json", "generation_config.json", "modeling_poolformer.py",
             "configuration_poolformer.py", "README.md"} <= {p.name for p in model.iterdir()}
     assert (model / "samples" / "sample_0.wav").exists()
+    assert not (out / ".train.lock").exists()  # released and removed at the end
     card = (model / "README.md").read_text()
     assert "validation NLL" in card and "sample_0.wav" in card and "optimizer steps: 40" in card
 

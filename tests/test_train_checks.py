@@ -129,17 +129,57 @@ def test_resume_refuses_changed_settings_and_says_what_changed(cache_dir, tmp_pa
 
 
 def test_one_run_at_a_time_per_output_dir(tmp_path):
-    # the lock train.py's main process takes (flock: a second holder, in any process, is refused)
+    # the lock train.py's main process takes (an OS lock: a second holder, in any process, is refused)
     from training.train import _lock
 
     first, error = _lock(tmp_path / "run")
     assert first is not None and error is None
     second, error = _lock(tmp_path / "run")
     assert second is None and "in use by another train.py" in error
-    first.close()  # released with its holder
+    assert (tmp_path / "run" / ".train.lock").exists()  # the refused one leaves the holder's file alone
+    first.release()  # released, and its file removed
+    assert not (tmp_path / "run" / ".train.lock").exists()
     third, error = _lock(tmp_path / "run")
     assert third is not None and error is None
-    third.close()
+    third.release()
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == []
+
+
+def _tone_sc09(root):
+    """A few 0.1 s tones laid out as SC09 (digit folders, the two lists)."""
+    import numpy as np
+    import soundfile
+
+    for digit in ("zero", "one", "two"):
+        (root / digit).mkdir(parents=True)
+        for i in range(3):
+            t = np.arange(1600) / 16000
+            soundfile.write(root / digit / f"s{i}_nohash_0.wav", 0.5 * np.sin(2 * np.pi * 300 * (i + 1) * t), 16000)
+    (root / "validation_list.txt").write_text("zero/s1_nohash_0.wav\none/s1_nohash_0.wav\n")
+    (root / "testing_list.txt").write_text("two/s2_nohash_0.wav\n")
+    return root
+
+
+def test_a_setup_error_leaves_the_output_dir_unclaimed(tmp_path, capsys):
+    # --streaming without --max_steps is refused in setup; the folder used to keep poolformer_run.json (and the lock
+    # file), so the same folder was then refused as "holds another run"
+    from training.train import main
+
+    data, out = _tone_sc09(tmp_path / "sc09"), tmp_path / "run"
+    argv = ["--dataset", str(data), "--streaming", "--output_dir", str(out), "--log_with", "none", "--seq_len", "800",
+            "--cache_dir", str(tmp_path / "cache")]
+    for attempt in range(2):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert "--streaming trains for --max_steps" in err and "holds another run" not in err, attempt
+        assert not (out / "poolformer_run.json").exists() and not (out / ".train.lock").exists()
+    # a refused resume into a new folder leaves no folder behind
+    with pytest.raises(SystemExit) as exit_:
+        main(["--dataset", str(data), "--output_dir", str(tmp_path / "new"), "--resume_from_checkpoint", "latest"])
+    assert exit_.value.code == 2 and "holds no checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
 
 
 def test_a_checkpoint_cut_short_by_the_disk_leaves_nothing_half_written(tmp_path):

@@ -17,18 +17,23 @@ states the protocol used.
 """
 
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
+import numpy as np
 import torch
 from transformers import AutoModelForCausalLM
 
 from modeling_poolformer import decode_audio, nats_to_bits
+from modeling_poolformer.audio import resample
 from training.data import DataArguments, build_datasets
 from training.metrics import DigitClassifier, flac_bits, nll_bits, sample_quality
-from training.utils import at_least, check_file, check_flags, check_local_or_hub, parse_arguments, positive
+from training.utils import at_least, check_file, check_flags, check_local_or_hub, check_writable_folder, parse_arguments, positive
+
+SASHIMI_RATE = 16000  # SaShiMi's evaluator loads every clip with librosa at 16 kHz
 
 
 @dataclass
@@ -53,7 +58,7 @@ class EvaluateArguments:
         "help": "also SaShiMi's IS-tuned lower/upper cut of the samples (its evaluator's --threshold)"})
     seed: int = 0
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
-    out: str = "eval_results.json"
+    out: str = field(default="eval_results.json", metadata={"help": "the JSON results (default: in the current folder)"})
 
     def __post_init__(self):
         if self.quality and not self.classifier:
@@ -66,13 +71,78 @@ class EvaluateArguments:
                            ("num_generate", at_least(2), "an int >= 2"), ("num_reference", at_least(2), "an int >= 2"),
                            ("seconds", positive, "a number > 0")])
         check_local_or_hub(self.model, "--model")
-        if self.classifier:
+        if Path(self.out).is_dir():
+            raise ValueError(f"--out {self.out}: a folder; expected the path of the JSON file to write")
+        check_writable_folder(str(Path(self.out).parent), "--out")
+        self.classifier_kind = self.classifier_rate = None
+        if self.quality:  # every input of the quality scores, before the NLL, FLAC and generation run
             check_file(self.classifier, "--classifier")
+            self.classifier_kind, self.classifier_rate = classifier_kind(self.classifier)
+            if self.threshold and self.classifier_kind != "sashimi":
+                raise ValueError(f"--threshold needs SaShiMi's ResNeXt classifier; --classifier {self.classifier} is "
+                                 "this project's small digit classifier")
+            if self.sample_dir:
+                from training.sashimi_eval import sample_files
+
+                clips, source = len(sample_files(self.sample_dir)), f"--sample_dir {self.sample_dir} holds {{}} WAV file(s)"
+            else:
+                clips, source = self.num_generate, "--num_generate {}"
+            scored = scored_clips(clips, self.trim and not self.sample_dir, self.threshold)
+            if scored < 2:
+                cut = " after --trim" if self.trim and not self.sample_dir else ""
+                cut += " after --threshold's cut" if self.threshold else ""
+                raise ValueError(f"{source.format(clips)}: {scored} clip(s) would be scored{cut}; the quality scores "
+                                 f"need at least 2 (FID's covariance of one clip is undefined)")
+
+
+def usage_error(message: str):
+    """A problem with the arguments or the data found after parsing: the message on stderr, exit code 2."""
+    print(f"evaluate.py: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def classifier_kind(path) -> tuple:
+    """("sashimi", 16000) for SaShiMi's ResNeXt, ("small", its sample rate) for a DigitClassifier of
+    train_classifier.py; a ValueError naming the file otherwise (checked before any compute)."""
+    from training.sashimi_eval import load_resnext
+
+    try:
+        load_resnext(path)
+        return "sashimi", SASHIMI_RATE
+    except ValueError as not_resnext:
+        try:
+            return "small", int(DigitClassifier.load(path).config["sample_rate"])
+        except Exception as e:  # noqa: BLE001 - safetensors, torch and json each raise their own
+            raise ValueError(f"--classifier {path}: not a classifier checkpoint: neither SaShiMi's ResNeXt "
+                             f"(resnext.pth: {not_resnext}) nor a DigitClassifier of train_classifier.py "
+                             f"(a .safetensors file or a torch state dict: {type(e).__name__}: {e})") from None
+
+
+def scored_clips(count: int, trim: bool, threshold: bool) -> int:
+    """How many of `count` clips reach the scores: after --trim's NLL ranks 40%-95%, then, with --threshold, the
+    fewest that SaShiMi's tuned cut can keep of the held-out half (the cut is chosen from the data)."""
+    if trim:
+        count = int(0.95 * count) - int(0.40 * count)
+    if threshold:  # the pairs tuned_threshold_scores visits, cut out of the held-out half of n = count // 2 each
+        n = count // 2
+        count = min(int(hi * n) - int(lo * n) for lo in np.arange(0.0, 0.5, 0.1) for hi in np.arange(0.6, 1.0, 0.05))
+    return count
+
+
+def to_classifier_rate(waves: torch.Tensor, rate: int, target_rate: int) -> torch.Tensor:
+    """(N, T) waveforms at `rate` -> (N, target_rate): resampled (soxr) when the rates differ, then padded or cut to
+    1 s, as the classifiers take them."""
+    if rate != target_rate:
+        waves = torch.from_numpy(np.stack([resample(w.numpy(), rate, target_rate) for w in waves]))
+    clip = torch.zeros(len(waves), target_rate)
+    clip[:, : min(target_rate, waves.shape[1])] = waves[:, :target_rate]
+    return clip
 
 
 @torch.no_grad()
-def generate_clips(model, args):
-    """(waveforms (N, rate) padded/cut to 1 s for the classifier, per-clip NLL in bits, protocol text)."""
+def generate_clips(model, args, target_rate: int = SASHIMI_RATE):
+    """(waveforms (N, target_rate): 1 s at the classifier's rate, resampled from the model's when they differ, per-clip
+    NLL in bits, protocol text)."""
     rate = model.config.sample_rate
     new_tokens = max(1, int(round(args.seconds * rate)))
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
@@ -94,31 +164,37 @@ def generate_clips(model, args):
     else:
         protocol += "; no trimming"
     waves = decode_audio(tokens, model.config.quantization, model.config.vocab_size)
-    clip = torch.zeros(len(waves), rate)
-    clip[:, : min(rate, waves.shape[1])] = waves[:, :rate]
-    return clip, nll, protocol
+    if rate != target_rate:
+        protocol += f"; resampled from the model's {rate} Hz to the classifier's {target_rate} Hz (soxr)"
+        print(f"the clips are resampled from the model's {rate} Hz to the classifier's {target_rate} Hz (soxr)")
+    return to_classifier_rate(waves, rate, target_rate), nll, protocol
 
 
-def sample_quality_of(model, args, datasets, spec) -> dict:
+def quality_references(args, datasets) -> dict:
+    """What the quality scores compare against, checked before any compute: SaShiMi's evaluator takes the train and
+    test splits' clips (their files or bytes), the small classifier the train split."""
+    needed = ("train", "test") if args.classifier_kind == "sashimi" else ("train",)
+    missing = [split for split in needed if split not in datasets]
+    if missing:
+        usage_error(f"--quality with --classifier {args.classifier} needs the dataset's {' and '.join(needed)} "
+                    f"split(s); it has {sorted(datasets)}")
+    if args.classifier_kind == "sashimi":
+        return {split: sashimi_items(datasets[split].data) for split in needed}
+    return {}
+
+
+def sample_quality_of(model, args, datasets, spec, splits) -> dict:
     """SaShiMi's evaluator when --classifier is its ResNeXt (`resnext.pth`, a pickled module): the numbers the thesis
     reports; else this project's small classifier (a .safetensors or state dict), whose numbers are not comparable
-    with published ones."""
-    from training.sashimi_eval import load_resnext, sashimi_quality
+    with published ones. Generated clips reach the classifier at its rate (16 kHz for SaShiMi's)."""
+    from training.sashimi_eval import sashimi_quality
 
     if args.sample_dir:
         clips, gen_nll, protocol = None, None, f"the WAVs in {args.sample_dir}"
     else:
-        clips, gen_nll, protocol = generate_clips(model, args)
-    try:
-        load_resnext(args.classifier)
-    except ValueError as not_resnext:
-        if args.threshold:
-            raise SystemExit(f"evaluate.py: error: --threshold needs SaShiMi's classifier ({not_resnext})")
+        clips, gen_nll, protocol = generate_clips(model, args, args.classifier_rate)
+    if args.classifier_kind == "small":
         return small_classifier_quality(model, args, datasets, spec, clips, gen_nll, protocol)
-    if "test" not in datasets:
-        raise SystemExit("evaluate.py: error: SaShiMi's evaluator scores the test split against the train split; the "
-                         f"dataset has {sorted(datasets)}")
-    splits = {split: sashimi_items(datasets[split].data) for split in ("train", "test")}
     samples = args.sample_dir or [c.numpy() for c in clips]
     quality = sashimi_quality(args.classifier, splits["train"], splits["test"], samples, threshold=args.threshold)
     quality.update(evaluator="SaShiMi's test_speech_commands.py (ResNeXt classifier): comparable with published "
@@ -138,8 +214,8 @@ def sashimi_items(data) -> list:
     import io
 
     if "path" not in data.column_names:
-        raise SystemExit("evaluate.py: error: SaShiMi's evaluator needs SC09 clips labelled by digit (an SC09 folder, "
-                         "krandiash/sc09, or --protocol sc09 on a Speech Commands dataset)")
+        usage_error("SaShiMi's evaluator needs SC09 clips labelled by digit (an SC09 folder, krandiash/sc09, or "
+                    "--protocol sc09 on a Speech Commands dataset)")
     items = []
     for name, audio in zip(data["path"], data["audio"]):
         if audio.get("bytes"):
@@ -157,12 +233,13 @@ def small_classifier_quality(model, args, datasets, spec, clips, gen_nll, protoc
     from training.train_classifier import DigitClips
 
     classifier = DigitClassifier.load(args.classifier)
+    rate = args.classifier_rate  # the sample dir's files, and the reference clips, are read at the classifier's rate
     if clips is None:
-        waves = [torch.from_numpy(load_audio(f, model.config.sample_rate)) for f in sample_files(args.sample_dir)]
-        clips = torch.zeros(len(waves), model.config.sample_rate)
+        waves = [torch.from_numpy(load_audio(f, rate)) for f in sample_files(args.sample_dir)]
+        clips = torch.zeros(len(waves), rate)
         for i, w in enumerate(waves):
             clips[i, : min(len(w), clips.shape[1])] = w[: clips.shape[1]]
-    reference_set = DigitClips(datasets["train"].data, spec.quantization, model.config.sample_rate)
+    reference_set = DigitClips(datasets["train"].data, spec.quantization, rate)
     picks = torch.randperm(len(reference_set), generator=torch.Generator().manual_seed(args.seed))
     reference = torch.stack([reference_set[int(i)][0] for i in picks[: args.num_reference]])
     quality = sample_quality(classifier, clips, reference, seed=args.seed)
@@ -178,6 +255,8 @@ def small_classifier_quality(model, args, datasets, spec, clips, gen_nll, protoc
 
 def main(argv=None):
     args, data_args = parse_arguments((EvaluateArguments, DataArguments), argv, __doc__)
+    out = Path(args.out).resolve()
+    print(f"evaluate.py: the results go to {out}")
     torch.manual_seed(args.seed)
     if data_args.streaming and (args.max_batches is None or args.quality):  # a stream has no length, nor an index
         raise SystemExit("evaluate.py: error: --streaming scores the first --max_batches batches of the split's stream "
@@ -192,6 +271,7 @@ def main(argv=None):
                          "model's)")
     result = {"model": args.model, "dataset": data_args.dataset or "built-in spoken digits", "protocol": protocol,
               "quantization": spec.quantization, "minmax": spec.minmax, "seq_len": spec.seq_len, "mode": spec.mode}
+    references = quality_references(args, datasets) if args.quality else {}
 
     if not args.no_nll:
         if args.split not in datasets:
@@ -218,9 +298,8 @@ def main(argv=None):
                   f"= {result['model_to_flac_ratio']:.4f} (< 1: the model codes them in fewer bits)")
 
     if args.quality:
-        result["quality"] = sample_quality_of(model, args, datasets, spec)
+        result["quality"] = sample_quality_of(model, args, datasets, spec, references)
 
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")

@@ -1,7 +1,7 @@
 """Generate audio with a Poolformer model: WAV files plus one spectrogram PNG of the batch.
 
     python training/sample.py --model DIR_OR_REPO --num_samples 4 --seconds 1 --out samples/
-    python training/sample.py --model DIR_OR_REPO --prompt speech.wav --prompt_seconds 0.25 --seconds 1 --out samples/
+    python training/sample.py --model DIR_OR_REPO --prompt PROMPT.wav --prompt_seconds 0.25 --seconds 1 --out samples/
     python training/sample.py --model DIR_OR_REPO --num_samples 1 --seconds 10 --stream --out samples/
 
 Unconditional samples start from the zero token (128); a prompt WAV is resampled to the model's rate, quantised with
@@ -20,7 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from modeling_poolformer.audio import encode_audio, load_audio, save_spectrogram, write_wav
-from training.utils import check_local_or_hub, parse_arguments
+from training.utils import check_file, check_flags, check_local_or_hub, check_writable_folder, parse_arguments, positive
 
 
 @dataclass
@@ -45,14 +45,14 @@ class SampleArguments:
         for name in ("num_samples", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1")
-        if self.seconds <= 0 or self.prompt_seconds <= 0:
-            raise ValueError("--seconds and --prompt_seconds must be > 0")
-        if self.temperature <= 0:
-            raise ValueError("--temperature must be > 0 (use --greedy for argmax decoding)")
+        check_flags(self, [("seconds", positive, "a finite number > 0"), ("prompt_seconds", positive, "a finite number > 0")])
+        check_flags(self, [("temperature", positive, "a finite number > 0 (use --greedy for argmax decoding)")])
         if not 0 < self.top_p <= 1:
             raise ValueError("--top_p must be in (0, 1]")
         check_local_or_hub(self.model, "--model")
+        check_writable_folder(self.out, "--out")  # before a batch is generated
         if self.prompt is not None:  # before the model is loaded
+            check_file(self.prompt, "--prompt")
             try:
                 soundfile.info(self.prompt)
             except Exception as e:  # noqa: BLE001 - soundfile raises several kinds
@@ -105,9 +105,13 @@ def main(argv=None):
         "model": args.model, "num_samples": len(paths), "seconds": args.seconds, "prompt": args.prompt,
         "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "greedy": args.greedy,
         "seed": args.seed, "samples_per_second": len(paths) * new_tokens / elapsed,
+        # what the progress bar counts: samples of each clip (a batch's clips grow together)
+        "samples_per_second_per_clip": new_tokens * len(range(0, args.num_samples, args.batch_size)) / elapsed,
     }
     (out / "generation.json").write_text(json.dumps(info, indent=2) + "\n")
-    print(f"wrote {len(paths)} WAVs and {png.name} to {out} ({info['samples_per_second']:.0f} samples/s)")
+    print(f"wrote {len(paths)} WAV{'s' if len(paths) != 1 else ''} and {png.name} to {out} "
+          f"({info['samples_per_second_per_clip']:.0f} samples/s per clip, as on the bar; "
+          f"{info['samples_per_second']:.0f} samples/s over all {len(paths)} clips)")
 
 
 if __name__ == "__main__":

@@ -176,6 +176,8 @@ def classify(model: nn.Module, clips, batch_size: int = 128) -> tuple:
 def fid(features_data: np.ndarray, features_gen: np.ndarray) -> float:
     from scipy import linalg
 
+    if min(len(features_data), len(features_gen)) < 2:  # one clip's covariance is NaN, on which sqrtm never returns
+        raise ValueError(f"FID needs at least 2 clips per set, got {len(features_data)} and {len(features_gen)}")
     mu_data, mu_gen = features_data.mean(axis=0), features_gen.mean(axis=0)
     sigma_data, sigma_gen = np.cov(features_data, rowvar=False), np.cov(features_gen, rowvar=False)
     try:

@@ -15,7 +15,6 @@ launcher); `--resume_from_checkpoint latest` continues exactly; a folder holding
 generation config, a model card) and optionally pushed to the Hub.
 """
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -237,19 +236,25 @@ def verify_checkpoint(path: Path) -> dict:
     return manifest
 
 
-def claim_output_dir(accelerator, args) -> tuple:
-    """(the run id that owns output_dir, the held lock). One train.py at a time per output_dir (a lock file; a
-    second is refused). A new run in a folder holding another run's results is refused unless
-    --overwrite_output_dir (which clears them); a resumed run continues its checkpoint's id, and resuming another
-    run's checkpoint into a folder that holds a run is refused the same way. Temporary folders of checkpoints that
-    were never completed (a crash or a full disk mid-write) are removed."""
-    out = Path(args.output_dir)
+def lock_output_dir(accelerator, args) -> Optional["OutputLock"]:
+    """One train.py at a time per output_dir: the main process takes the folder's lock (the others get None); a
+    second train.py there is refused."""
     lock, error = None, None
     if accelerator.is_main_process:
-        lock, error = _lock(out)
+        lock, error = _lock(Path(args.output_dir))
     error = broadcast_object_list([error])[0]
     if error:
         raise UsageError(error)
+    return lock
+
+
+def claim_output_dir(accelerator, args) -> tuple:
+    """(the run id that will own output_dir, what of a previous run to clear). A new run in a folder holding another
+    run's results is refused unless --overwrite_output_dir (which clears them); a resumed run continues its
+    checkpoint's id, and resuming another run's checkpoint into a folder that holds a run is refused the same way.
+    Nothing in the folder changes here: `take_output_dir` does that once the whole setup has succeeded, so a command
+    refused in setup (a wrong flag, an unreadable dataset) leaves the folder as it was."""
+    out = Path(args.output_dir)
     owner = json.loads((out / RUN_FILE).read_text())["run_id"] if (out / RUN_FILE).exists() else None
     previous = [p.name for p in (out / RUN_FILE, out / "checkpoints", out / "model", out / "train_summary.json")
                 if p.exists()]
@@ -280,6 +285,14 @@ def claim_output_dir(accelerator, args) -> tuple:
             )
         run_id, clear = uuid.uuid4().hex, previous
     run_id = broadcast_object_list([run_id])[0]  # a new run's id is the main process's
+    return run_id, clear
+
+
+def take_output_dir(accelerator, args, run_id: str, clear: list):
+    """The folder becomes the run's (at the end of a successful setup): the previous run's results are cleared when
+    --overwrite_output_dir allowed it, temporary folders of checkpoints that were never completed (a crash or a
+    full disk mid-write) are removed, and `poolformer_run.json` names the run."""
+    out = Path(args.output_dir)
     accelerator.wait_for_everyone()  # every process has read the folder before the main process changes it
     if accelerator.is_main_process:
         if clear:
@@ -295,20 +308,43 @@ def claim_output_dir(accelerator, args) -> tuple:
             shutil.rmtree(stale, ignore_errors=True)
         _write_json(out / RUN_FILE, {"run_id": run_id})
     accelerator.wait_for_everyone()
-    return run_id, lock
+
+
+class OutputLock:
+    """The output folder's lock (filelock's OS lock on `.train.lock`), held while train.py works there. `release`
+    removes the file, then unlocks: a finished run leaves no lock file, and the folder it created for a refused
+    command is removed again when it stayed empty."""
+
+    def __init__(self, out: Path):
+        from filelock import FileLock
+
+        self.out, self.created = out, not out.exists()
+        out.mkdir(parents=True, exist_ok=True)
+        self.lock = FileLock(str(out / LOCK_FILE))
+
+    def release(self, remove_empty_folder: bool = False):
+        if self.lock.is_locked:
+            (self.out / LOCK_FILE).unlink(missing_ok=True)  # while still held: no other holder can see this file
+            self.lock.release(force=True)
+        if remove_empty_folder and self.created:
+            try:
+                self.out.rmdir()
+            except OSError:  # something was written there
+                pass
 
 
 def _lock(out: Path) -> tuple:
-    """(an open lock file held for this process's lifetime, None) or (None, the error)."""
-    out.mkdir(parents=True, exist_ok=True)
-    handle = open(out / LOCK_FILE, "a+")
+    """(the held OutputLock, None) or (None, the error)."""
+    from filelock import Timeout
+
+    lock = OutputLock(out)
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
+        lock.lock.acquire(timeout=0)
+    except Timeout:
+        lock.release(remove_empty_folder=True)
         return None, (f"--output_dir {out} is in use by another train.py (it holds {out / LOCK_FILE}): wait for it to "
                       "end, or pick another --output_dir")
-    return handle, None
+    return lock, None
 
 
 def run_fingerprint(config, data_args, args, accelerator, max_steps: int, warmup: int) -> dict:
@@ -404,7 +440,7 @@ class Run:
     model_args: ModelArguments
     accelerator: Accelerator
     run_id: str
-    lock: object  # the output folder's lock file, held while this process lives
+    lock: Optional["OutputLock"]  # the output folder's lock (main process), released when the run ends
     fingerprint: dict
     protocol: str
     spec: object
@@ -554,7 +590,24 @@ def make_schedule(accelerator, model, train_dl, args: TrainArguments) -> tuple:
 def setup(model_args: ModelArguments, data_args: DataArguments, args: TrainArguments) -> Run:
     """Everything before the first step; every error here comes before training starts."""
     accelerator = make_accelerator(args)
-    run_id, lock = claim_output_dir(accelerator, args)
+    lock = None
+    try:
+        lock = lock_output_dir(accelerator, args)
+        run_id, clear = claim_output_dir(accelerator, args)
+        run = _setup(accelerator, model_args, data_args, args, run_id, lock)
+        take_output_dir(accelerator, args, run_id, clear)  # only now: a refused command leaves the folder as it was
+    except BaseException:
+        if lock is not None:
+            lock.release(remove_empty_folder=True)
+        raise
+    if accelerator.is_main_process:
+        flat = {**asdict(model_args), **asdict(data_args), **asdict(args)}
+        accelerator.init_trackers("poolformer", config={k: v for k, v in flat.items()
+                                                        if isinstance(v, (int, float, str, bool))})
+    return run
+
+
+def _setup(accelerator, model_args, data_args, args, run_id, lock) -> Run:
     config = load_config(model_args)
     if not torch.cuda.is_available():
         tune_cpu_allocator(long_sequences=config.checkpoint_chunk_size > 0)
@@ -590,9 +643,6 @@ def setup(model_args: ModelArguments, data_args: DataArguments, args: TrainArgum
         skipped = {k: skipped_files(v) for k, v in datasets.items() if v.skipped}
         if skipped:
             logger.warning("unreadable or empty files skipped: %s", skipped)
-        flat = {**asdict(model_args), **asdict(data_args), **asdict(args)}
-        accelerator.init_trackers("poolformer", config={k: v for k, v in flat.items()
-                                                        if isinstance(v, (int, float, str, bool))})
     return Run(args, data_args, model_args, accelerator, run_id, lock, fingerprint, protocol, spec, datasets, model, ema,
                optimizer, scheduler, train_dl, val_dl, progress, max_steps, num_params, [])
 
@@ -729,7 +779,8 @@ def train_loop(run: Run) -> bool:
     """Epochs until max_steps (True) or a stop request (False; a checkpoint is written either way)."""
     accelerator, progress = run.accelerator, run.progress
     stop = StopRequest()
-    bar = tqdm(total=run.max_steps, initial=progress.step, disable=not accelerator.is_local_main_process, desc="train")
+    bar = tqdm(total=run.max_steps, initial=progress.step, disable=not accelerator.is_local_main_process, desc="train",
+               unit="step")  # optimizer steps, each of --batch_size x processes x accumulation clips
     if progress.step == 0:  # the untrained baseline, for the record
         run.val_history.append((0, evaluate(run)))
         accelerator.log({"val/bits_per_sample": run.val_history[-1][1]}, step=0)
@@ -831,9 +882,13 @@ def main(argv=None):
     except UsageError as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    if train_loop(run):
-        return export(run)
-    return None
+    try:
+        if train_loop(run):
+            return export(run)
+        return None
+    finally:
+        if run.lock is not None:
+            run.lock.release()
 
 
 if __name__ == "__main__":

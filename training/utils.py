@@ -61,6 +61,26 @@ def check_file(value: str, flag: str):
         raise ValueError(f"{flag} {value}: no such file")
 
 
+def check_writable_folder(value: str, flag: str):
+    """A folder this process can write into, checked before any long compute: the folder itself when it exists,
+    else the nearest folder above it that does (where it would be created). Nothing is left behind."""
+    import tempfile
+
+    path = Path(value).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {value}: a file is in the way (expected a folder)")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{flag} {value}: {existing} is a file, so the folder cannot be created")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise ValueError(f"{flag} {value}: cannot write into {existing} ({e.strerror or e})") from None
+
+
 def tune_cpu_allocator(long_sequences: bool = False):
     """glibc's malloc settings for CPU training (no-op outside glibc, and when MALLOC_MMAP_THRESHOLD_ is set).
     Normal lengths: keep freed memory in the heap; glibc otherwise hands every freed tensor above 32 MB back to the
