@@ -718,7 +718,7 @@ class PoolformerModel(PoolformerPreTrainedModel):
         return_dict = self.config.return_dict if return_dict is None else return_dict
         past_seen = cache.get_seq_length() if cache is not None else 0
         batch, steps = self._check_inputs(input_ids, inputs_embeds, attention_mask, past_seen)
-        x = self.embed_tokens(input_ids, self.dtype) if inputs_embeds is None else inputs_embeds
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         if output_hidden_states and torch.is_grad_enabled() and not x.requires_grad:
             x = x.detach().requires_grad_()  # the first hidden state keeps its gradient, as with learned embeddings
         if not use_cache:

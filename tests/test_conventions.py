@@ -11,6 +11,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from modeling_poolformer import PoolformerConfig, PoolformerForCausalLM, PoolformerModel
 from modeling_poolformer.modeling_poolformer import PoolformerResidualBlock
+from modeling_poolformer.outputs import CACHE_FIELD
 
 
 def tiny(**overrides) -> PoolformerConfig:
@@ -38,6 +39,20 @@ def test_the_input_embedding_maps_ids_on_its_own():
         emb = model.get_input_embeddings()(ids)
         with torch.no_grad():
             torch.testing.assert_close(model(inputs_embeds=emb).logits, model(ids).logits)
+    table = torch.nn.Embedding(256, 16)  # a replacement module (as PEFT and others set them) is called with the ids alone
+    model.set_input_embeddings(table)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, model(inputs_embeds=table(ids)).logits)
+
+
+@pytest.mark.compat
+def test_the_input_embedding_takes_the_loaded_dtype(tmp_path):
+    PoolformerForCausalLM(tiny()).save_pretrained(tmp_path)
+    model = PoolformerForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    ids = torch.randint(0, 256, (1, 8))
+    assert model.get_input_embeddings()(ids).dtype == torch.bfloat16
+    with torch.no_grad():
+        assert model(ids).logits.dtype == torch.bfloat16
 
 
 # 2. generation from inputs_embeds
@@ -61,7 +76,7 @@ def test_forward_and_generate_from_inputs_embeds():
     whole = model.generate(inputs_embeds=embeds, max_new_tokens=6, **greedy).sequences
     first = model.generate(inputs_embeds=embeds, max_new_tokens=4, **greedy)
     so_far = torch.cat([embeds, model.get_input_embeddings()(first.sequences)], dim=1)
-    rest = model.generate(inputs_embeds=so_far, cache=first.cache, max_new_tokens=2, **greedy).sequences
+    rest = model.generate(inputs_embeds=so_far, cache=getattr(first, CACHE_FIELD), max_new_tokens=2, **greedy).sequences
     assert torch.equal(torch.cat([first.sequences, rest], dim=1), whole)
     with pytest.raises(ValueError, match="inputs_embeds with a padded attention_mask"):
         model.generate(inputs_embeds=embeds, attention_mask=torch.tensor([[1] * 9, [1] * 5 + [0] * 4]), max_new_tokens=2)
