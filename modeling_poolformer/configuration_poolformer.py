@@ -161,8 +161,23 @@ class PoolformerConfig(PretrainedConfig):
         bos_token_id (`int`, *optional*):
             The "zero" token that starts every sequence: by default the middle of the range, `vocab_size // 2`
             (128 at 8 bits, 32768, the sample 0, at 16 bits).
+        eos_token_id (`int` or `list[int]`, *optional*):
+            A value that ends generation when sampled. None (default): audio has no end token, generation runs for
+            `max_new_tokens`.
+        pad_token_id (`int`, *optional*):
+            The value that pads generated sequences of different lengths (transformers' generation utilities read it);
+            None (default) pads with `bos_token_id`, the zero sample.
+        use_cache (`bool`, defaults to `True`):
+            Whether a forward in eval mode returns its `PoolformerCache` (recurrent and pooling state) when the call
+            does not say (`use_cache=None`), as in every transformers decoder; training forwards never build one.
+            `generate` carries a cache unless `use_cache=False`.
         tie_word_embeddings (`bool`, defaults to `False`):
             Always `False`: the sinusoidal embedding has no weights to tie.
+
+    `num_hidden_layers` (read-only, from `pooling_factors` and `layers_per_level`) is the number of layers whose hidden
+    states the model returns with `output_hidden_states`: the residual blocks that run at full length (the outer
+    level's down and up blocks, or every block without pooling). `hidden_states` holds the embeddings and these
+    blocks' outputs, the last one after the final norm: `num_hidden_layers + 1` tensors of shape (B, T, D).
     """
 
     model_type = "poolformer_audio"
@@ -202,6 +217,9 @@ class PoolformerConfig(PretrainedConfig):
         quantization="mu-law",
         output_head="softmax",
         bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+        use_cache=True,
         tie_word_embeddings=False,
         **kwargs,
     ):
@@ -241,6 +259,10 @@ class PoolformerConfig(PretrainedConfig):
         self.output_head = output_head
         if bos_token_id is None:
             bos_token_id = vocab_size // 2 if _is_int(vocab_size) else 128
+        # set here: transformers' config takes none of them (and drops `use_cache` from its kwargs)
+        self.eos_token_id = list(eos_token_id) if isinstance(eos_token_id, tuple) else eos_token_id
+        self.pad_token_id = pad_token_id
+        self.use_cache = use_cache
         if tie_word_embeddings:
             raise ValueError("tie_word_embeddings: Poolformer's output head is never tied to the embedding; use False.")
         _warn_near_misses(kwargs)
@@ -261,6 +283,18 @@ class PoolformerConfig(PretrainedConfig):
     def num_levels(self):
         """Number of pooling levels plus the innermost stack."""
         return len(self.pooling_factors) + 1
+
+    @property
+    def num_hidden_layers(self) -> int:
+        """Number of layers whose hidden states the model returns: the residual blocks that run at full length."""
+        pairs = self.level_layers[0]
+        return 4 * pairs if self.pooling_factors else 2 * pairs
+
+    @num_hidden_layers.setter
+    def num_hidden_layers(self, value):
+        if value != self.num_hidden_layers:
+            raise ValueError(f"PoolformerConfig.num_hidden_layers={value!r} is invalid: it follows from pooling_factors "
+                             f"and layers_per_level ({self.num_hidden_layers} here); change those instead.")
 
     @property
     def level_layers(self):
@@ -327,6 +361,10 @@ def _is_bool(v, c):
     return isinstance(v, bool)
 
 
+def _is_token(v, c):
+    return _is_int(v, 0) and v < c.vocab_size
+
+
 def _divides(total_field):
     return lambda v, c: _is_int(v, 1) and getattr(c, total_field) % v == 0
 
@@ -373,6 +411,11 @@ _RULES = (
     ("output_head", lambda v, c: v in _OUTPUT_HEADS and (v == "softmax" or math.isqrt(c.vocab_size) ** 2 == c.vocab_size),
      f"one of {_OUTPUT_HEADS}; 'dual-softmax' needs a square vocab_size (65536 = 256 x 256 for 16-bit PCM)"),
     ("bos_token_id", lambda v, c: _is_int(v, 0) and v < c.vocab_size, "an int in [0, vocab_size={c.vocab_size})"),
+    ("eos_token_id", lambda v, c: v is None or _is_token(v, c) or (isinstance(v, list) and len(v) > 0
+                                                                    and all(_is_token(t, c) for t in v)),
+     "None, or an int or a non-empty list of ints in [0, vocab_size={c.vocab_size})"),
+    ("pad_token_id", lambda v, c: v is None or _is_token(v, c), "None or an int in [0, vocab_size={c.vocab_size})"),
+    ("use_cache", _is_bool, "True or False"),
 )
 _FIELDS = tuple(field for field, _, _ in _RULES)
 

@@ -169,7 +169,9 @@ class PoolformerGenerationMixin:
         - right-padded batches: rows of different lengths (an `attention_mask` of ones then zeros) each continue
           their own prompt exactly as alone; the output keeps transformers' layout (new tokens after the padded
           prompt, at positions T .. T + n - 1 of every row);
-        - `inputs=None` starts from the zero token (`bos_token_id`, 128);
+        - `inputs=None` starts from the zero token (`bos_token_id`, 128), unless `inputs_embeds` (B, T, D) are given:
+          then, as in transformers, generation continues them and returns only the new tokens (a returned cache
+          continues from embeddings too: pass the embeddings of everything so far and the cache);
         - the cache may be passed as `cache=` or by its old name `past_key_values=`, on every supported release.
         """
         from .modeling_poolformer import PoolformerCache  # here: the modeling file imports this one
@@ -177,15 +179,21 @@ class PoolformerGenerationMixin:
         config, _ = self._prepare_generation_config(generation_config, **kwargs)  # the merged settings, to read
         if inputs is None:
             inputs = kwargs.pop("input_ids", None)
-        if inputs is None:
+        embeds = kwargs.get("inputs_embeds")
+        if inputs is None and embeds is None:
             bos = config.bos_token_id if config.bos_token_id is not None else self.config.bos_token_id
             inputs = torch.full((1, 1), bos, dtype=torch.long, device=self.device)
+        # (batch, prompt length) of what the model reads first: the ids, or the embeddings
+        prompt_shape = tuple(inputs.shape[:2]) if inputs is not None else tuple(embeds.shape[:2])
         mask = kwargs.get("attention_mask")
         if mask is not None and not bool(mask.all()):
+            if inputs is None:
+                raise ValueError("inputs_embeds with a padded attention_mask: generate prompts of different lengths from "
+                                 "input_ids, or their embeddings in separate calls (a recurrence cannot skip padding).")
             return generate_right_padded(self, inputs, generation_config, config, streamer, progress, generator,
                                          num_threads, kwargs)
         if progress:
-            streamer = ProgressStreamer(self.config.sample_rate, new_tokens(config, inputs.shape[1]), streamer)
+            streamer = ProgressStreamer(self.config.sample_rate, new_tokens(config, prompt_shape[1]), streamer)
         # compilation is ours (transformers' own would compile all of forward, and only on accelerators)
         kwargs.pop("compile_config", None)
         kwargs.pop("disable_compile", None)
@@ -197,9 +205,9 @@ class PoolformerGenerationMixin:
             cache = PoolformerCache(self.config)
         if cache is not None:
             kwargs[CACHE_FIELD] = cache
-        batch = inputs.shape[0] * (config.num_return_sequences or 1) * (config.num_beams or 1)
+        batch = prompt_shape[0] * (config.num_return_sequences or 1) * (config.num_beams or 1)
         threads = 1 if num_threads == "auto" and batch == 1 else None if num_threads == "auto" else num_threads
-        step = self._decoding_step(config, inputs.shape[1]) if cache is not None else None
+        step = self._decoding_step(config, prompt_shape[1]) if cache is not None else None
         with intra_op_threads(threads), sampling_rng(generator), decoding_with(cache, step):
             return super().generate(inputs, generation_config=generation_config, streamer=streamer, **kwargs)
 

@@ -10,8 +10,10 @@ is one chunk without a cache, prefill is a chunk with the cache, and a generatio
 all three share one code path and agree to float tolerance.
 """
 
+import contextlib
 import functools
 import math
+import os
 import warnings
 from typing import Optional, Union
 
@@ -23,10 +25,11 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .audio import PoolformerAudioMixin
 from .configuration_poolformer import PoolformerConfig
-from .generation import PoolformerGenerationMixin
+from .generation import PoolformerGenerationMixin, decoding_with
 from .outputs import CACHE_FIELD, PoolformerCausalLMOutput, PoolformerModelOutput, cache_argument, nats_to_bits
 from .scan import resolve_scan_implementation, scan_op
 
@@ -53,8 +56,15 @@ class PoolformerEmbedding(nn.Module):
             self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
         elif self.kind == "mlp":
             self.value_proj = PoolformerValueProjection(1, config.hidden_size)
+        # the fixed embedding has no weights whose dtype it could follow: this empty buffer takes the model's
+        # (`model.to(dtype)`, `from_pretrained(dtype=...)`); not in the checkpoint
+        self.register_buffer("dtype_anchor", torch.empty(0), persistent=False)
 
-    def forward(self, input_ids: torch.LongTensor, dtype: torch.dtype) -> torch.Tensor:
+    def forward(self, input_ids: torch.LongTensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """(B, T) sample values -> (B, T, D) embeddings in `dtype` (by default the model's)."""
+        dtype = dtype or self.dtype_anchor.dtype
+        if input_ids.dtype != torch.long:  # uint8 samples, int32 ids...: lookups take int64
+            input_ids = input_ids.long()
         if self.kind == "learned":
             return self.embed(input_ids).to(dtype)
         if self.kind == "mlp":
@@ -223,14 +233,16 @@ def _make_norm(config: PoolformerConfig) -> nn.Module:
     return nn.Identity()
 
 
-class PoolformerResidualBlock(nn.Module):
+class PoolformerResidualBlock(GradientCheckpointingLayer):
     """h = Norm(x); b = Layer(h); b = b * act(Linear(h)) (or act(b) ungated); x + Dropout(Linear_out(b)).
     Layer is the RG-LRU (temporal mixing, D -> D) or Linear(D -> expansion * D) (MLP); the gate has Layer's width.
 
-    Activation checkpointing (`config.activation_checkpointing` or `model.activation_checkpointing_enable()`)
-    applies to forwards without a cache only: a block that reads and writes carried state could not be recomputed
-    from the same state in the backward pass (which is why this is not transformers' `GradientCheckpointingLayer`,
-    which would drop the cache instead)."""
+    Activation checkpointing is transformers' (`model.gradient_checkpointing_enable(gradient_checkpointing_kwargs)`,
+    `activation_checkpointing_enable` on newer releases, or `config.activation_checkpointing`, which checkpoints
+    without reentrancy). It applies to blocks that carry no state: a block that reads and writes a cache's state
+    would read, when recomputed in the backward pass, the state it wrote, so such a call (the time chunks of
+    `checkpoint_chunk_size`, a cache used with gradients) runs without checkpointing and keeps its cache, where
+    transformers' layers would drop the cache instead."""
 
     def __init__(self, config: PoolformerConfig, role: str, level: int, layer_idx: Optional[int] = None):
         super().__init__()
@@ -243,16 +255,18 @@ class PoolformerResidualBlock(nn.Module):
         self.out_proj = PoolformerOutputProjection(width, config.hidden_size, role, level)
         self.dropout = nn.Dropout(config.dropout)
         self.gradient_checkpointing = config.activation_checkpointing
+        self._gradient_checkpointing_func = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+
+    def __call__(self, x: torch.Tensor, state: Optional["PoolformerResidualStackState"] = None) -> torch.Tensor:
+        if state is not None and self.gradient_checkpointing:  # carried state: never recomputed (see the class doc)
+            self.gradient_checkpointing = False
+            try:
+                return super().__call__(x, state)
+            finally:
+                self.gradient_checkpointing = True
+        return super().__call__(x, state)
 
     def forward(self, x: torch.Tensor, state: Optional["PoolformerResidualStackState"] = None) -> torch.Tensor:
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and state is None:
-            run = getattr(self, "_gradient_checkpointing_func", None) or functools.partial(
-                torch.utils.checkpoint.checkpoint, use_reentrant=False
-            )
-            return run(self._forward, x)
-        return self._forward(x, state)
-
-    def _forward(self, x: torch.Tensor, state: Optional["PoolformerResidualStackState"] = None) -> torch.Tensor:
         h = self.norm(x)
         b = self.layer(h, state) if isinstance(self.layer, PoolformerRGLRU) else self.layer(h)
         b = b * self.act(self.gate_proj(h)) if self.gate_proj is not None else self.act(b)
@@ -463,6 +477,48 @@ def _fan_in(module: nn.Module) -> int:
     return module.in_channels // module.groups * module.kernel_size[0]
 
 
+def _raise_for_unreadable_checkpoint(error: Exception, source, kwargs: dict):
+    """An error of safetensors while loading (a truncated or garbled file: "header too large", "incomplete metadata")
+    becomes an `OSError` naming the file that fails to open and saying what to do; other errors pass through."""
+    if type(error).__name__ != "SafetensorError":
+        return
+    from safetensors import safe_open
+
+    subfolder = kwargs.get("subfolder") or ""
+    folder = os.path.join(str(source), subfolder)
+    if os.path.isdir(folder):
+        candidates = sorted(os.path.join(folder, name) for name in os.listdir(folder) if name.endswith(".safetensors"))
+    else:  # a Hub repo: the files already in the local cache
+        from transformers.utils import cached_file
+
+        candidates = []
+        for name in ("model.safetensors", "model.safetensors.index.json"):
+            try:
+                found = cached_file(str(source), name, subfolder=subfolder, cache_dir=kwargs.get("cache_dir"),
+                                    revision=kwargs.get("revision"), local_files_only=True,
+                                    _raise_exceptions_for_missing_entries=False,
+                                    _raise_exceptions_for_connection_errors=False)
+            except Exception:  # nothing to name: the message below names the repo
+                found = None
+            if found and name.endswith(".json"):
+                shard_folder = os.path.dirname(found)
+                candidates += sorted(os.path.join(shard_folder, n) for n in os.listdir(shard_folder)
+                                     if n.endswith(".safetensors") and n != "model.safetensors")
+            elif found:
+                candidates.append(found)
+    for path in candidates:
+        try:
+            with safe_open(path, framework="pt") as f:
+                f.keys()
+        except Exception as bad:
+            raise OSError(f"{path} is not a readable safetensors file ({bad}): it is truncated or corrupt, e.g. an "
+                          "interrupted download or copy. Delete it and download it again (for a Hub repo: "
+                          "from_pretrained(..., force_download=True)) or save the model again.") from error
+    raise OSError(f"{source}: a safetensors file of this checkpoint is truncated or corrupt ({error}). Delete the "
+                  "model's files and download them again (for a Hub repo: from_pretrained(..., force_download=True)) "
+                  "or save the model again.") from error
+
+
 class PoolformerPreTrainedModel(PreTrainedModel):
     config_class = PoolformerConfig
     base_model_prefix = "model"
@@ -481,17 +537,32 @@ class PoolformerPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, *args, allow_missing_weights: bool = False, **kwargs):
-        """transformers' `from_pretrained`, except that a checkpoint lacking some of the model's weights is an error
-        (transformers would start them random and only print a report). `allow_missing_weights=True` initialises
-        them on purpose, e.g. a new LM head over a `PoolformerModel` checkpoint."""
+        """transformers' `from_pretrained`, stricter about what a checkpoint lacks. The weights of a head over the
+        body (the LM head of `PoolformerForCausalLM` loaded from a `PoolformerModel` checkpoint) are initialised,
+        with a warning, and listed in the loading info's `missing_keys`, as transformers does; a checkpoint lacking
+        weights of the body itself is an incomplete model folder and an error (transformers would start them random
+        and only print a report), unless `allow_missing_weights=True` initialises them on purpose. A truncated or
+        corrupt safetensors file is an `OSError` naming the file."""
         want_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
-        if info["missing_keys"] and not allow_missing_weights:
-            missing = sorted(info["missing_keys"])
+        try:
+            model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        except Exception as error:
+            _raise_for_unreadable_checkpoint(error, args[0] if args else kwargs.get("pretrained_model_name_or_path"),
+                                             kwargs)
+            raise
+        missing = sorted(info["missing_keys"])
+        prefix = cls.base_model_prefix + "."
+        head = [key for key in missing if cls is not PoolformerModel and not key.startswith(prefix)]
+        body = [key for key in missing if key not in head]
+        if body and not allow_missing_weights:
             raise ValueError(f"{args[0] if args else kwargs.get('pretrained_model_name_or_path')}: the checkpoint lacks "
-                             f"{len(missing)} weights of {cls.__name__} ({', '.join(missing[:4])}"
-                             f"{', ...' if len(missing) > 4 else ''}): an incomplete model folder. Pass "
+                             f"{len(body)} weights of {cls.__name__}'s body ({', '.join(body[:4])}"
+                             f"{', ...' if len(body) > 4 else ''}): an incomplete model folder. Pass "
                              "allow_missing_weights=True to initialise them randomly on purpose.")
+        if head:
+            warnings.warn(f"{cls.__name__}: the checkpoint has no {', '.join(head)} (a checkpoint of the body alone, "
+                          "e.g. a PoolformerModel): they are newly initialised, train them before use.", UserWarning,
+                          stacklevel=2)
         return (model, info) if want_info else model
 
     if not hasattr(PreTrainedModel, "activation_checkpointing_enable"):  # releases before the rename
@@ -632,16 +703,24 @@ class PoolformerModel(PoolformerPreTrainedModel):
         **kwargs,
     ) -> Union[tuple, "PoolformerModelOutput"]:
         """One chunk of samples: the whole sequence (no cache), a prompt (a fresh or given cache) or a decoding step
-        (one sample with the cache). `past_key_values` is the old name of `cache`."""
+        (one sample with the cache). `past_key_values` is the old name of `cache`. `use_cache`,
+        `output_hidden_states` and `return_dict` default to the config's (`use_cache` to False in training mode, and
+        to True when a cache is given). `hidden_states`: the embeddings and the output of every residual block that
+        runs at full length, the last after the final norm (`config.num_hidden_layers + 1` tensors); with gradients
+        on, the embeddings require them (their `.grad` after backward is the input gradient)."""
+        _reject_unknown_arguments(self, kwargs)
         cache = cache_argument(cache, past_key_values)
         if cache is not None and not isinstance(cache, PoolformerCache):
             raise ValueError(f"cache must be a PoolformerCache (or None), got {type(cache).__name__}.")
-        use_cache = use_cache if use_cache is not None else cache is not None
+        if use_cache is None:
+            use_cache = cache is not None or (self.config.use_cache and not self.training)
+        output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        return_dict = self.config.return_dict if return_dict is None else return_dict
         past_seen = cache.get_seq_length() if cache is not None else 0
         batch, steps = self._check_inputs(input_ids, inputs_embeds, attention_mask, past_seen)
-        if input_ids is not None and input_ids.dtype != torch.long:  # uint8 samples, int32 ids...: lookups take int64
-            input_ids = input_ids.long()
-        x = self.embed_tokens(input_ids, self.dtype) if inputs_embeds is None else inputs_embeds
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        if output_hidden_states and torch.is_grad_enabled() and not x.requires_grad:
+            x = x.detach().requires_grad_()  # the first hidden state keeps its gradient, as with learned embeddings
         if not use_cache:
             cache = None
         elif cache is None:
@@ -650,18 +729,62 @@ class PoolformerModel(PoolformerPreTrainedModel):
             cache.prepare(batch, x.dtype, x.device)
 
         chunk = self.config.checkpoint_chunk_size
-        if chunk and cache is None and self.training and torch.is_grad_enabled() and steps > chunk:
-            hidden = self._checkpointed_in_time(x, chunk)
-        elif cache is None:
-            hidden = self.body(x)
-        else:  # a one-sample step takes the canonical phases, so a compiled step sees one of few shapes
-            hidden = self.body(x, cache, cache.step_phases() if steps == 1 else cache.level_phases())
-            cache.seen_tokens += steps
+        # the blocks' outputs are taken from their calls, which the compiled decoding step would not make
+        eager = decoding_with(cache, None) if output_hidden_states else contextlib.nullcontext()
+        with self._block_outputs(output_hidden_states) as block_outputs, eager:
+            if chunk and cache is None and self.training and torch.is_grad_enabled() and steps > chunk:
+                hidden = self._checkpointed_in_time(x, chunk)
+            elif cache is None:
+                hidden = self.body(x)
+            else:  # a one-sample step takes the canonical phases, so a compiled step sees one of few shapes
+                hidden = self.body(x, cache, cache.step_phases() if steps == 1 else cache.level_phases())
+                cache.seen_tokens += steps
         hidden = self.norm_f(hidden)
 
-        out = PoolformerModelOutput(last_hidden_state=hidden, **{CACHE_FIELD: cache},
-                                    hidden_states=(x, hidden) if output_hidden_states else None)
-        return out if return_dict is not False else out.to_tuple()
+        hidden_states = None
+        if output_hidden_states:  # a block called once per time chunk gave one output per chunk
+            outputs = [pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1) for pieces in block_outputs[:-1]]
+            hidden_states = (x, *outputs, hidden)
+        out = PoolformerModelOutput(last_hidden_state=hidden, **{CACHE_FIELD: cache}, hidden_states=hidden_states)
+        return out if return_dict else out.to_tuple()
+
+    def full_length_blocks(self) -> list:
+        """The residual blocks that run at full length, in order: the outer level's down and up blocks, or the whole
+        stack without pooling. Their outputs are the model's `hidden_states`."""
+        if isinstance(self.body, PoolformerSkipBlock):
+            return [*self.body.down, *self.body.up]
+        return list(self.body.blocks)
+
+    @contextlib.contextmanager
+    def _block_outputs(self, enabled: bool):
+        """Collects the outputs of `full_length_blocks()` (one list per block) while inside, when `enabled`."""
+        if not enabled:
+            yield None
+            return
+        blocks = self.full_length_blocks()
+        outputs = [[] for _ in blocks]
+        handles = [block.register_forward_hook(lambda module, args, out, i=i: outputs[i].append(out))
+                   for i, block in enumerate(blocks)]
+        try:
+            yield outputs
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+# arguments transformers passes to a forward that a recurrence without positions has no use for: the cache position
+# (generate on earlier 5.x releases) and position ids; `output_attentions` is accepted as False (there is no attention)
+_IGNORED_ARGUMENTS = ("cache_position", "position_ids")
+
+
+def _reject_unknown_arguments(module: nn.Module, kwargs: dict):
+    """A keyword `forward` does not take is an error (a misspelt `lables=` would otherwise pass silently)."""
+    if kwargs.get("output_attentions"):
+        raise ValueError("output_attentions=True: Poolformer has no attention layers, so no attention weights.")
+    unknown = sorted(k for k in kwargs if k not in _IGNORED_ARGUMENTS and k != "output_attentions")
+    if unknown:
+        raise TypeError(f"{type(module).__name__}.forward() got unexpected keyword argument"
+                        f"{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -742,12 +865,19 @@ class PoolformerForCausalLM(PoolformerPreTrainedModel, PoolformerGenerationMixin
         return_dict: Optional[bool] = None,
         logits_to_keep: Union[int, torch.Tensor] = 0,
         past_key_values: Optional["PoolformerCache"] = None,
+        shift_labels: Optional[torch.LongTensor] = None,
+        num_items_in_batch: Optional[Union[int, torch.Tensor]] = None,
         **kwargs,
     ) -> Union[tuple, "PoolformerCausalLMOutput"]:
-        """`labels` (B, T) are shifted inside (`-100` and masked positions are ignored); `past_key_values` is the old
-        name of `cache`. With labels, `sample_nll` holds each predicted sample's NLL (position t: of labels[t + 1]).
-        The dual-softmax head's `logits` are the log-probabilities of all vocab_size values (256 KB per position at
-        16 bits): a forward with labels returns them only when `logits_to_keep` asks for positions."""
+        """`labels` (B, T) are shifted inside (`-100` and masked positions are ignored); `shift_labels` (B, T) are
+        labels already shifted (position t predicts shift_labels[:, t], as transformers' causal LMs take them) and
+        replace `labels`; `num_items_in_batch` (transformers' Trainer) divides the summed NLL instead of the number of
+        predicted samples. `past_key_values` is the old name of `cache`. With labels, `sample_nll` holds each
+        predicted sample's NLL (position t: of labels[t + 1]). The dual-softmax head's `logits` are the
+        log-probabilities of all vocab_size values (256 KB per position at 16 bits): a forward with labels returns
+        them only when `logits_to_keep` asks for positions. Other keywords raise a `TypeError`."""
+        _reject_unknown_arguments(self, kwargs)
+        return_dict = self.config.return_dict if return_dict is None else return_dict
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -761,37 +891,24 @@ class PoolformerForCausalLM(PoolformerPreTrainedModel, PoolformerGenerationMixin
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         dual = isinstance(self.lm_head, PoolformerDualSoftmaxHead)
         all_positions = isinstance(logits_to_keep, int) and logits_to_keep == 0
+        with_labels = labels is not None or shift_labels is not None
         logits = None
         if not dual:
             logits = self.lm_head(hidden[:, keep])
-        elif labels is None or not all_positions:
+        elif not with_labels or not all_positions:
             logits = self.lm_head.log_probs(hidden[:, keep])
 
         loss = bits = nll = None
-        if labels is not None:
-            if labels.shape != hidden.shape[:2]:
-                raise ValueError(f"labels must have the shape of input_ids {tuple(hidden.shape[:2])}, got "
-                                 f"{tuple(labels.shape)}.")
-            if not isinstance(labels, torch.Tensor) or not _is_integer(labels.dtype):
-                raise ValueError(f"labels must be an integer tensor (sample values, -100 to ignore), got "
-                                 f"{getattr(labels, 'dtype', type(labels).__name__)}.")
-            if _can_read(labels):
-                bad = labels[(labels != -100) & ((labels < 0) | (labels >= self.config.vocab_size))]
-                if len(bad):
-                    raise ValueError(f"labels must lie in [0, {self.config.vocab_size}) or be -100 (ignored), got "
-                                     f"{bad[0].item()}.")
-            labels = labels.to(hidden.device).long()
-            if attention_mask is not None:
-                labels = labels.masked_fill(attention_mask[:, -labels.shape[1] :] == 0, -100)
-            # shift the labels, not the logits: slicing (B, T, vocab) logits would copy them
-            targets = F.pad(labels[:, 1:], (0, 1), value=-100)
+        if with_labels:
+            targets = self._targets(labels, shift_labels, attention_mask, hidden)
             if dual:
                 nll = self.lm_head.nll(hidden, targets)
             else:
                 all_logits = logits if logits.shape[1] == hidden.shape[1] else self.lm_head(hidden)
                 nll = F.cross_entropy(all_logits.float().reshape(-1, self.config.vocab_size), targets.reshape(-1),
                                       ignore_index=-100, reduction="none").view(targets.shape)
-            loss = nll.sum() / (targets != -100).sum()  # NaN when nothing is predicted, as a mean over nothing
+            count = (targets != -100).sum() if num_items_in_batch is None else num_items_in_batch
+            loss = nll.sum() / (count.to(nll.device) if torch.is_tensor(count) else count)  # NaN over nothing
             if _can_read(targets) and bool((targets == -100).all()):
                 warnings.warn("Poolformer: no label left to predict (all -100 or masked, or sequences of one "
                               "sample): the loss is NaN.", RuntimeWarning, stacklevel=2)
@@ -799,7 +916,36 @@ class PoolformerForCausalLM(PoolformerPreTrainedModel, PoolformerGenerationMixin
 
         out = PoolformerCausalLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
                                        bits_per_sample=bits, sample_nll=nll, **{CACHE_FIELD: outputs.cache})
-        return out if return_dict is not False else out.to_tuple()
+        return out if return_dict else out.to_tuple()
+
+    def _targets(self, labels, shift_labels, attention_mask, hidden) -> torch.LongTensor:
+        """(B, T) targets, -100 where none: position t predicts labels[t + 1], or shift_labels[t]. A target is
+        ignored where the sample it predicts is padding."""
+        for name, value in (("labels", labels), ("shift_labels", shift_labels)):
+            if value is None:
+                continue
+            if not isinstance(value, torch.Tensor) or not _is_integer(value.dtype):
+                raise ValueError(f"{name} must be an integer tensor (sample values, -100 to ignore), got "
+                                 f"{getattr(value, 'dtype', type(value).__name__)}.")
+            if value.shape != hidden.shape[:2]:
+                raise ValueError(f"{name} must have the shape of input_ids {tuple(hidden.shape[:2])}, got "
+                                 f"{tuple(value.shape)}.")
+            if _can_read(value):
+                bad = value[(value != -100) & ((value < 0) | (value >= self.config.vocab_size))]
+                if len(bad):
+                    raise ValueError(f"{name} must lie in [0, {self.config.vocab_size}) or be -100 (ignored), got "
+                                     f"{bad[0].item()}.")
+        mask = attention_mask[:, -hidden.shape[1] :].to(hidden.device) if attention_mask is not None else None
+        if shift_labels is not None:
+            targets = shift_labels.to(hidden.device).long()
+            if mask is not None:  # position t predicts sample t + 1; the last one, its own row's next sample
+                targets = targets.masked_fill(torch.cat([mask[:, 1:], mask[:, -1:]], dim=1) == 0, -100)
+            return targets
+        labels = labels.to(hidden.device).long()
+        if mask is not None:
+            labels = labels.masked_fill(mask == 0, -100)
+        # shift the labels, not the logits: slicing (B, T, vocab) logits would copy them
+        return F.pad(labels[:, 1:], (0, 1), value=-100)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

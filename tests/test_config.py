@@ -60,6 +60,10 @@ INVALID = [
     ("quantization", "a-law"),
     ("output_head", "softmax-65536"),
     ("bos_token_id", 256),
+    ("eos_token_id", 256),
+    ("eos_token_id", []),
+    ("pad_token_id", -1),
+    ("use_cache", "yes"),
 ]
 
 

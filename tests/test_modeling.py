@@ -237,17 +237,21 @@ def test_a_step_with_the_wrong_batch_for_the_cache_is_refused():
 
 
 def test_a_folder_missing_weights_is_refused_unless_asked(tmp_path):
+    from safetensors.torch import load_file, save_file
+
     model = hub_model()
-    model.model.save_pretrained(tmp_path / "base")  # the body without its LM head
-    for load in (lambda: PoolformerForCausalLM.from_pretrained(tmp_path / "base"),
-                 lambda: AutoModelForCausalLM.from_pretrained(tmp_path / "base", trust_remote_code=True)):
-        with pytest.raises(ValueError, match=r"lacks 2 weights.*lm_head.*allow_missing_weights"):
-            load()
-    loaded = PoolformerForCausalLM.from_pretrained(tmp_path / "base", allow_missing_weights=True)
-    assert torch.equal(loaded.model.body.up_pool.proj.weight, model.model.body.up_pool.proj.weight)
     model.save_pretrained(tmp_path / "full")
     _, info = PoolformerForCausalLM.from_pretrained(tmp_path / "full", output_loading_info=True)
     assert not info["missing_keys"]
+    weights = load_file(tmp_path / "full" / "model.safetensors")
+    del weights["model.body.up_pool.proj.weight"], weights["model.body.up_pool.proj.bias"]
+    save_file(weights, tmp_path / "full" / "model.safetensors", metadata={"format": "pt"})
+    for load in (lambda: PoolformerForCausalLM.from_pretrained(tmp_path / "full"),
+                 lambda: AutoModelForCausalLM.from_pretrained(tmp_path / "full", trust_remote_code=True)):
+        with pytest.raises(ValueError, match=r"lacks 2 weights.*up_pool.*allow_missing_weights"):
+            load()
+    loaded = PoolformerForCausalLM.from_pretrained(tmp_path / "full", allow_missing_weights=True)
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
 
 
 def test_thesis_init():
