@@ -654,8 +654,11 @@ class PoolformerModel(PoolformerPreTrainedModel):
             hidden = self._checkpointed_in_time(x, chunk)
         elif cache is None:
             hidden = self.body(x)
+        elif steps == 1 and cache.static_step is not None and not torch.is_grad_enabled():
+            hidden = cache.static_step(self.body, x, cache)  # on static buffers (CUDA graphs on a GPU)
         else:  # a one-sample step takes the canonical phases, so a compiled step sees one of few shapes
             hidden = self.body(x, cache, cache.step_phases() if steps == 1 else cache.level_phases())
+        if cache is not None:
             cache.seen_tokens += steps
         hidden = self.norm_f(hidden)
 
@@ -862,6 +865,8 @@ class PoolformerCache(Cache):
         self.config = config
         self.seen_tokens = 0
         self.step_function = None
+        self.static_step = None  # generate's decoding step on static buffers (`static_step.PoolformerStaticStep`)
+        self.static_binding = None  # the static buffers whose tensors the lists hold while generate decodes
         self.stacks: list[PoolformerResidualStackState] = []
         self.pool_windows: list[torch.Tensor] = []
         self.up_queues: list[torch.Tensor] = []
@@ -988,15 +993,27 @@ class PoolformerCache(Cache):
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
         return self.seen_tokens + query_length, 0
 
-    def _map(self, fn):
+    def assign_states(self, tensors):
+        """Points the lists at `tensors`, in the order of `states()` (the same shapes)."""
+        tensors = iter(tensors)
+        self._map(lambda v: next(tensors), release=False)
+
+    def _map(self, fn, release=True):
+        if release and self.static_binding is not None:  # back to its own tensors before they are replaced
+            self.static_binding.release()
         per_stack = [states for stack in self.stacks for states in (stack.recurrent_states, stack.conv_states)]
         for states in [*per_stack, self.pool_windows, self.up_queues]:
             states[:] = [fn(v) for v in states]
         return self
 
     def reorder_cache(self, beam_idx: torch.LongTensor):
-        """Beam search: row i of the new cache is row beam_idx[i] of the old one."""
-        return self._map(lambda v: v.index_select(0, beam_idx.to(v.device)))
+        """Beam search: row i of the new cache is row beam_idx[i] of the old one. In place (without gradients), so
+        the tensors keep the addresses that compiled steps and CUDA graphs read."""
+        if torch.is_grad_enabled() or len(beam_idx) != self.batch_size:
+            return self._map(lambda v: v.index_select(0, beam_idx.to(v.device)))
+        for v in self.states():
+            v.copy_(v.index_select(0, beam_idx.to(v.device)))
+        return self
 
     def batch_repeat_interleave(self, repeats: int):
         return self._map(lambda v: v.repeat_interleave(repeats, dim=0))
