@@ -3,6 +3,8 @@ of the step on the same buffers: copy in, step, copy out, reorder, phase changes
 decoding, exactly. `CompileConfig(backend="eager")` runs the stacks through dynamo without inductor, so that the
 static path does the very operations of eager decoding."""
 
+import math
+
 import pytest
 import torch
 from transformers import CompileConfig
@@ -25,10 +27,12 @@ def test_step_kinds_are_the_canonical_phases():
     assert step_kinds([]) == [()]
 
 
-@pytest.mark.parametrize("name", ["tiny", "sc09-coarse-shift"])
-def test_greedy_on_static_buffers_equals_eager_exactly_and_buffers_are_reused(name):
-    model = hub_model(name, conv1d_width=3)  # conv states too
-    period = 8 if name == "tiny" else 160
+# tiny: pooling [2, 4]; then three levels, the coarse shift, long skips and a temporal conv (every kind of state)
+@pytest.mark.parametrize("overrides", [dict(), dict(pooling_factors=[2, 3, 2], causal_shift="coarse", skip="long",
+                                                    conv1d_width=3)])
+def test_greedy_on_static_buffers_equals_eager_exactly_and_buffers_are_reused(overrides):
+    model = hub_model("tiny", **overrides)
+    period = math.prod(model.config.pooling_factors)
     kwargs = dict(max_new_tokens=period + 11, do_sample=False, return_dict_in_generate=True, output_logits=True)
     for prompt in (torch.randint(0, 256, (2, 5)), torch.randint(0, 256, (2, 3))):  # a new state to copy in each call
         eager = model.generate(prompt, **EAGER, **kwargs)
