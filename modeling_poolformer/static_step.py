@@ -53,7 +53,7 @@ class StaticStepBuffers:
         self.graphs: Optional[dict] = {} if graphs else None
         self.owner = None
         self.originals: Optional[list] = None
-        self.capture_seconds = 0.0
+        self.compile_seconds = self.capture_seconds = 0.0  # on CUDA: the first step, then warm-up and capture
 
     def run(self, body, phases: tuple):
         """One step of `body` on the static tensors, its output copied into the output buffer (inside a graph:
@@ -70,7 +70,9 @@ class StaticStepBuffers:
 
         device = self.input.device
         start = time.perf_counter()
-        self.run(body, self.kinds[0])  # on the current stream: allocates the output buffer there
+        self.run(body, self.kinds[0])  # on the current stream: allocates the output buffer there (and compiles)
+        torch.cuda.synchronize(device)
+        self.compile_seconds, start = time.perf_counter() - start, time.perf_counter()
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
