@@ -163,12 +163,16 @@ class PoolformerGenerationMixin:
                  num_threads="auto", **kwargs):
         """transformers' `generate` (every decoding strategy, logits processor and output option), with:
 
-        - a compiled decoding step: every residual stack runs one sample through `torch.compile` (inductor on CPU,
-          CUDA graphs on GPU), one graph for all stacks of the same shape. It is used when `max_new_tokens` >= 4000
-          or a `compile_config` is given, and not with `disable_compile=True`; the first call of a model compiles
+        - a compiled decoding step: every residual stack runs one sample through `torch.compile` (inductor), one
+          compiled graph for all stacks of the same shape. It is used when `max_new_tokens` >= 4000 or a
+          `compile_config` is given, and not with `disable_compile=True`; the first call of a model compiles
           (~20 s on 2 CPU cores; inductor's disk cache makes later processes faster). Without a C++ compiler
-          (inductor needs one on CPU) it decodes eagerly, with one warning. The model keeps its compiled step, and
-          the cache that this call decodes with (the given one, or a new `PoolformerCache`) carries it;
+          (inductor needs one on CPU) it decodes eagerly, with one warning. With a CUDA-graph mode
+          (`"reduce-overhead"`, `CompileConfig`'s default, or `"max-autotune"`) the whole step runs on static
+          buffers (`static_step`): on a GPU one CUDA graph per kind of step (captured on the first call for a batch
+          size), on the CPU plain calls of the same code. The model keeps its compiled step and static buffers; the
+          cache that this call decodes with (the given one, or a new `PoolformerCache`) carries them while it runs
+          and has its own tensors back, holding the state, afterwards;
         - `num_threads`: torch's intra-op threads while generating. `"auto"` (default) takes 1 for a batch of one
           row, where threads only add synchronisation to the tiny per-sample ops (2 threads made such a step 1.7x
           slower on 2 cores), and leaves torch's setting alone otherwise; an int takes that many; `None` never

@@ -66,27 +66,33 @@ class StaticStepBuffers:
     def capture(self, body):
         """Warm-up (compiles the stack step and loads its kernels) on a side stream, then one graph per kind, all in
         one memory pool. The state tensors hold garbage afterwards: `bind` copies the real state in."""
+        import contextlib
         import time
 
         device = self.input.device
-        start = time.perf_counter()
-        self.run(body, self.kinds[0])  # on the current stream: allocates the output buffer there (and compiles)
-        torch.cuda.synchronize(device)
-        self.compile_seconds, start = time.perf_counter() - start, time.perf_counter()
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(self.WARMUP):
-                for phases in self.kinds:
+        # autocast's cache of cast weights lives until the autocast region ends: a graph that read a cached copy
+        # would read freed memory later, so the casts are captured instead (torch's advice for graphs)
+        no_cast_cache = (torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
+                         if torch.is_autocast_enabled("cuda") else contextlib.nullcontext())
+        with no_cast_cache:
+            start = time.perf_counter()
+            self.run(body, self.kinds[0])  # on the current stream: allocates the output buffer there (and compiles)
+            torch.cuda.synchronize(device)
+            self.compile_seconds, start = time.perf_counter() - start, time.perf_counter()
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for _ in range(self.WARMUP):
+                    for phases in self.kinds:
+                        self.run(body, phases)
+            torch.cuda.current_stream(device).wait_stream(side)
+            pool = torch.cuda.graph_pool_handle()
+            for phases in self.kinds:
+                graph = torch.cuda.CUDAGraph()
+                # thread_local: a streamer's thread may use CUDA (e.g. copy tokens to the CPU) during the capture
+                with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
                     self.run(body, phases)
-        torch.cuda.current_stream(device).wait_stream(side)
-        pool = torch.cuda.graph_pool_handle()
-        for phases in self.kinds:
-            graph = torch.cuda.CUDAGraph()
-            # thread_local: a streamer's thread may touch CUDA (e.g. copy tokens to the CPU) while this thread captures
-            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-                self.run(body, phases)
-            self.graphs[phases] = graph
+                self.graphs[phases] = graph
         torch.cuda.synchronize(device)
         self.capture_seconds = time.perf_counter() - start
 

@@ -25,6 +25,11 @@ def _buffers(model):
 def test_step_kinds_are_the_canonical_phases():
     assert step_kinds([2, 4, 4, 5]) == [(0, 0, 0, 0), (1, 0, 0, 0), (1, 3, 0, 0), (1, 3, 3, 0), (1, 3, 3, 4)]
     assert step_kinds([]) == [()]
+    # every step of a cache is one of them: each has its graph
+    cache = PoolformerCache(hub_model("tiny", pooling_factors=[2, 3, 2]).config)
+    for t in range(2 * 12):
+        cache.seen_tokens = t
+        assert cache.step_phases() in step_kinds([2, 3, 2])
 
 
 # tiny: pooling [2, 4]; then three levels, the coarse shift, long skips and a temporal conv (every kind of state)
