@@ -130,6 +130,17 @@ class StaticStepBuffers:
         cache.static_binding = None
 
 
+class _Store(OrderedDict):
+    """The model's static buffers by key, oldest first. A copy of the model (deepcopy, pickle) starts without them:
+    graphs cannot be copied, and they read the original's parameters."""
+
+    def __deepcopy__(self, memo):
+        return type(self)()
+
+    def __reduce__(self):
+        return type(self), ()
+
+
 class PoolformerStaticStep:
     """What `generate` hands the cache it decodes with (`cache.static_step`): `step(body, x, cache)` runs a one-sample
     step of the model's body on the static buffers for the cache's batch (made, and on CUDA captured, on first use;
@@ -156,7 +167,7 @@ class PoolformerStaticStep:
         # graphs read the parameters at their addresses: new storage (e.g. after `.to()`) needs new graphs
         key = (x.device, x.dtype, tuple(x.shape), tuple((tuple(t.shape), t.dtype) for t in states), autocast,
                tuple(p.data_ptr() for p in body.parameters()), body.training, self.stack_step, graphs)
-        store = self.model.__dict__.setdefault("_static_steps", OrderedDict())
+        store = self.model.__dict__.setdefault("_static_steps", _Store())
         if key in store:
             store.move_to_end(key)
             return store[key]

@@ -3,6 +3,7 @@ of the step on the same buffers: copy in, step, copy out, reorder, phase changes
 decoding, exactly. `CompileConfig(backend="eager")` runs the stacks through dynamo without inductor, so that the
 static path does the very operations of eager decoding."""
 
+import copy
 import math
 
 import pytest
@@ -155,3 +156,4 @@ def test_model_storage_change_makes_new_buffers():
     want = model.generate(max_new_tokens=12, do_sample=False, **EAGER)
     assert torch.equal(model.generate(max_new_tokens=12, do_sample=False, **STATIC), want)
     assert len(_buffers(model)) == 2 and _buffers(model)[-1].input.dtype == torch.float64
+    assert not _buffers(copy.deepcopy(model))  # a copy has its own parameters: it makes its own buffers
