@@ -21,6 +21,7 @@ On the CPU the same object runs, each "graph" being a plain call of the step on 
 copy out, reorder and phase changes are the same code, tested against eager decoding there.
 """
 
+import warnings
 from collections import OrderedDict
 from typing import Optional
 
@@ -177,6 +178,11 @@ class PoolformerStaticStep:
                 old.release()
         buffers = StaticStepBuffers(cache.config, states, x, self.stack_step, graphs)
         if graphs:
-            buffers.capture(body)
+            try:
+                buffers.capture(body)
+            except Exception as e:  # torch's errors from capture have many types; the plain calls are still exact
+                warnings.warn(f"Poolformer: capturing the decoding step's CUDA graphs failed ({type(e).__name__}: "
+                              f"{e}); this batch decodes without them, on the same buffers.", stacklevel=2)
+                buffers.graphs = None
         store[key] = buffers
         return buffers
