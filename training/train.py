@@ -12,7 +12,9 @@ Nothing is lost: checkpoints are written atomically (with a manifest of their fi
 before a resume) every --save_every steps and when the run is stopped (SIGTERM/SIGINT, to this process or to its
 launcher); `--resume_from_checkpoint latest` continues exactly; a folder holding another run is refused unless
 --overwrite_output_dir. The final EMA model is exported with `save_pretrained` (safetensors, modeling code,
-generation config, a model card) and optionally pushed to the Hub.
+generation config, a model card) and optionally pushed to the Hub. Samples never cost a run its model: when writing
+them fails (during training or at export), the failure is logged with its traceback, the export completes (model,
+model card, `train_summary.json` with `sample_errors`) and the run then exits with status 1.
 """
 
 import fcntl
