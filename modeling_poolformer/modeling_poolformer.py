@@ -854,7 +854,8 @@ class PoolformerCache(Cache):
     The tensors are allocated on first use (for the batch size, dtype and device of the first forward) or right
     away when `batch_size` is given. `is_compileable` is False because transformers' own compilation of `forward`
     would specialise on `seen_tokens` (a Python int): `generate` compiles the residual stacks' step itself and
-    hands it to the cache it decodes with (`step_function`).
+    hands it to the cache it decodes with (`step_function`), with the whole step on static buffers (`static_step`,
+    CUDA graphs on a GPU), whose tensors the lists hold while it decodes (`static_binding`).
     """
 
     is_compileable = False
