@@ -10,6 +10,28 @@ def gb(x):
     return "-" if x is None or math.isnan(x) else f"{x:.2f}"
 
 
+def cuda_generation_table(c) -> list:
+    """Section 4's CUDA part: the eager loop vs CUDA-graph decoding at batch 1, 64, 512, against the targets."""
+    if not c:
+        return []
+    if "skipped" in c:
+        return [f"**4b. Generation on CUDA**: skipped ({c['skipped']}).", ""]
+    lines = [f"**4b. Generation on CUDA** ({c['device']}; sc09 model, sampling at temperature 1; graphs: one CUDA "
+             "graph per kind of step; first call = compile + warm-up + capture)", "",
+             "| batch | eager loop | graphs, eager kernels | graphs, compiled stacks | graphs / loop | x real time | "
+             "first call (s) | compile (s) | capture (s) | target | met |", "|---" * 11 + "|"]
+    for r in c["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['batch']} | error: {r['error']} |" + " |" * 9)
+            continue
+        lines.append(f"| {r['batch']} | {r['eager_loop']:.0f} | {r['graphs_eager_kernels']:.0f} | "
+                     f"{r['graphs_compiled']:.0f} | {r['graphs_over_loop']:.1f}x | {r['x_realtime']:.2f} | "
+                     f"{r['graphs_compiled_first_s']:.1f} | {r['graphs_compiled_compile_s']:.1f} | "
+                     f"{r['graphs_compiled_capture_s']:.2f} | {r['target']:,} | "
+                     f"{'yes' if r['met'] else 'no'} |")
+    return lines + [""]
+
+
 def markdown(results):
     m = results["machine"]
     lines = [f"Machine: {m['device']}, {m['threads']} threads, torch {m['torch']}, {m['when']}.", ""]
@@ -58,6 +80,7 @@ def markdown(results):
                          f"{r['generate_compiled']:.0f} | {r['compiled_over_loop']:.2f}x | "
                          f"{r['generate_compiled'] / g['realtime_rate']:.3f} | {r['compile_s']:.1f} | {peers} |")
         lines.append("")
+        lines += cuda_generation_table(g.get("cuda"))
     if "length" in results:
         lines += [f"**5. One training step vs sequence length** (B=1, fresh process per point; Poolformer: per-block "
                   f"checkpointing up to T={CHUNK}, checkpointed time chunks of {CHUNK} beyond; GPT-2: per-layer "

@@ -12,7 +12,9 @@ earlier run wrote there. Sections:
    counts matched within 10%, same T and batch;
 4. generate: generation samples/s at batch 1, 16, 64: the plain eager loop of `model(token, cache=cache)`
    calls vs `generate` with eager steps vs `generate` with the compiled step (its first call, with an empty inductor
-   cache, timed apart), and the peers' `generate` (batch 1, 16);
+   cache, timed apart), and the peers' `generate` (batch 1, 16); on a CUDA device also batch 1, 64, 512 with one
+   CUDA graph per kind of step (over the eager kernels, and over the compiled stacks: the default) against the
+   eager loop, with the first call (compile + capture) timed apart (`--only generate` runs just this section);
 5. length: time and peak memory of one training step as T grows (B=1, checkpointing on), with the
    transformer beside it until it runs out of memory or time;
 6. data: start-up (cold and cached index) and peak RSS for 1,000 and 20,000 files and a 20,000-clip parquet of
@@ -44,7 +46,7 @@ import torch
 from training.utils import tune_cpu_allocator
 
 from bench_data import bench_data, child_startup
-from bench_generate import bench_generate, child_generate
+from bench_generate import bench_generate, child_generate, child_generate_cuda
 from bench_length import bench_length, one_step
 from bench_pcm16 import bench_pcm16
 from bench_scan import bench_scan
@@ -64,6 +66,8 @@ def main():
         mode, *rest = args.child
         if mode == "train":
             return child_train(rest[0], int(rest[1]), int(rest[2]))
+        if mode == "generate_cuda":
+            return child_generate_cuda(int(rest[0]), int(rest[1]))
         if mode == "generate":
             return child_generate(rest[0], int(rest[1]), int(rest[2]))
         if mode == "data":

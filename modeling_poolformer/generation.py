@@ -14,16 +14,23 @@ from transformers import CompileConfig, GenerationConfig
 
 from .audio import ProgressStreamer
 from .outputs import CACHE_FIELD, cache_argument
+from .static_step import PoolformerStaticStep
 
 __all__ = [
     "PoolformerGenerationMixin",
     "can_compile",
     "decoding_with",
+    "eager_steps",
     "generate_right_padded",
     "intra_op_threads",
     "new_tokens",
     "sampling_rng",
 ]
+
+
+# torch.compile's modes with CUDA graphs: here they mean the static-buffer step (own graphs on a GPU), and the stacks
+# inside compile with the same mode minus its graphs
+GRAPH_MODES = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
 
 
 def new_tokens(config: GenerationConfig, prompt_length: int) -> int:
@@ -81,16 +88,35 @@ def sampling_rng(generator: Optional[torch.Generator]):
 
 
 @contextlib.contextmanager
-def decoding_with(cache, step):
-    """The cache decodes its one-sample steps with `step` (a compiled stack step, or None: eager) while inside."""
+def decoding_with(cache, step, static_step=None):
+    """The cache decodes its one-sample steps with `step` (a compiled stack step, or None: eager) while inside, on
+    the static buffers of `static_step` when given; on the way out it gets its own tensors back, with the state."""
     if cache is None:
         yield
         return
-    previous, cache.step_function = cache.step_function, step
+    previous = cache.step_function, cache.static_step
+    cache.step_function, cache.static_step = step, static_step
     try:
         yield
     finally:
-        cache.step_function = previous
+        if cache.static_binding is not None:
+            cache.static_binding.release()
+        cache.step_function, cache.static_step = previous
+
+
+@contextlib.contextmanager
+def eager_steps(cache):
+    """The cache's one-sample steps run eagerly while inside (every block is called, so hooks see its output); the
+    static buffers a generate call bound stay bound."""
+    if cache is None:
+        yield
+        return
+    previous = cache.step_function, cache.static_step
+    cache.step_function, cache.static_step = None, None
+    try:
+        yield
+    finally:
+        cache.step_function, cache.static_step = previous
 
 
 def generate_right_padded(model, inputs, generation_config, config, streamer, progress, generator, num_threads,
@@ -153,12 +179,16 @@ class PoolformerGenerationMixin:
                  num_threads="auto", **kwargs):
         """transformers' `generate` (every decoding strategy, logits processor and output option), with:
 
-        - a compiled decoding step: every residual stack runs one sample through `torch.compile` (inductor on CPU,
-          CUDA graphs on GPU), one graph for all stacks of the same shape. It is used when `max_new_tokens` >= 4000
-          or a `compile_config` is given, and not with `disable_compile=True`; the first call of a model compiles
+        - a compiled decoding step: every residual stack runs one sample through `torch.compile` (inductor), one
+          compiled graph for all stacks of the same shape. It is used when `max_new_tokens` >= 4000 or a
+          `compile_config` is given, and not with `disable_compile=True`; the first call of a model compiles
           (~20 s on 2 CPU cores; inductor's disk cache makes later processes faster). Without a C++ compiler
-          (inductor needs one on CPU) it decodes eagerly, with one warning. The model keeps its compiled step, and
-          the cache that this call decodes with (the given one, or a new `PoolformerCache`) carries it;
+          (inductor needs one on CPU) it decodes eagerly, with one warning. With a CUDA-graph mode
+          (`"reduce-overhead"`, `CompileConfig`'s default, or `"max-autotune"`) the whole step runs on static
+          buffers (`static_step`): on a GPU one CUDA graph per kind of step (captured on the first call for a batch
+          size), on the CPU plain calls of the same code. The model keeps its compiled step and static buffers; the
+          cache that this call decodes with (the given one, or a new `PoolformerCache`) carries them while it runs
+          and has its own tensors back, holding the state, afterwards;
         - `num_threads`: torch's intra-op threads while generating. `"auto"` (default) takes 1 for a batch of one
           row, where threads only add synchronisation to the tiny per-sample ops (2 threads made such a step 1.7x
           slower on 2 cores), and leaves torch's setting alone otherwise; an int takes that many; `None` never
@@ -207,28 +237,33 @@ class PoolformerGenerationMixin:
             kwargs[CACHE_FIELD] = cache
         batch = prompt_shape[0] * (config.num_return_sequences or 1) * (config.num_beams or 1)
         threads = 1 if num_threads == "auto" and batch == 1 else None if num_threads == "auto" else num_threads
-        step = self._decoding_step(config, prompt_shape[1]) if cache is not None else None
-        with intra_op_threads(threads), sampling_rng(generator), decoding_with(cache, step):
+        step, static = self._decoding_step(config, prompt_shape[1]) if cache is not None else (None, None)
+        with intra_op_threads(threads), sampling_rng(generator), decoding_with(cache, step, static):
             return super().generate(inputs, generation_config=generation_config, streamer=streamer, **kwargs)
 
-    def _decoding_step(self, config: GenerationConfig, prompt_length: int):
-        """The compiled one-sample step of a residual stack for this call, or None to decode eagerly. One compiled
-        function for all stacks of the same shape (the state is an argument, not a constant): it compiles once, in
-        seconds rather than minutes per graph of a whole step, and it is as fast. Only when it pays off (see
-        `generate`); kept by this model per set of compile options."""
+    def _decoding_step(self, config: GenerationConfig, prompt_length: int) -> tuple:
+        """(the compiled one-sample step of a residual stack, the static-buffer step) for this call; (None, None) to
+        decode eagerly. One compiled function for all stacks of the same shape (the state is an argument, not a
+        constant): it compiles once, in seconds rather than minutes per graph of a whole step, and it is as fast.
+        With a CUDA-graph mode ("reduce-overhead", the default, or "max-autotune") the whole step runs on static
+        buffers, replayed as one CUDA graph per kind of step on a GPU (`static_step`; the stacks inside are compiled
+        without graphs of their own) and called plainly on the CPU. Only when it pays off (see `generate`); the
+        compiled step is kept by this model per set of compile options."""
         wanted = config.compile_config is not None or new_tokens(config, prompt_length) >= 4000
         if config.disable_compile or not wanted or not can_compile(self.device):
-            return None
+            return None, None
         compile_config = config.compile_config or CompileConfig()
+        graphs = compile_config.mode in GRAPH_MODES
         options = dict(fullgraph=True, dynamic=False, backend=compile_config.backend, options=compile_config.options)
-        if self.device.type == "cuda":
-            options["mode"] = compile_config.mode  # "reduce-overhead": CUDA graphs
-        elif compile_config.options is None:
-            options["options"] = {"cpp_wrapper": True}  # C++ calls between kernels: ~15% faster steps on CPU
+        if compile_config.backend == "inductor" and compile_config.options is None:
+            if self.device.type == "cuda":
+                options["mode"] = GRAPH_MODES.get(compile_config.mode, compile_config.mode)
+            else:
+                options["options"] = {"cpp_wrapper": True}  # C++ calls between kernels: ~15% faster steps on CPU
         steps = self.__dict__.setdefault("_compiled_steps", {})
         key = repr(sorted(options.items()))
         if key not in steps:
             from .modeling_poolformer import run_blocks
 
             steps[key] = torch.compile(run_blocks, **options)
-        return steps[key]
+        return steps[key], PoolformerStaticStep(self, steps[key], graphs=True) if graphs else None

@@ -29,7 +29,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .audio import PoolformerAudioMixin
 from .configuration_poolformer import PoolformerConfig
-from .generation import PoolformerGenerationMixin, decoding_with
+from .generation import PoolformerGenerationMixin, eager_steps
 from .outputs import CACHE_FIELD, PoolformerCausalLMOutput, PoolformerModelOutput, cache_argument, nats_to_bits
 from .scan import resolve_scan_implementation, scan_op
 
@@ -730,15 +730,18 @@ class PoolformerModel(PoolformerPreTrainedModel):
 
         chunk = self.config.checkpoint_chunk_size
         # the blocks' outputs are taken from their calls, which the compiled decoding step would not make
-        eager = decoding_with(cache, None) if output_hidden_states else contextlib.nullcontext()
+        eager = eager_steps(cache) if output_hidden_states else contextlib.nullcontext()
         with self._block_outputs(output_hidden_states) as block_outputs, eager:
             if chunk and cache is None and self.training and torch.is_grad_enabled() and steps > chunk:
                 hidden = self._checkpointed_in_time(x, chunk)
             elif cache is None:
                 hidden = self.body(x)
+            elif steps == 1 and cache.static_step is not None and not torch.is_grad_enabled():
+                hidden = cache.static_step(self.body, x, cache)  # on static buffers (CUDA graphs on a GPU)
             else:  # a one-sample step takes the canonical phases, so a compiled step sees one of few shapes
                 hidden = self.body(x, cache, cache.step_phases() if steps == 1 else cache.level_phases())
-                cache.seen_tokens += steps
+        if cache is not None:
+            cache.seen_tokens += steps
         hidden = self.norm_f(hidden)
 
         hidden_states = None
@@ -997,7 +1000,8 @@ class PoolformerCache(Cache):
     The tensors are allocated on first use (for the batch size, dtype and device of the first forward) or right
     away when `batch_size` is given. `is_compileable` is False because transformers' own compilation of `forward`
     would specialise on `seen_tokens` (a Python int): `generate` compiles the residual stacks' step itself and
-    hands it to the cache it decodes with (`step_function`).
+    hands it to the cache it decodes with (`step_function`), with the whole step on static buffers (`static_step`,
+    CUDA graphs on a GPU), whose tensors the lists hold while it decodes (`static_binding`).
     """
 
     is_compileable = False
@@ -1008,6 +1012,8 @@ class PoolformerCache(Cache):
         self.config = config
         self.seen_tokens = 0
         self.step_function = None
+        self.static_step = None  # generate's decoding step on static buffers (`static_step.PoolformerStaticStep`)
+        self.static_binding = None  # the static buffers whose tensors the lists hold while generate decodes
         self.stacks: list[PoolformerResidualStackState] = []
         self.pool_windows: list[torch.Tensor] = []
         self.up_queues: list[torch.Tensor] = []
@@ -1134,15 +1140,27 @@ class PoolformerCache(Cache):
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
         return self.seen_tokens + query_length, 0
 
-    def _map(self, fn):
+    def assign_states(self, tensors):
+        """Points the lists at `tensors`, in the order of `states()` (the same shapes)."""
+        tensors = iter(tensors)
+        self._map(lambda v: next(tensors), release=False)
+
+    def _map(self, fn, release=True):
+        if release and self.static_binding is not None:  # back to its own tensors before they are replaced
+            self.static_binding.release()
         per_stack = [states for stack in self.stacks for states in (stack.recurrent_states, stack.conv_states)]
         for states in [*per_stack, self.pool_windows, self.up_queues]:
             states[:] = [fn(v) for v in states]
         return self
 
     def reorder_cache(self, beam_idx: torch.LongTensor):
-        """Beam search: row i of the new cache is row beam_idx[i] of the old one."""
-        return self._map(lambda v: v.index_select(0, beam_idx.to(v.device)))
+        """Beam search: row i of the new cache is row beam_idx[i] of the old one. In place (without gradients), so
+        the tensors keep the addresses that compiled steps and CUDA graphs read."""
+        if torch.is_grad_enabled() or len(beam_idx) != self.batch_size:
+            return self._map(lambda v: v.index_select(0, beam_idx.to(v.device)))
+        for v in self.states():
+            v.copy_(v.index_select(0, beam_idx.to(v.device)))
+        return self
 
     def batch_repeat_interleave(self, repeats: int):
         return self._map(lambda v: v.repeat_interleave(repeats, dim=0))

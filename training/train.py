@@ -12,7 +12,9 @@ Nothing is lost: checkpoints are written atomically (with a manifest of their fi
 before a resume) every --save_every steps and when the run is stopped (SIGTERM/SIGINT, to this process or to its
 launcher); `--resume_from_checkpoint latest` continues exactly; a folder holding another run is refused unless
 --overwrite_output_dir. The final EMA model is exported with `save_pretrained` (safetensors, modeling code,
-generation config, a model card) and optionally pushed to the Hub.
+generation config, a model card) and optionally pushed to the Hub. Samples never cost a run its model: when writing
+them fails (during training or at export), the failure is logged with its traceback, the export completes (model,
+model card, `train_summary.json` with `sample_errors`) and the run then exits with status 1.
 """
 
 import hashlib
@@ -455,6 +457,7 @@ class Run:
     max_steps: int
     num_params: int
     val_history: list
+    sample_errors: list = field(default_factory=list)  # sample writing that failed: reported, exit 1 at the end
 
 
 def make_accelerator(args: TrainArguments) -> Accelerator:
@@ -656,13 +659,28 @@ def write_samples(model, args, folder, seed):
     """Unconditional samples from the zero token at temperature 1: WAVs and a spectrogram PNG."""
     model.eval()
     new_tokens = max(1, int(args.sample_seconds * model.config.sample_rate))
+    logger.info("generating %d samples of %d steps into %s%s", args.num_samples, new_tokens, folder,
+                " (the first long generation compiles its decoding step first: minutes on a CPU)" if new_tokens >= 4000
+                else "")
+    start = time.perf_counter()
     generator = torch.Generator(device=model.device).manual_seed(seed)
     tokens = model.generate(max_new_tokens=new_tokens, num_return_sequences=args.num_samples, do_sample=True,
                             temperature=1.0, top_k=0, generator=generator)
     waves = model.tokens_to_waveform(tokens)
     paths = [write_wav(Path(folder) / f"sample_{i}.wav", w, model.config.sample_rate) for i, w in enumerate(waves)]
     save_spectrogram(waves, model.config.sample_rate, Path(folder) / "spectrograms.png")
+    logger.info("wrote %d samples in %.1f s", len(paths), time.perf_counter() - start)
     return paths
+
+
+def try_write_samples(model, args, folder, seed) -> tuple:
+    """`write_samples`, and a failure reported instead of raised: (paths, None) or ([], "the error"). Samples come
+    last and must not cost a run its model or its checkpoints."""
+    try:
+        return write_samples(model, args, folder, seed), None
+    except Exception as e:  # any failure: reported with its traceback
+        logger.exception("writing samples to %s failed", folder)
+        return [], f"{type(e).__name__}: {e}"
 
 
 def apply_update(run: Run, grad_norm: torch.Tensor) -> bool:
@@ -756,8 +774,10 @@ def train_epoch(run: Run, stop: "StopRequest", bar) -> Optional[bool]:
         if logs:
             accelerator.log(logs, step=progress.step)
         if args.sample_every and progress.step % args.sample_every == 0 and accelerator.is_main_process:
-            write_samples(run.ema.module, args, Path(args.output_dir) / "samples" / f"step_{progress.step:08d}",
-                          args.seed)
+            _, error = try_write_samples(run.ema.module, args, Path(args.output_dir) / "samples" /
+                                         f"step_{progress.step:08d}", args.seed)
+            if error:
+                run.sample_errors.append(f"step {progress.step}: {error}")
             model.train()
         # a stop request is polled with the logs (every process at the same steps: it is a collective)
         polled = progress.step % args.log_every == 0 or done
@@ -794,7 +814,7 @@ def train_loop(run: Run) -> bool:
     return True
 
 
-def model_card(run: Run, val_bits: float, sample_names: list) -> ModelCard:
+def model_card(run: Run, val_bits: float, sample_names: list, sample_error: Optional[str] = None) -> ModelCard:
     args, config, spec, progress = run.args, run.ema.module.config, run.spec, run.progress
     data = run.data_args.dataset or "built-in spoken digits (espeak-ng, SC09 layout)"
     card_data = ModelCardData(
@@ -833,7 +853,8 @@ Load it with `AutoModelForCausalLM.from_pretrained(repo, trust_remote_code=True)
 
 ## Samples
 
-Unconditional, temperature 1, from the zero token: {", ".join(f"`samples/{n}`" for n in sample_names)}
+{f"Writing samples failed: {sample_error}" if sample_error else "Unconditional, temperature 1, from the zero token: "
+ + ", ".join(f"`samples/{n}`" for n in sample_names)}
 """
     return ModelCard(content)
 
@@ -850,15 +871,17 @@ def export(run: Run) -> Path:
             raise RuntimeError(f"replicas diverged: parameter checksums {checksums}")
         final = run.ema.module
         final.save_pretrained(out, safe_serialization=True)
-        samples = write_samples(final, args, out / "samples", args.seed)
-        model_card(run, val_bits, [p.name for p in samples]).save(out / "README.md")
+        samples, sample_error = try_write_samples(final, args, out / "samples", args.seed)
+        model_card(run, val_bits, [p.name for p in samples], sample_error).save(out / "README.md")
+        run.sample_errors += [f"export: {sample_error}"] if sample_error else []
         summary = dict(steps=progress.step, skipped_updates=progress.skipped, val_bits_per_sample=val_bits,
                        val_history=run.val_history, replica_checksums=checksums, protocol=run.protocol,
                        parameters=run.num_params, run_id=run.run_id,
                        items={k: None if isinstance(v, AudioTokenStream) else len(v) for k, v in run.datasets.items()},
                        skipped_files={k: skipped_files(v) for k, v in run.datasets.items()},
                        mixed_precision=accelerator.mixed_precision,
-                       dynamo_backend=str(accelerator.state.dynamo_plugin.backend.value).lower())
+                       dynamo_backend=str(accelerator.state.dynamo_plugin.backend.value).lower(),
+                       sample_errors=run.sample_errors)
         _write_json(Path(args.output_dir) / "train_summary.json", summary)
         logger.info("exported %s (validation %.4f bits/sample)", out, val_bits)
         if args.push_to_hub:
@@ -871,6 +894,10 @@ def export(run: Run) -> Path:
             logger.info("pushed to %s", repo_id)
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    if run.sample_errors:  # everything else is on disk by now
+        print(f"train.py: error: the model is exported to {out}, but writing samples failed: "
+              + "; ".join(run.sample_errors), file=sys.stderr)
+        raise SystemExit(1)
     return out
 
 
