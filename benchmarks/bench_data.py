@@ -6,6 +6,7 @@ import io
 import json
 import resource
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -33,24 +34,31 @@ def make_folder(folder: Path, n: int, seconds: float = 1.0) -> Path:
     return folder
 
 
-def make_parquet(folder: Path, n: int) -> Path:
-    from datasets import Audio, Dataset
+def make_parquet(folder: Path, n: int, files: int = 4, row_groups: int = 0) -> Path:
+    """`n` one-second clips (WAV bytes) in `files` parquet files as a Hub dataset has them, with `row_groups` row
+    groups per file (0: datasets' own writer, 100 rows each), written a row group at a time."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from datasets import Audio, Features
 
     if (folder / ".done").exists():
         return folder
     rng = np.random.default_rng(1)
     clip = (rng.uniform(-0.5, 0.5, RATE) * 32767).astype(np.int16)
-
-    def rows():
-        for i in range(n):
-            buf = io.BytesIO()
-            soundfile.write(buf, np.roll(clip, i), RATE, format="WAV", subtype="PCM_16")
-            yield {"audio": {"bytes": buf.getvalue(), "path": f"{i:06d}.wav"}}
-
+    schema = Features({"audio": Audio(decode=False)}).arrow_schema
     (folder / "data").mkdir(parents=True, exist_ok=True)
-    ds = Dataset.from_generator(rows).cast_column("audio", Audio(decode=False))
-    for k in range(4):  # four parquet shards, as a Hub dataset has them
-        ds.shard(4, k, contiguous=True).to_parquet(str(folder / "data" / f"train-{k:05d}-of-00004.parquet"))
+    bounds = np.linspace(0, n, files + 1).astype(int)
+    for k in range(files):  # four parquet shards, as a Hub dataset has them
+        rows = range(bounds[k], bounds[k + 1])
+        group = -(-len(rows) // row_groups) if row_groups else 100
+        with pq.ParquetWriter(str(folder / "data" / f"train-{k:05d}-of-{files:05d}.parquet"), schema) as writer:
+            for first in range(rows.start, rows.stop, group):
+                audio = []
+                for i in range(first, min(first + group, rows.stop)):
+                    buf = io.BytesIO()
+                    soundfile.write(buf, np.roll(clip, i), RATE, format="WAV", subtype="PCM_16")
+                    audio.append({"bytes": buf.getvalue(), "path": f"{i:06d}.wav"})
+                writer.write_table(pa.table({"audio": audio}, schema=schema), row_group_size=group)
     (folder / ".done").touch()
     return folder
 
@@ -67,6 +75,40 @@ def child_startup(folder: str, cache: str, mode: str):
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"seconds": seconds, "peak_rss_mb": peak, "rss_growth_mb": peak - base,
                       "items": sum(len(s) for s in sets.values())}))
+
+
+def train_memory(folder: Path, work: Path, streaming: bool = False, runs=("cold", "warm"), max_steps: int = 1) -> list:
+    """Peak RssAnon and RssFile (MB) of `train.py` (tiny model, `max_steps` steps) on `folder` and of its children
+    (index and DataLoader workers), sampled from /proc every 0.2 s: a cold start (fresh dataset cache and index
+    cache: `load_dataset` converts the parquet, the index is built), then a warm one (both read back). "start-up"
+    is up to the end of set-up (splits, index, model), "training" the rest; "all" the whole run."""
+    import os
+
+    from rss import run_sampled
+
+    cache = work / "train_cache"
+    shutil.rmtree(cache, ignore_errors=True)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_DATASETS_CACHE": str(cache / "hf"), "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1"}
+    rows = []
+    for run in runs:
+        out = work / "train_out"
+        shutil.rmtree(out, ignore_errors=True)
+        cmd = [sys.executable, str(ROOT / "training" / "train.py"), "--model_config", str(ROOT / "hub_configs" / "tiny"),
+               "--dataset", str(folder), "--cache_dir", str(cache), "--output_dir", str(out),
+               "--max_steps", str(max_steps), "--max_eval_batches", "1", "--batch_size", "1", "--log_with", "none"]
+        if streaming:
+            cmd += ["--streaming"]
+        r = run_sampled(cmd, env=env, phases={"training": "optimizer steps"}, timeout=3600)
+        if r["returncode"] != 0:
+            rows.append({"run": run, "error": r["tail"][-1][-200:] if r["tail"] else f"exit {r['returncode']}"})
+            continue
+        rows.append({"run": "streamed" if streaming else run, "seconds": r["seconds"],
+                     "children": r["children_seen"],
+                     **{f"{phase}_{who}_{k}": v for phase in ("all", "start", "training") for who in
+                        ("root", "child", "children") for k, v in r.get(phase, {}).get(who, {}).items()}})
+    shutil.rmtree(work / "train_out", ignore_errors=True)
+    return rows
 
 
 def item_seconds(dataset, rows, repeats=3):
