@@ -267,3 +267,21 @@ def test_converting_a_large_row_group_holds_a_batch_not_the_row_group(tmp_path):
     group = os.path.getsize(folder / "data" / "train-00000-of-00001.parquet")  # one row group of 32 MB
     assert out["rows"] == 1000 and out["pool_now"] == 0
     assert out["pool_max"] < group / 4, (out, group)  # datasets' own reader peaks above the whole row group
+
+
+@needs_streaming
+def test_a_parquet_stream_read_in_small_batches_resumes_exactly(tmp_path, monkeypatch):
+    folder = parquet_of_clips(tmp_path / "pq", 30, seconds=0.1, row_groups=3)
+    monkeypatch.setattr(data_module, "READ_BATCH_BYTES", 8000)  # 2 clips a batch: batches within and across groups
+    straight = stream(folder, tmp_path, 5, mode="pad", seq_len=1600)
+    it = iter(straight)
+    items = [next(it)["input_ids"] for _ in range(40)]  # more than a pass
+    assert straight.epoch >= 1
+    for k in (3, 17):
+        first = stream(folder, tmp_path, 5, mode="pad", seq_len=1600)
+        it = iter(first)
+        for _ in range(k):
+            next(it)
+        again = stream(folder, tmp_path, 5, mode="pad", seq_len=1600)
+        again.load_state_dict(first.state_dict())
+        assert all(torch.equal(a, b["input_ids"]) for a, (b, _) in zip(items[k:], zip(again, range(40 - k)))), k
