@@ -253,20 +253,26 @@ def test_read_rows_leave_no_mapped_pages(tmp_path):
 
 def test_converting_a_large_row_group_holds_a_batch_not_the_row_group(tmp_path):
     folder = parquet_of_clips(tmp_path / "pq", 1000, row_groups=1, use_dictionary=False, write_batch_size=16)
-    script = ("import json, sys, pyarrow as pa\n"
+    script = ("import json, pyarrow as pa\n"
               "from training import data\n"
+              "pool = pa.default_memory_pool()\n"
+              f"apart = data.load_tables({str(folder)!r}, cache_dir={str(tmp_path / 'a')!r})\n"
+              "out = {'rows_apart': len(apart['train']), 'pool_max_apart': pool.max_memory()}\n"
               "data.READ_BATCH_BYTES = 2**20\n"
-              "load_tables = data.load_tables\n"
-              f"data = load_tables({str(folder)!r}, cache_dir={str(tmp_path / 'cache')!r})\n"
-              "print(json.dumps({'rows': len(data['train']), 'pool_max': pa.default_memory_pool().max_memory(),"
-              " 'pool_now': pa.default_memory_pool().bytes_allocated()}))\n")
+              "data._prepare_apart = lambda builder: None\n"  # converted in this process
+              f"here = data.load_tables({str(folder)!r}, cache_dir={str(tmp_path / 'b')!r})\n"
+              "out.update(rows=len(here['train']), pool_max=pool.max_memory(), pool_now=pool.bytes_allocated())\n"
+              "print(json.dumps(out))\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_DATASETS_CACHE": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     group = os.path.getsize(folder / "data" / "train-00000-of-00001.parquet")  # one row group of 32 MB
+    # converted in a child process: this one never held the data
+    assert out["rows_apart"] == 1000 and out["pool_max_apart"] < 2**20
+    # converted here: batches of 1 MB, not the row group (datasets' own reader peaks above the whole row group)
     assert out["rows"] == 1000 and out["pool_now"] == 0
-    assert out["pool_max"] < group / 4, (out, group)  # datasets' own reader peaks above the whole row group
+    assert out["pool_max"] < group / 4, (out, group)
 
 
 @needs_streaming

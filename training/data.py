@@ -391,10 +391,29 @@ def load_tables(path: str, name: Optional[str] = None, cache_dir: Optional[str] 
     if streaming:
         return builder.as_streaming_dataset()
     try:
-        builder.download_and_prepare()
+        _prepare_apart(builder)
+        builder.download_and_prepare()  # finds the converted copy (or converts it here)
         return builder.as_dataset(in_memory=is_small_dataset(builder.info.dataset_size))
     finally:
         pa.default_memory_pool().release_unused()
+
+
+def _prepare_apart(builder) -> None:
+    """Downloads and converts a dataset that is not cached yet in a forked child process, so that the conversion's
+    heap (Arrow's buffers and pool, the writer's) leaves with it instead of staying in the training process for the
+    whole run. Where it fails (or fork is not available), the caller converts in this process, raising the error."""
+    import multiprocessing
+
+    if os.path.exists(os.path.join(builder.cache_dir, "dataset_info.json")):
+        return
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return
+    child = multiprocessing.get_context("fork").Process(target=builder.download_and_prepare, daemon=False)
+    child.start()
+    child.join()
+    if child.exitcode != 0:
+        logger.warning("converting the dataset in a child process failed (exit code %s): converting it here",
+                       child.exitcode)
 
 
 def _read_parquet(builder, files, row_groups_list):
