@@ -87,7 +87,8 @@ def markdown(results):
             lines += ["", "train.py on parquet folders of 1-s clips (4 files, 3 row groups each; tiny model, batch 1, "
                       "1 step), peak RssAnon / RssFile in MB sampled from /proc every 0.2 s: the training process "
                       "during start-up (load_dataset, splits, index, model) and while training (evaluation, step, "
-                      "export), and the largest of its children (index workers, DataLoader workers)", "",
+                      "export), and the largest of its children (the cold start's conversion, index workers, DataLoader "
+                      "workers; their RssAnon includes the pages shared with the process they were forked from)", "",
                       "| clips (parquet MB) | start | s | start-up: anon / file | training: anon / file | "
                       "child: anon / file (children) |", "|---|---|---|---|---|---|"]
             for r in d["train_memory"]:
