@@ -379,9 +379,10 @@ READ_BUFFER_BYTES = 2**20  # through a buffered stream of this size
 
 def load_tables(path: str, name: Optional[str] = None, cache_dir: Optional[str] = None, streaming: bool = False):
     """`datasets.load_dataset(path, name, cache_dir=..., streaming=...)` with memory that does not grow with the
-    dataset: parquet is read page by page in record batches of about READ_BATCH_BYTES (`_read_parquet`), and
-    Arrow's memory pool hands what the conversion freed back to the system (it otherwise keeps it for the whole run).
-    The reader is set on the builder after it has named its cache folder: the same cache as `load_dataset`'s."""
+    dataset: parquet is read page by page in record batches of about READ_BATCH_BYTES (`_read_parquet`), a dataset
+    not cached yet is converted in a child process (`_prepare_apart`), and Arrow's memory pool hands what it freed
+    back to the system (it otherwise keeps it for the whole run). The reader is set on the builder after it has named
+    its cache folder: the same cache as `load_dataset`'s."""
     from datasets.packaged_modules.parquet.parquet import Parquet
     from datasets.utils.info_utils import is_small_dataset
 
