@@ -291,3 +291,20 @@ def test_a_parquet_stream_read_in_small_batches_resumes_exactly(tmp_path, monkey
         again = stream(folder, tmp_path, 5, mode="pad", seq_len=1600)
         again.load_state_dict(first.state_dict())
         assert all(torch.equal(a, b["input_ids"]) for a, (b, _) in zip(items[k:], zip(again, range(40 - k)))), k
+
+
+def test_the_rss_sampler_sees_a_grandchild_and_its_phase(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("rss", ROOT / "benchmarks" / "rss.py")
+    rss = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rss)
+    run_sampled = rss.run_sampled
+
+    grandchild = ("import time; b = bytearray(120 << 20); b[::4096] = b'x' * len(b[::4096]); "
+                  "print('filled', flush=True); time.sleep(1.5)")
+    parent = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {grandchild!r}])"
+    r = run_sampled([sys.executable, "-c", parent], phases={"full": "filled"}, interval=0.05)
+    assert r["returncode"] == 0 and r["children_seen"] >= 1
+    assert r["all"]["child"]["anon_mb"] > 110 and r["all"]["root"]["anon_mb"] < 60
+    assert r["full"]["child"]["anon_mb"] > 110 and r["start"]["root"]["file_mb"] > 0
