@@ -1,11 +1,14 @@
 """6. The data layer at scale: start-up (cold and cached index) and peak RSS for synthetic folders of 1,000 and
-20,000 one-second files and a 20,000-clip parquet of audio bytes, a 1-s window of a 1-hour file against a 1-s file's
+20,000 one-second files; train.py's memory on parquet folders of one-second clips (`clips`: 6,000 to 90,000 by
+default; 4 files of 3 row groups each), cold and warm and streamed, the peak RssAnon and RssFile of the training
+process and of its children sampled from /proc (`rss.py`); a 1-s window of a 1-hour file against a 1-s file's
 decode, and loader tokens/s (0 and 4 workers, map-style and streamed) next to the SC09 model's training tokens/s."""
 
 import io
 import json
 import resource
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -33,24 +36,31 @@ def make_folder(folder: Path, n: int, seconds: float = 1.0) -> Path:
     return folder
 
 
-def make_parquet(folder: Path, n: int) -> Path:
-    from datasets import Audio, Dataset
+def make_parquet(folder: Path, n: int, files: int = 4, row_groups: int = 0) -> Path:
+    """`n` one-second clips (WAV bytes) in `files` parquet files as a Hub dataset has them, with `row_groups` row
+    groups per file (0: datasets' own writer, 100 rows each), written a row group at a time."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from datasets import Audio, Features
 
     if (folder / ".done").exists():
         return folder
     rng = np.random.default_rng(1)
     clip = (rng.uniform(-0.5, 0.5, RATE) * 32767).astype(np.int16)
-
-    def rows():
-        for i in range(n):
-            buf = io.BytesIO()
-            soundfile.write(buf, np.roll(clip, i), RATE, format="WAV", subtype="PCM_16")
-            yield {"audio": {"bytes": buf.getvalue(), "path": f"{i:06d}.wav"}}
-
+    schema = Features({"audio": Audio(decode=False)}).arrow_schema
     (folder / "data").mkdir(parents=True, exist_ok=True)
-    ds = Dataset.from_generator(rows).cast_column("audio", Audio(decode=False))
-    for k in range(4):  # four parquet shards, as a Hub dataset has them
-        ds.shard(4, k, contiguous=True).to_parquet(str(folder / "data" / f"train-{k:05d}-of-00004.parquet"))
+    bounds = np.linspace(0, n, files + 1).astype(int)
+    for k in range(files):  # four parquet shards, as a Hub dataset has them
+        rows = range(bounds[k], bounds[k + 1])
+        group = -(-len(rows) // row_groups) if row_groups else 100
+        with pq.ParquetWriter(str(folder / "data" / f"train-{k:05d}-of-{files:05d}.parquet"), schema) as writer:
+            for first in range(rows.start, rows.stop, group):
+                audio = []
+                for i in range(first, min(first + group, rows.stop)):
+                    buf = io.BytesIO()
+                    soundfile.write(buf, np.roll(clip, i), RATE, format="WAV", subtype="PCM_16")
+                    audio.append({"bytes": buf.getvalue(), "path": f"{i:06d}.wav"})
+                writer.write_table(pa.table({"audio": audio}, schema=schema), row_group_size=group)
     (folder / ".done").touch()
     return folder
 
@@ -67,6 +77,41 @@ def child_startup(folder: str, cache: str, mode: str):
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"seconds": seconds, "peak_rss_mb": peak, "rss_growth_mb": peak - base,
                       "items": sum(len(s) for s in sets.values())}))
+
+
+def train_memory(folder: Path, work: Path, streaming: bool = False, runs=("cold", "warm"), max_steps: int = 1) -> list:
+    """Peak RssAnon and RssFile (MB) of `train.py` (tiny model, `max_steps` steps) on `folder` and of its children
+    (index and DataLoader workers), sampled from /proc every 0.2 s: a cold start (fresh dataset cache and index
+    cache: `load_dataset` converts the parquet, the index is built), then a warm one (both read back). "start-up"
+    is up to the end of set-up (splits, index, model), "training" the rest; "all" the whole run."""
+    import os
+
+    from rss import run_sampled
+
+    cache = work / "train_cache"
+    shutil.rmtree(cache, ignore_errors=True)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_DATASETS_CACHE": str(cache / "hf"), "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1"}
+    rows = []
+    for run in runs:
+        out = work / "train_out"
+        shutil.rmtree(out, ignore_errors=True)
+        cmd = [sys.executable, str(ROOT / "training" / "train.py"), "--model_config", str(ROOT / "hub_configs" / "tiny"),
+               "--dataset", str(folder), "--cache_dir", str(cache), "--output_dir", str(out),
+               "--max_steps", str(max_steps), "--max_eval_batches", "1", "--batch_size", "1", "--log_with", "none",
+               "--num_samples", "1", "--sample_seconds", "0.01"]
+        if streaming:
+            cmd += ["--streaming"]
+        r = run_sampled(cmd, env=env, phases={"training": "optimizer steps"}, timeout=3600)
+        if r["returncode"] != 0:
+            rows.append({"run": run, "error": r["tail"][-1][-200:] if r["tail"] else f"exit {r['returncode']}"})
+            continue
+        rows.append({"run": "streamed" if streaming else run, "seconds": r["seconds"],
+                     "children": r["children_seen"],
+                     **{f"{phase}_{who}_{k}": v for phase in ("all", "start", "training") for who in
+                        ("root", "child", "children") for k, v in r.get(phase, {}).get(who, {}).items()}})
+    shutil.rmtree(work / "train_out", ignore_errors=True)
+    return rows
 
 
 def item_seconds(dataset, rows, repeats=3):
@@ -90,7 +135,7 @@ def loader_tokens_per_s(dataset, workers, batches=40, batch_size=8):
     return tokens / (time.perf_counter() - start)
 
 
-def bench_data(quick: bool) -> dict:
+def bench_data(quick: bool, clips=None) -> dict:
     from training.data import AudioSpec, AudioTokenDataset, DataArguments, build_datasets, load_splits
 
     from bench_train import train_tokens_per_s
@@ -105,13 +150,14 @@ def bench_data(quick: bool) -> dict:
         for run in ("cold", "cached"):
             r = run_child(["data", folder, cache, "pad"], timeout=1800)
             out["startup"].append({"source": f"folder, {n:,} files", "run": run, **r})
-    parquet = make_parquet(work / "parquet_20000", 20000)
-    pq_bytes = sum(p.stat().st_size for p in (parquet / "data").glob("*.parquet"))
-    shutil.rmtree(work / "cache_pq", ignore_errors=True)
-    for run in ("cold", "cached"):
-        r = run_child(["data", parquet, work / "cache_pq", "pad"], timeout=1800)
-        out["startup"].append({"source": f"parquet of bytes, 20,000 clips ({pq_bytes / 2**20:.0f} MB)", "run": run,
-                               **r})
+    out["train_memory"] = []
+    for n in clips if clips is not None else ((6000,) if quick else (6000, 30000, 90000)):
+        parquet = make_parquet(work / f"parquet_{n}", n, row_groups=3)
+        size = sum(p.stat().st_size for p in (parquet / "data").glob("*.parquet"))
+        for streaming in (False, True):
+            for r in train_memory(parquet, work, streaming=streaming, runs=("streamed",) if streaming else
+                                  ("cold", "warm")):
+                out["train_memory"].append({"clips": n, "parquet_mb": size / 2**20, **r})
     small = {r["source"]: r for r in out["startup"] if r["run"] == "cached"}
     rss = [small[f"folder, {n:,} files"]["peak_rss_mb"] for n in sizes]
     out["rss_growth_1k_to_20k_mb"] = rss[1] - rss[0]
@@ -153,9 +199,34 @@ def bench_data(quick: bool) -> dict:
     best4 = min(r["tokens_per_s"] for r in out["loader"] if r["workers"] == 4)
     out["loader_4_workers_over_training"] = best4 / train_tps
     out["targets"] = {
+        **memory_targets(out["train_memory"]),
         "rss growth 1k->20k files < 100 MB": out["rss_growth_1k_to_20k_mb"] < 100,
         "cached start-up of 20k files < 5 s": out["cached_startup_20k_s"] < 5,
         "1-s window of a 1-h file within 3x a 1-s file": out["window"]["ratio"] <= 3,
         "loader (4 workers) >= 10x training tokens/s": out["loader_4_workers_over_training"] >= 10,
     }
     return out
+
+
+def memory_targets(rows: list) -> dict:
+    """Per dataset size: a cold start's peak RssAnon of the training process within 150 MB of the warm start's
+    (start-up and whole run), its RssFile while training under 400 MB, and a streamed run's whole-run RssAnon within
+    150 MB of the warm map-style run's."""
+    ok = {"cold start-up RssAnon <= warm + 150 MB": [], "cold whole-run RssAnon <= warm + 150 MB": [],
+          "RssFile while training < 400 MB (cold, warm, streamed)": [],
+          "streamed whole-run RssAnon <= warm map-style + 150 MB": []}
+    for n in sorted({r["clips"] for r in rows}):
+        runs = {r["run"]: r for r in rows if r["clips"] == n and "error" not in r}
+        cold, warm, streamed = runs.get("cold"), runs.get("warm"), runs.get("streamed")
+        if cold and warm:
+            ok["cold start-up RssAnon <= warm + 150 MB"].append(
+                cold["start_root_anon_mb"] <= warm["start_root_anon_mb"] + 150)
+            ok["cold whole-run RssAnon <= warm + 150 MB"].append(
+                cold["all_root_anon_mb"] <= warm["all_root_anon_mb"] + 150)
+        if streamed and warm:
+            ok["streamed whole-run RssAnon <= warm map-style + 150 MB"].append(
+                streamed["all_root_anon_mb"] <= warm["all_root_anon_mb"] + 150)
+        ok["RssFile while training < 400 MB (cold, warm, streamed)"] += [
+            r.get("training_root_file_mb", float("inf")) < 400 for r in runs.values()]
+        ok["RssFile while training < 400 MB (cold, warm, streamed)"] += [False] * (3 - len(runs))  # a failed run
+    return {k: bool(v) and all(v) for k, v in ok.items()}

@@ -106,6 +106,24 @@ def markdown(results):
         lines += [f"| {r['source']} | {r['run']} | {r['seconds']:.2f} | {r['rss_growth_mb']:.0f} | {r['items']:,} |"
                   if "error" not in r else f"| {r['source']} | {r['run']} | {r['error']} | - | - |"
                   for r in d["startup"]]
+        if d.get("train_memory"):
+            lines += ["", "train.py on parquet folders of 1-s clips (4 files, 3 row groups each; tiny model, batch 1, "
+                      "1 step), peak RssAnon / RssFile in MB sampled from /proc every 0.2 s: the training process "
+                      "during start-up (load_dataset, splits, index, model) and while training (evaluation, step, "
+                      "export), and the largest of its children (the cold start's conversion, index workers, DataLoader "
+                      "workers; their RssAnon includes the pages shared with the process they were forked from)", "",
+                      "| clips (parquet MB) | start | s | start-up: anon / file | training: anon / file | "
+                      "child: anon / file (children) |", "|---|---|---|---|---|---|"]
+            for r in d["train_memory"]:
+                head = f"| {r['clips']:,} ({r['parquet_mb']:,.0f}) | {r['run']} |"
+                if "error" in r:
+                    lines.append(f"{head} {r['error']} | - | - | - |")
+                    continue
+                child = (f"{r['all_child_anon_mb']:,.0f} / {r['all_child_file_mb']:,.0f} ({r['children']})"
+                         if "all_child_anon_mb" in r else "-")
+                lines.append(f"{head} {r['seconds']:.0f} | {r['start_root_anon_mb']:,.0f} / "
+                             f"{r['start_root_file_mb']:,.0f} | {r.get('training_root_anon_mb', 0):,.0f} / "
+                             f"{r.get('training_root_file_mb', 0):,.0f} | {child} |")
         w = d["window"]
         lines += ["", f"1-s window of a 1-hour file: {w['window_of_hour_ms']:.2f} ms per item vs a 1-s file "
                   f"{w['one_s_file_ms']:.2f} ms (**{w['ratio']:.2f}x**)", "",

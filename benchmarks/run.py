@@ -17,9 +17,11 @@ earlier run wrote there. Sections:
    eager loop, with the first call (compile + capture) timed apart (`--only generate` runs just this section);
 5. length: time and peak memory of one training step as T grows (B=1, checkpointing on), with the
    transformer beside it until it runs out of memory or time;
-6. data: start-up (cold and cached index) and peak RSS for 1,000 and 20,000 files and a 20,000-clip parquet of
-   bytes, a 1-s window of a 1-hour file vs a 1-s file, loader tokens/s (0 and 4 workers, map-style and streamed)
-   next to the SC09 model's training tokens/s, and the targets met (synthetic data under benchmarks/data_cache/);
+6. data: start-up (cold and cached index) and peak RSS for 1,000 and 20,000 files; train.py's peak RssAnon and
+   RssFile (training process and its children, sampled from /proc) on parquet folders of 6,000 to 90,000 clips
+   (`--data_clips`), cold, warm and streamed; a 1-s window of a 1-hour file vs a 1-s file, loader tokens/s (0 and
+   4 workers, map-style and streamed) next to the SC09 model's training tokens/s, and the targets met (synthetic
+   data under benchmarks/data_cache/);
 7. pcm16: 16-bit speech (espeak-ng, 16 kHz) coded losslessly: held-out bits per 16-bit sample of a 16-bit
    Poolformer (dual softmax), of the same body on byte tokens (two per sample) and of an 8-bit mu-law model (its
    NLL plus the log2 width of its mu-law bins: the cost of the 16-bit sample), each trained for the same seconds,
@@ -60,6 +62,8 @@ def main():
     p.add_argument("--quick", action="store_true", help="smaller sizes: minutes instead of an hour on 2 CPU cores")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--only", default="scan,train,peers,generate,length")
+    p.add_argument("--data_clips", default=None, help="section 6's parquet sizes for train.py's memory, e.g. "
+                   "6000,30000 (default: 6000,30000,90000; --quick: 6000)")
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -79,7 +83,8 @@ def main():
     results = {"machine": {"device": device, "gpu": DEVICE == "cuda", "threads": torch.get_num_threads(),
                            "torch": torch.__version__, "when": time.strftime("%Y-%m-%d"), "quick": args.quick}}
     sections = {"scan": bench_scan, "train": bench_train, "peers": bench_peers, "generate": bench_generate,
-                "length": bench_length, "data": bench_data}
+                "length": bench_length,
+                "data": lambda quick: bench_data(quick, args.data_clips and [int(n) for n in args.data_clips.split(",")])}
     out = Path(args.out)
     sections["pcm16"] = lambda quick: bench_pcm16(quick, out)
     out.mkdir(parents=True, exist_ok=True)

@@ -179,3 +179,135 @@ def test_two_processes_read_disjoint_items_that_cover_the_data(tmp_path):
         assert a and b and not a & b, mode
         assert a | b == everything, mode
         assert len(ranks[0][mode]) + len(ranks[1][mode]) == len(everything), mode
+
+
+def parquet_of_clips(folder, n, seconds=1.0, row_groups=1, **writer_options):
+    """`n` distinct 16-bit WAV clips in one parquet file with `row_groups` row groups, as datasets writes audio."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from datasets import Audio, Features
+
+    schema = Features({"audio": Audio(decode=False)}).arrow_schema
+    rng = np.random.default_rng(n)
+    audio = []
+    for i in range(n):
+        buf = io.BytesIO()
+        soundfile.write(buf, rng.uniform(-0.5, 0.5, int(seconds * 16000)), 16000, format="WAV", subtype="PCM_16")
+        audio.append({"bytes": buf.getvalue(), "path": f"{i:05d}.wav"})
+    (folder / "data").mkdir(parents=True)
+    pq.write_table(pa.table({"audio": audio}, schema=schema), folder / "data" / "train-00000-of-00001.parquet",
+                   row_group_size=-(-n // row_groups), **writer_options)
+    return folder
+
+
+def rss_mb():
+    status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines())
+    return {k: int(status[f"Rss{k.capitalize()}"].split()[0]) / 1024 for k in ("anon", "file")}
+
+
+def test_parquet_is_read_in_bounded_batches_into_datasets_own_cache(tmp_path, monkeypatch):
+    import datasets
+    import pyarrow.parquet as pq
+
+    folder = parquet_of_clips(tmp_path / "pq", 24, seconds=0.05, row_groups=2)
+    monkeypatch.setattr(data_module, "READ_BATCH_BYTES", 5000)  # 2 or 3 clips of 0.05 s (1,644 bytes each)
+    builder = datasets.load_dataset_builder(str(folder), cache_dir=str(tmp_path / "c"))
+    files = builder.config.data_files["train"]
+    tables = [t for _, t in data_module._read_parquet(builder, files, [None])]
+    assert max(t.num_rows for t in tables) <= 3 and len(tables) >= 8
+    assert pa_concat(tables).equals(pq.read_table(files[0]).cast(tables[0].schema))
+    ours = data_module.load_tables(str(folder), cache_dir=str(tmp_path / "c"))["train"]
+    theirs = datasets.load_dataset(str(folder), cache_dir=str(tmp_path / "c"))["train"]
+    assert ours.cache_files == theirs.cache_files  # load_dataset finds the same conversion: no second copy
+    elsewhere = datasets.load_dataset(str(folder), cache_dir=str(tmp_path / "d"))["train"]
+    assert ours.to_list() == elsewhere.to_list()
+    streamed = data_module.load_tables(str(folder), cache_dir=str(tmp_path / "e"), streaming=True)["train"]
+    assert list(streamed) == elsewhere.to_list()
+
+
+def pa_concat(tables):
+    import pyarrow as pa
+
+    return pa.concat_tables(tables)
+
+
+def test_read_rows_leave_no_mapped_pages(tmp_path):
+    from datasets import Audio
+
+    folder = parquet_of_clips(tmp_path / "pq", 600)  # 19 MB of WAV bytes
+    cache = str(tmp_path / "cache")
+    data = data_module.load_tables(str(folder), cache_dir=cache)["train"].cast_column("audio", Audio(decode=False))
+    files = [f["filename"] for f in data.cache_files]
+    first = data[0]["audio"]["bytes"]
+    base = rss_mb()["file"]
+    for _ in data.iter(batch_size=100):  # every row read: its pages are mapped into this process
+        pass
+    assert rss_mb()["file"] - base > 10
+    assert data_module.release_mapped_pages(files) >= os.path.getsize(files[0]) // 2
+    assert rss_mb()["file"] - base < 3 and data[0]["audio"]["bytes"] == first  # still readable, from the page cache
+    # the index is built and every item read without keeping the pages
+    items = AudioTokenDataset(data, AudioSpec(seq_len=16000), cache_dir=cache)
+    for i in range(len(items)):
+        items[i]
+    assert len(items) == 600 and rss_mb()["file"] - base < 3 + data_module.RELEASE_EVERY * 0.1
+
+
+def test_converting_a_large_row_group_holds_a_batch_not_the_row_group(tmp_path):
+    folder = parquet_of_clips(tmp_path / "pq", 1000, row_groups=1, use_dictionary=False, write_batch_size=16)
+    script = ("import json, pyarrow as pa\n"
+              "from training import data\n"
+              "pool = pa.default_memory_pool()\n"
+              f"apart = data.load_tables({str(folder)!r}, cache_dir={str(tmp_path / 'a')!r})\n"
+              "out = {'rows_apart': len(apart['train']), 'pool_max_apart': pool.max_memory()}\n"
+              "data.READ_BATCH_BYTES = 2**20\n"
+              "data._prepare_apart = lambda builder: None\n"  # converted in this process
+              f"here = data.load_tables({str(folder)!r}, cache_dir={str(tmp_path / 'b')!r})\n"
+              "out.update(rows=len(here['train']), pool_max=pool.max_memory(), pool_now=pool.bytes_allocated())\n"
+              "print(json.dumps(out))\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_DATASETS_CACHE": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    group = os.path.getsize(folder / "data" / "train-00000-of-00001.parquet")  # one row group of 32 MB
+    # converted in a child process: this one never held the data
+    assert out["rows_apart"] == 1000 and out["pool_max_apart"] < 2**20
+    # converted here: batches of 1 MB, not the row group (datasets' own reader peaks above the whole row group)
+    assert out["rows"] == 1000 and out["pool_now"] == 0
+    assert out["pool_max"] < group / 4, (out, group)
+
+
+@needs_streaming
+def test_a_parquet_stream_read_in_small_batches_resumes_exactly(tmp_path, monkeypatch):
+    folder = parquet_of_clips(tmp_path / "pq", 30, seconds=0.1, row_groups=3)
+    monkeypatch.setattr(data_module, "READ_BATCH_BYTES", 8000)  # 2 clips a batch: batches within and across groups
+    straight = stream(folder, tmp_path, 5, mode="pad", seq_len=1600)
+    it = iter(straight)
+    items = [next(it)["input_ids"] for _ in range(40)]  # more than a pass
+    assert straight.epoch >= 1
+    for k in (3, 17):
+        first = stream(folder, tmp_path, 5, mode="pad", seq_len=1600)
+        it = iter(first)
+        for _ in range(k):
+            next(it)
+        again = stream(folder, tmp_path, 5, mode="pad", seq_len=1600)
+        again.load_state_dict(first.state_dict())
+        assert all(torch.equal(a, b["input_ids"]) for a, (b, _) in zip(items[k:], zip(again, range(40 - k)))), k
+
+
+def test_the_rss_sampler_sees_a_grandchild_and_its_phase(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("rss", ROOT / "benchmarks" / "rss.py")
+    rss = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rss)
+    run_sampled = rss.run_sampled
+
+    grandchild = ("import time; b = bytearray(120 << 20); b[::4096] = b'x' * len(b[::4096]); "
+                  "print('filled', flush=True); time.sleep(1.5)")
+    parent = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {grandchild!r}])"
+    r = run_sampled([sys.executable, "-c", parent], phases={"full": "filled"}, interval=0.05)
+    assert r["returncode"] == 0 and r["children_seen"] >= 1
+    assert r["all"]["child"]["anon_mb"] > 110 and r["all"]["root"]["anon_mb"] < 60
+    assert r["full"]["child"]["anon_mb"] > 110 and r["start"]["root"]["file_mb"] > 0

@@ -24,6 +24,7 @@ Padding is masked out of the loss (`labels = -100`). Files that cannot be read o
 never a crash mid-epoch.
 """
 
+import functools
 import hashlib
 import io
 import logging
@@ -44,7 +45,7 @@ import numpy as np
 import pyarrow as pa
 import soundfile
 import torch
-from datasets import Audio, Dataset, DatasetDict, IterableDataset, IterableDatasetDict, load_dataset
+from datasets import Audio, Dataset, DatasetDict, IterableDataset, IterableDatasetDict, load_dataset_builder
 
 from modeling_poolformer import encode_audio
 from modeling_poolformer.audio import float_to_pcm16, pcm_tokens, resample
@@ -335,6 +336,7 @@ def carve_validation(train: Dataset) -> tuple:
         held = [min(range(len(hashes)), key=hashes.__getitem__)]
     held_set = set(held)
     kept = [i for i in range(len(keys)) if i not in held_set]
+    release_mapped_pages(_arrow_files(train))
     return train.select(kept), train.select(held)
 
 
@@ -360,7 +362,7 @@ def load_splits(dataset: Optional[str], protocol: str = "auto", audio_column: st
         if protocol == "auto":
             protocol = KNOWN_REPOS.get(dataset, "generic")
         if protocol in ("generic", "sc09") and dataset not in KNOWN_REPOS:  # a parquet/arrow dataset on the Hub
-            data = load_dataset(dataset, dataset_config, cache_dir=cache_dir, streaming=streaming)
+            data = load_tables(dataset, dataset_config, cache_dir=cache_dir, streaming=streaming)
             return protocol, _hub_splits(data, audio_column, digits_only=protocol == "sc09")
         from huggingface_hub import snapshot_download  # file-based repos (zips, lists) come down as a folder
 
@@ -370,7 +372,7 @@ def load_splits(dataset: Optional[str], protocol: str = "auto", audio_column: st
     if not files:
         tables = any(next(root.rglob(f"*.{ext}"), None) for ext in ("parquet", "arrow"))
         if protocol in ("auto", "generic") or (protocol == "sc09" and tables):  # parquet/arrow: datasets reads it
-            data = load_dataset(str(root), cache_dir=cache_dir, streaming=streaming)
+            data = load_tables(str(root), cache_dir=cache_dir, streaming=streaming)
             protocol = "sc09" if protocol == "sc09" else "generic"
             return protocol, _hub_splits(data, audio_column, digits_only=protocol == "sc09")
         raise ValueError(f"no audio files ({', '.join(AUDIO_EXTENSIONS)}) under {root}")
@@ -391,6 +393,118 @@ def load_splits(dataset: Optional[str], protocol: str = "auto", audio_column: st
         _mark_stream_source(out, [f"{p.relative_to(root).as_posix()}\0{p.stat().st_size}"
                                   for paths in splits.values() for p in paths])
     return protocol, out
+
+
+READ_BATCH_BYTES = 8 * 2**20  # parquet is read (converted or streamed) in record batches of about this many bytes
+READ_BUFFER_BYTES = 2**20  # through a buffered stream of this size
+
+
+def load_tables(path: str, name: Optional[str] = None, cache_dir: Optional[str] = None, streaming: bool = False):
+    """`datasets.load_dataset(path, name, cache_dir=..., streaming=...)` with memory that does not grow with the
+    dataset: parquet is read page by page in record batches of about READ_BATCH_BYTES (`_read_parquet`), a dataset
+    not cached yet is converted in a child process (`_prepare_apart`), and Arrow's memory pool hands what it freed
+    back to the system (it otherwise keeps it for the whole run). The reader is set on the builder after it has named
+    its cache folder: the same cache as `load_dataset`'s."""
+    from datasets.packaged_modules.parquet.parquet import Parquet
+    from datasets.utils.info_utils import is_small_dataset
+
+    builder = load_dataset_builder(path, name, cache_dir=cache_dir)
+    if isinstance(builder, Parquet) and builder.config.filters is None:
+        builder._generate_tables = functools.partial(_read_parquet, builder)
+    if streaming:
+        return builder.as_streaming_dataset()
+    try:
+        _prepare_apart(builder)
+        builder.download_and_prepare()  # finds the converted copy (or converts it here)
+        return builder.as_dataset(in_memory=is_small_dataset(builder.info.dataset_size))
+    finally:
+        pa.default_memory_pool().release_unused()
+
+
+def _prepare_apart(builder) -> None:
+    """Downloads and converts a dataset that is not cached yet in a forked child process, so that the conversion's
+    heap (Arrow's buffers and pool, the writer's) leaves with it instead of staying in the training process for the
+    whole run. Where it fails (or fork is not available), the caller converts in this process, raising the error."""
+    import multiprocessing
+
+    if os.path.exists(os.path.join(builder.cache_dir, "dataset_info.json")):
+        return
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return
+    child = multiprocessing.get_context("fork").Process(target=builder.download_and_prepare, daemon=False)
+    child.start()
+    child.join()
+    if child.exitcode != 0:
+        logger.warning("converting the dataset in a child process failed (exit code %s): converting it here",
+                       child.exitcode)
+
+
+def _read_parquet(builder, files, row_groups_list):
+    """The parquet builder's `_generate_tables`, read with `pyarrow.parquet.ParquetFile.iter_batches` through a
+    buffered stream: it decodes one page at a time, where datasets' reader (Arrow's dataset scanner) decodes a whole
+    row group, hundreds of MB of audio in large files, before slicing it into batches. Same tables, same keys."""
+    import sys
+
+    import pyarrow.parquet as pq
+    from datasets.builder import Key
+
+    config = builder.config
+    opener = getattr(sys.modules[type(builder).__module__], "open", open)  # datasets' remote `open` when streaming
+    for file_idx, (file, row_groups) in enumerate(zip(files, row_groups_list)):
+        try:
+            with opener(file, "rb") as f:
+                reader = pq.ParquetFile(f, buffer_size=READ_BUFFER_BYTES, pre_buffer=False)
+                meta = reader.metadata
+                groups = list(row_groups) if row_groups is not None else list(range(meta.num_row_groups))
+                row_bytes = max([meta.row_group(g).total_byte_size / max(meta.row_group(g).num_rows, 1)
+                                 for g in groups] or [1])
+                rows = config.batch_size or max(1, int(READ_BATCH_BYTES // max(row_bytes, 1)))
+                batches = reader.iter_batches(batch_size=rows, row_groups=groups, columns=config.columns,
+                                              use_threads=False) if groups else []
+                for batch_idx, batch in enumerate(batches):
+                    yield Key(file_idx, batch_idx), builder._cast_table(pa.Table.from_batches([batch]))
+        except (pa.ArrowInvalid, ValueError) as e:
+            if config.on_bad_files == "error":
+                raise
+            logger.warning("skipping the unreadable parquet file %s: %s: %s", file, type(e).__name__, e)
+
+
+MADV_DONTNEED = 4
+RELEASE_EVERY = 64  # a map-style dataset drops the Arrow pages it mapped every this many items
+STREAM_RELEASE_EVERY = 256  # a stream hands Arrow's freed memory back every this many files read
+
+
+def release_mapped_pages(paths) -> int:
+    """Drops the pages of the memory-mapped files `paths` (a Dataset's Arrow cache files) from this process
+    (`madvise(MADV_DONTNEED)` over their mappings, found in /proc/self/maps): reading rows maps their pages (and the
+    kernel's read-around), and they would stay counted in the process's RSS (RssFile) until it ends. The mappings
+    stay valid: a later read maps the pages again from the page cache. Returns the bytes of the mappings released
+    (0 where this is not Linux)."""
+    global _libc
+    paths = {os.path.realpath(p) for p in paths}
+    if not paths or not os.path.exists("/proc/self/maps"):
+        return 0
+    if _libc is None:
+        import ctypes
+
+        _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    released = 0
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and fields[5].rstrip("\n") in paths:
+                start, end = (int(v, 16) for v in fields[0].split("-"))
+                if _libc.madvise(start, end - start, MADV_DONTNEED) == 0:
+                    released += end - start
+    return released
+
+
+_libc = None
+
+
+def _arrow_files(data: Dataset) -> list:
+    return [f["filename"] for f in data.cache_files]
 
 
 def _stable_fraction(key: str) -> float:
@@ -578,8 +692,9 @@ def _header(audio: dict) -> tuple:
     return info.frames, info.samplerate
 
 
-def _index_batch(audio: list) -> dict:
-    """`Dataset.map` body: the header of each item (never its samples); an error string where it cannot be read."""
+def _index_batch(audio: list, mapped: tuple = ()) -> dict:
+    """`Dataset.map` body: the header of each item (never its samples); an error string where it cannot be read.
+    The pages of the `mapped` Arrow files that the batch's rows were read from are dropped afterwards."""
     out = {"frames": [], "rate": [], "error": [], "name": []}
     for a in audio:
         try:
@@ -591,6 +706,7 @@ def _index_batch(audio: list) -> dict:
         out["rate"].append(int(rate))
         out["error"].append(error)
         out["name"].append(str(a.get("path") or ""))
+    release_mapped_pages(mapped)
     return out
 
 
@@ -662,7 +778,8 @@ def build_index(data: Dataset, cache_dir: Optional[str] = None, num_proc: Option
     try:
         index = data.map(_index_batch, batched=True, batch_size=256, input_columns=["audio"],
                          remove_columns=data.column_names, num_proc=num_proc, cache_file_name=str(work / "part.arrow"),
-                         new_fingerprint=fingerprint, desc="reading audio headers")
+                         new_fingerprint=fingerprint, desc="reading audio headers",
+                         fn_kwargs={"mapped": _arrow_files(data)})
         # one Arrow stream file, renamed into place when complete (num_proc writes one file per process)
         table = index.data.table if hasattr(index.data, "table") else index.data
         with pa.OSFile(str(work / "index.arrow"), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
@@ -784,6 +901,7 @@ class AudioTokenDataset(torch.utils.data.Dataset):
                  num_proc: Optional[int] = None):
         self.data, self.spec, self.name = data, spec, name
         self.bad_items = 0
+        self._mapped, self._reads = _arrow_files(data), 0
         header = build_index(data, cache_dir, num_proc).data  # the Arrow table: whole columns at once
         self.file_frames = header.column("frames").to_numpy().astype(np.int64)
         self.file_rate = header.column("rate").to_numpy().astype(np.int64)
@@ -811,6 +929,9 @@ class AudioTokenDataset(torch.utils.data.Dataset):
         row, start = (int(v) for v in self.index[i])
         spec = self.spec
         audio = self.data[row]["audio"]
+        self._reads += 1
+        if self._mapped and self._reads % RELEASE_EVERY == 0:  # RssFile stays bounded over an epoch
+            release_mapped_pages(self._mapped)
         try:
             wave = read_audio(audio, spec.sample_rate, start, spec.seq_len, int(self.file_frames[row]),
                               int(self.file_rate[row]), pcm16=spec.pcm16, array_dtype=self.array_dtype)
@@ -867,7 +988,7 @@ class AudioTokenStream(torch.utils.data.IterableDataset):
             return []
 
     def __iter__(self):
-        epoch_items = 0
+        epoch_items = read = 0
         while True:
             self.source.set_epoch(self.epoch)
             if self._source_state is not None:
@@ -882,6 +1003,9 @@ class AudioTokenStream(torch.utils.data.IterableDataset):
                         break
                     self._buffer.extend(self._items(example))
                     self._source_state = self.source.state_dict()
+                    read += 1
+                    if read % STREAM_RELEASE_EVERY == 0:  # what the parquet reader freed goes back to the system
+                        pa.default_memory_pool().release_unused()
                 if not self._buffer:
                     break
                 i = int(self._rng.integers(len(self._buffer))) if self.shuffle_buffer > 1 else 0
