@@ -411,6 +411,7 @@ if triton is not None:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+@torch.compiler.assume_constant_result  # a compiled graph bakes the choice in instead of tracing numba's import
 def fused_rglru_available(implementation: str, device_type: str) -> bool:
     """Whether the fused op runs for a resolved scan implementation: "numba" on CPU, "triton" on CUDA (or in the
     interpreter). The torch scans ("loop", "chunked") keep the composite."""
