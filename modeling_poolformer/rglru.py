@@ -53,22 +53,11 @@ def numba_rglru_kernels():
     except ImportError:
         return None
 
-    @numba.njit(inline="always")
-    def gates(xt, n, wi, bi, wr, br):
-        """The input and recurrence gates' pre-activations of unit n (block n // out_per_block)."""
-        _, per_in, per_out = wi.shape
-        j, o = n // per_out, n % per_out
-        pi, pr = bi[n], br[n]
-        for k in range(per_in):
-            v = xt[j * per_in + k]
-            pi += v * wi[j, k, o]
-            pr += v * wr[j, k, o]
-        return pi, pr
-
     @numba.njit(parallel=True, cache=True)
     def forward(x, wi, bi, wr, br, sp, theta, h0, out, last, ckpt, c, is_complex, block):
         batch, steps, _ = x.shape
         units = sp.shape[0]
+        _, per_in, per_out = wi.shape
         blocks = (units + block - 1) // block
         one = x.dtype.type(1.0)
         for job in numba.prange(batch * blocks):
@@ -83,7 +72,13 @@ def numba_rglru_kernels():
                     if is_complex:
                         ckpt[b, t // 64, units + lo : units + hi] = him
                 for n in range(lo, hi):
-                    pi, pr = gates(xt, n, wi, bi, wr, br)
+                    # the gates' pre-activations: unit n's block of the block-diagonal weights (no jitted helper:
+                    # numba's disk cache misses for functions that call closures)
+                    j, o = n // per_out, n % per_out
+                    pi, pr = bi[n], br[n]
+                    for k in range(per_in):
+                        pi += xt[j * per_in + k] * wi[j, k, o]
+                        pr += xt[j * per_in + k] * wr[j, k, o]
                     gi, gr = one / (one + np.exp(-pi)), one / (one + np.exp(-pr))
                     log_a = -c * gr * sp[n]
                     mag = np.exp(log_a)
@@ -110,6 +105,7 @@ def numba_rglru_kernels():
         units = sp.shape[0]
         blocks = (units + block - 1) // block
         chunks = ckpt.shape[1]
+        _, per_in, per_out = wi.shape
         one = x.dtype.type(1.0)
         floor = one / max_grad
         for job in numba.prange(batch * blocks):
@@ -134,7 +130,11 @@ def numba_rglru_kernels():
                     xt, k = x[b, t], t - start
                     for n in range(lo, hi):
                         m = n - lo
-                        pi, pr = gates(xt, n, wi, bi, wr, br)
+                        j, o = n // per_out, n % per_out
+                        pi, pr = bi[n], br[n]
+                        for i in range(per_in):
+                            pi += xt[j * per_in + i] * wi[j, i, o]
+                            pr += xt[j * per_in + i] * wr[j, i, o]
                         gi, gr = one / (one + np.exp(-pi)), one / (one + np.exp(-pr))
                         log_a = -c * gr * sp[n]
                         mag = np.exp(log_a)
