@@ -89,3 +89,110 @@ def bench_peers(quick):
         if "tokens_per_s" in row and "tokens_per_s" in rows[0]:
             row["poolformer_speedup"] = rows[0]["tokens_per_s"] / row["tokens_per_s"]
     return {"batch": batch, "length": length, "rows": rows}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 8. Memory traffic of a training step, device-independent (the same op graph on CPU and GPU): bytes autograd saves for
+# the backward, bytes the aten ops write, ops per step; the fused RG-LRU against the composite of torch ops
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class _TrafficCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Sums the bytes every aten op writes (its outputs, or the tensors it mutates; views write nothing) and counts
+    the ops that write. A custom operator of this package is entered, so that what runs inside it counts too, and
+    there every buffer it allocates counts as written (its kernels fill them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.bytes, self.by_op, self.last_op, self.inside = 0, 0, {}, "", 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.name()
+        if name.startswith("poolformer::"):
+            self.inside += 1
+            try:  # its CPU kernel with this mode active (calling func itself would come back here)
+                with self:
+                    out = func.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), *args, **kwargs)
+            finally:
+                self.inside -= 1
+            self.last_op = name
+            return out
+        out = func(*args, **kwargs)
+        self.last_op = name
+        if func.is_view or (name.startswith("aten::empty") and not self.inside):
+            return out
+        inputs = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
+        written = 0
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and (func._schema.is_mutable or t.untyped_storage().data_ptr() not in inputs):
+                written += t.numel() * t.element_size()
+        if written:
+            self.ops += 1
+            self.bytes += written
+            key = name.split("::")[-1]
+            self.by_op[key] = self.by_op.get(key, 0) + written
+        return out
+
+
+def _is_parameter(t):
+    """A parameter or autocast's cached low-precision copy of one (neither grows with T)."""
+    if isinstance(t, torch.nn.Parameter):
+        return True
+    fn = t.grad_fn
+    return fn is not None and type(fn).__name__ == "ToCopyBackward0" and any(
+        f is not None and type(f).__name__ == "AccumulateGrad" for f, _ in fn.next_functions)
+
+
+def step_traffic(model, batch, length, dtype=torch.bfloat16):
+    """One training step (forward + backward) under `dtype` autocast -> per-token saved and written bytes, the saved
+    tensors' count, the ops that write, and where the bytes go (per aten op)."""
+    model.train()
+    ids = torch.randint(0, 256, (batch, length))
+    saved, by_op = {}, {}
+    counter = _TrafficCounter()
+
+    def pack(t):
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key not in saved:
+            saved[key] = (storage.nbytes(), _is_parameter(t))
+            if not saved[key][1]:
+                op = f"{counter.last_op.split('::')[-1]} {str(t.dtype).replace('torch.', '')}"
+                by_op[op] = by_op.get(op, 0) + storage.nbytes()
+        return t
+
+    with counter:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+                loss = model(input_ids=ids, labels=ids).loss
+        forward_ops, forward_bytes = counter.ops, counter.bytes
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    tokens = batch * length
+    activations = sum(n for n, param in saved.values() if not param)
+    top = lambda d: {k: v / tokens / 1e3 for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:12]}  # noqa: E731
+    return {"saved_kb_per_token": activations / tokens / 1e3,
+            "saved_with_params_kb_per_token": sum(n for n, _ in saved.values()) / tokens / 1e3,
+            "saved_tensors": len(saved), "written_kb_per_token": counter.bytes / tokens / 1e3,
+            "written_forward_kb_per_token": forward_bytes / tokens / 1e3, "ops": counter.ops,
+            "forward_ops": forward_ops, "saved_by_op_kb": top(by_op), "written_by_op_kb": top(counter.by_op)}
+
+
+def bench_traffic(quick):
+    """Before (composite RG-LRU) and after (fused): bytes and ops per training step under bf16 autocast on the CPU
+    (the GPU's op graph), and CPU training tokens/s (fp32, the CPU's training setting)."""
+    length = 1000 if quick else 4000
+    rows = []
+    for name, path in (("sc09", SC09), ("sc09-no-pooling", ROOT / "hub_configs" / "sc09-no-pooling")):
+        for fused in (False, True):
+            torch.manual_seed(0)
+            model = poolformer(path, dropout=0.0, fused_rglru=fused)
+            row = {"model": name, "rglru": "fused" if fused else "composite", **step_traffic(model, 1, length)}
+            if DEVICE == "cpu":
+                row["cpu_tokens_per_s"] = train_tokens_per_s(model, 1, length, repeats=2)[0]
+            rows.append(row)
+            print(f"  {name} {row['rglru']}: saved {row['saved_kb_per_token']:.1f} KB/token, written "
+                  f"{row['written_kb_per_token']:.1f} KB/token, {row['ops']} ops", flush=True)
+    return {"batch": 1, "length": length, "dtype": "bf16 autocast", "rows": rows}

@@ -53,20 +53,33 @@ def numba_rglru_kernels():
     except ImportError:
         return None
 
+    # bf16 tensors cross as their int16 bit patterns (numba has no bf16): a bf16 is the upper half of a float32, so
+    # a row is widened with a shift, and a result is rounded to nearest even on its float32 bits, as torch does
+
     @numba.njit(parallel=True, cache=True)
-    def forward(x, wi, bi, wr, br, sp, theta, h0, out, last, ckpt, c, is_complex, block):
-        batch, steps, _ = x.shape
+    def forward(x, x16, wi, bi, wr, br, sp, theta, h0, out, out16, last, ckpt, c, is_complex, block):
+        bf16_in, bf16_out = x16.size > 0, out16.size > 0
+        batch, steps, width = x16.shape if bf16_in else x.shape
         units = sp.shape[0]
         _, per_in, per_out = wi.shape
         blocks = (units + block - 1) // block
-        one = x.dtype.type(1.0)
+        one = sp.dtype.type(1.0)
         for job in numba.prange(batch * blocks):
             b, lo = job // blocks, (job % blocks) * block
             hi = min(units, lo + block)
             hr = h0[b, lo:hi].copy()
             him = h0[b, units + lo : units + hi].copy() if is_complex else hr.copy()
+            bits, row = np.empty(width, np.int32), np.empty(width, sp.dtype)
+            f32 = np.empty(1, np.float32)
+            i32 = f32.view(np.int32)
             for t in range(steps):
-                xt, ot = x[b, t], out[b, t]
+                if bf16_in:
+                    for k in range(width):
+                        bits[k] = np.int32(x16[b, t, k]) << 16
+                    row[:] = bits.view(np.float32)
+                    xt = row
+                else:
+                    xt = x[b, t]
                 if t % 64 == 0:
                     ckpt[b, t // 64, lo:hi] = hr
                     if is_complex:
@@ -90,44 +103,73 @@ def numba_rglru_kernels():
                         nr = ar * hr[m] - ai * him[m] + s * xt[n]
                         ni = ar * him[m] + ai * hr[m] + s * xt[units + n]
                         hr[m], him[m] = nr, ni
-                        ot[n], ot[units + n] = nr, ni
                     else:
                         hr[m] = mag * hr[m] + s * xt[n]
-                        ot[n] = hr[m]
+                    if bf16_out:
+                        f32[0] = hr[m]
+                        w = i32[0]
+                        out16[b, t, n] = np.int16((w + 0x7FFF + ((w >> 16) & 1)) >> 16)
+                        if is_complex:
+                            f32[0] = him[m]
+                            w = i32[0]
+                            out16[b, t, units + n] = np.int16((w + 0x7FFF + ((w >> 16) & 1)) >> 16)
+                    else:
+                        out[b, t, n] = hr[m]
+                        if is_complex:
+                            out[b, t, units + n] = him[m]
             last[b, lo:hi] = hr
             if is_complex:
                 last[b, units + lo : units + hi] = him
 
     @numba.njit(parallel=True, cache=True)
-    def backward(x, wi, bi, wr, br, sp, theta, ckpt, grad_out, grad_last, c, max_grad, is_complex, block,
-                 grad_x, grad_pre, grad_sp, grad_theta, grad_h0):
-        batch, steps, _ = x.shape
+    def backward(x, x16, wi, bi, wr, br, sp, theta, ckpt, grad_out, grad_out16, grad_last, c, max_grad, is_complex,
+                 block, grad_x, grad_pre, grad_sp, grad_theta, grad_h0):
+        bf16_in, bf16_grad = x16.size > 0, grad_out16.size > 0
+        batch, steps, width = grad_x.shape
         units = sp.shape[0]
         blocks = (units + block - 1) // block
         chunks = ckpt.shape[1]
         _, per_in, per_out = wi.shape
-        one = x.dtype.type(1.0)
+        one = sp.dtype.type(1.0)
         floor = one / max_grad
         for job in numba.prange(batch * blocks):
             b, lo = job // blocks, (job % blocks) * block
             hi = min(units, lo + block)
-            width = hi - lo
+            size = hi - lo
             # per chunk step: the previous state, the decay and what the chain rule needs
-            hp_r, hp_i = np.empty((64, width), x.dtype), np.empty((64, width), x.dtype)
-            a_r, a_i = np.empty((64, width), x.dtype), np.empty((64, width), x.dtype)
-            g_i, g_r, sq = np.empty((64, width), x.dtype), np.empty((64, width), x.dtype), np.empty((64, width), x.dtype)
+            hp_r, hp_i = np.empty((64, size), sp.dtype), np.empty((64, size), sp.dtype)
+            a_r, a_i = np.empty((64, size), sp.dtype), np.empty((64, size), sp.dtype)
+            g_i, g_r, sq = np.empty((64, size), sp.dtype), np.empty((64, size), sp.dtype), np.empty((64, size), sp.dtype)
+            # the chunk's rows of x (and of dL/dout) at the arithmetic's precision
+            xs, gs = np.empty((64, width), sp.dtype), np.empty((64, width), sp.dtype)
+            bits = np.empty(width, np.int32)
             # the gradient carry g_{t+1} and the decay a_{t+1}: at the last step, dL/dh_last and 1
             gc_r = grad_last[b, lo:hi].copy()
             gc_i = grad_last[b, units + lo : units + hi].copy() if is_complex else gc_r.copy()
-            an_r, an_i = np.ones(width, x.dtype), np.zeros(width, x.dtype)
-            d_sp, d_th = np.zeros(width, x.dtype), np.zeros(width, x.dtype)
+            an_r, an_i = np.ones(size, sp.dtype), np.zeros(size, sp.dtype)
+            d_sp, d_th = np.zeros(size, sp.dtype), np.zeros(size, sp.dtype)
             for chunk in range(chunks - 1, -1, -1):
                 start = chunk * 64
                 stop = min(steps, start + 64)
+                for t in range(start, stop):
+                    k = t - start
+                    if bf16_in:
+                        for i in range(width):
+                            bits[i] = np.int32(x16[b, t, i]) << 16
+                        xs[k] = bits.view(np.float32)
+                    else:
+                        xs[k] = x[b, t]
+                    if bf16_grad:
+                        for i in range(width):
+                            bits[i] = np.int32(grad_out16[b, t, i]) << 16
+                        gs[k] = bits.view(np.float32)
+                    else:
+                        gs[k] = grad_out[b, t]
                 hr = ckpt[b, chunk, lo:hi].copy()
                 him = ckpt[b, chunk, units + lo : units + hi].copy() if is_complex else hr.copy()
                 for t in range(start, stop):  # re-run the forward over the chunk from its checkpoint
-                    xt, k = x[b, t], t - start
+                    k = t - start
+                    xt = xs[k]
                     for n in range(lo, hi):
                         m = n - lo
                         j, o = n // per_out, n % per_out
@@ -152,7 +194,8 @@ def numba_rglru_kernels():
                             a_r[k, m] = mag
                             hr[m] = mag * hr[m] + q * gi * xt[n]
                 for t in range(stop - 1, start - 1, -1):  # then the gradient recurrence back through it
-                    xt, gt, k = x[b, t], grad_out[b, t], t - start
+                    k = t - start
+                    xt, gt = xs[k], gs[k]
                     gx, gp = grad_x[b, t], grad_pre[b, t]
                     for n in range(lo, hi):
                         m = n - lo
@@ -430,6 +473,15 @@ def _numpy(x: torch.Tensor):
     return x.detach().contiguous().numpy()
 
 
+def _numba_pair(t: torch.Tensor, acc: torch.dtype) -> tuple:
+    """(float array, int16 array) for a numba kernel: a bf16 tensor as its bit patterns (the float array empty), any
+    other as floats at the arithmetic's precision (the int16 array empty). Arrays share the tensor's memory, so a
+    kernel can write an output through them."""
+    if t.dtype == torch.bfloat16:
+        return torch.empty(0, 0, 0, dtype=acc).numpy(), t.detach().contiguous().view(torch.int16).numpy()
+    return t.detach().to(acc).contiguous().numpy(), torch.empty(0, 0, 0, dtype=torch.int16).numpy()
+
+
 def _chunks(steps: int) -> int:
     return max(1, -(-steps // CHECKPOINT))
 
@@ -458,10 +510,9 @@ def _rglru_forward(x, wi, bi, wr, br, decay_param, phase_param, h0, is_complex, 
     ckpt = torch.empty(batch, _chunks(steps), h0.shape[1], dtype=acc, device=x.device)
     if implementation == "numba":
         forward, _, block_size = numba_rglru_kernels()
-        # numba has no bf16: the kernel reads and writes at the arithmetic's precision, casts happen around it
-        out = torch.empty(batch, steps, width, dtype=acc)
-        forward(_numpy(x.to(acc)), *(p.numpy() for p in params), _numpy(sp), _numpy(theta), _numpy(h0.to(acc)),
-                out.numpy(), last.numpy(), ckpt.numpy(), float(scale), is_complex, block_size(batch, units))
+        out = torch.empty(batch, steps, width, dtype=out_dtype if out_dtype in (acc, torch.bfloat16) else acc)
+        forward(*_numba_pair(x, acc), *(p.numpy() for p in params), _numpy(sp), _numpy(theta), _numpy(h0.to(acc)),
+                *_numba_pair(out, acc), last.numpy(), ckpt.numpy(), float(scale), is_complex, block_size(batch, units))
         return out.to(out_dtype), last, ckpt
     out = torch.empty(batch, steps, width, dtype=out_dtype, device=x.device)
     block_n = _block_n(batch, units, x.device)
@@ -489,8 +540,8 @@ def _rglru_backward(x, wi, bi, wr, br, decay_param, phase_param, ckpt, grad_out,
     grad_h0 = torch.empty(ckpt.shape[0], ckpt.shape[2], dtype=acc, device=x.device)
     if implementation == "numba":
         _, backward, block_size = numba_rglru_kernels()
-        backward(_numpy(x.to(acc)), *(p.numpy() for p in params), _numpy(sp), _numpy(theta), _numpy(ckpt),
-                 _numpy(grad_out.to(acc)), _numpy(grad_last.to(acc)), float(scale), float(max_grad), is_complex,
+        backward(*_numba_pair(x, acc), *(p.numpy() for p in params), _numpy(sp), _numpy(theta), _numpy(ckpt),
+                 *_numba_pair(grad_out, acc), _numpy(grad_last.to(acc)), float(scale), float(max_grad), is_complex,
                  block_size(batch, units), grad_x.numpy(), grad_pre.numpy(), grad_sp.numpy(), grad_theta.numpy(),
                  grad_h0.numpy())
     else:
@@ -500,20 +551,19 @@ def _rglru_backward(x, wi, bi, wr, br, decay_param, phase_param, ckpt, grad_out,
             grad_last.to(acc).contiguous(), grad_x, grad_pre, grad_sp, grad_theta, grad_h0, steps, units, width,
             ckpt.shape[1], float(scale), 1.0 / max_grad, COMPLEX=is_complex, PER_IN=wi.shape[1], PER_OUT=wi.shape[2],
             FP64=acc == torch.float64, BLOCK_T=CHECKPOINT, BLOCK_N=block_n)
-    # the gate matmuls: pre = x W + b per block, so dx += dpre W^T, dW = x^T dpre, db = sum dpre
+    # the gate matmuls, both gates at once: pre = x W + b per block, so dx += dpre W^T, dW = x^T dpre, db = sum dpre
     blocks = wi.shape[0]
-    xb = x.to(acc).unflatten(-1, (blocks, -1))
-    grads_w, grads_b = [], []
-    for g, w in zip(grad_pre.split(units, dim=-1), params[::2]):
-        g = g.unflatten(-1, (blocks, -1))
-        grad_x += torch.einsum("...ho,hio->...hi", g, w).flatten(-2)
-        grads_w.append(torch.einsum("...hi,...ho->hio", xb, g))
-        grads_b.append(g.flatten(-2).sum(dim=(0, 1)))
+    grad_pre = grad_pre.unflatten(-1, (2, blocks, -1))
+    grad_x += torch.einsum("...gho,ghio->...hi", grad_pre, torch.stack(params[::2])).flatten(-2)
+    grads_w = torch.einsum("...hi,...gho->ghio", x.to(acc).unflatten(-1, (blocks, -1)), grad_pre)
+    grads_b = grad_pre.sum(dim=(0, 1)).flatten(-2)
     # softplus' derivative is sigmoid (torch's softplus is linear above its threshold of 20)
     d_lambda = grad_sp.sum(0) * torch.where(decay_param.to(acc) > 20, 1.0, torch.sigmoid(decay_param.to(acc)))
     d_theta = grad_theta.sum(0) if is_complex else torch.zeros_like(phase_param)
-    return (grad_x.to(x.dtype), grads_w[0].to(wi.dtype), grads_b[0].to(bi.dtype), grads_w[1].to(wr.dtype),
-            grads_b[1].to(br.dtype), d_lambda.to(decay_param.dtype), d_theta.to(phase_param.dtype), grad_h0)
+    # separate outputs (an operator's outputs may not alias each other); parameter-sized, so the copies are free
+    return (grad_x.to(x.dtype), grads_w[0].to(wi.dtype, copy=True), grads_b[0].to(bi.dtype, copy=True),
+            grads_w[1].to(wr.dtype, copy=True), grads_b[1].to(br.dtype, copy=True), d_lambda.to(decay_param.dtype),
+            d_theta.to(phase_param.dtype), grad_h0)
 
 
 def _define_rglru_ops():

@@ -116,8 +116,14 @@ def test_bf16_in_and_out_round_the_fp32_result():
     # one rounding of the same fp32 values (up to one bf16 step where the fp32 results straddle a rounding boundary)
     torch.testing.assert_close(out.float(), want, rtol=2**-8, atol=1e-6)
     torch.testing.assert_close(last, want_last, rtol=1e-5, atol=1e-5)
-    out.float().sum().backward()
-    assert x16.grad.dtype == torch.bfloat16 and args[1].grad.dtype == torch.float32
+    # the kernel widens bf16 and rounds its results as torch's casts do: the same bits as fp32 in, then a cast
+    x32 = x16.detach().float().requires_grad_()
+    out32, last32 = fused_rglru(x32, *args[1:], SCALE, MAX_GRAD, torch.float32, implementation="numba")
+    assert torch.equal(out, out32.to(torch.bfloat16)) and torch.equal(last, last32)
+    grad = torch.randn_like(out)  # a bf16 gradient arriving from the output projection
+    (gx16,) = torch.autograd.grad(out, x16, grad)
+    (gx32,) = torch.autograd.grad(out32, x32, grad.float())
+    assert gx16.dtype == torch.bfloat16 and torch.equal(gx16, gx32.to(torch.bfloat16))
 
 
 def test_only_x_parameters_and_checkpoints_are_saved():
