@@ -1,6 +1,7 @@
 """2-3. Training throughput: the SC09 model vs its no-pooling ablation (eager and compiled), and vs
 transformers' recurrent and attention peers of matched size, each in its own process."""
 
+import contextlib
 import json
 
 import torch
@@ -180,19 +181,75 @@ def step_traffic(model, batch, length, dtype=torch.bfloat16):
             "forward_ops": forward_ops, "saved_by_op_kb": top(by_op), "written_by_op_kb": top(counter.by_op)}
 
 
+SC09_EPOCH_TOKENS = 31158 * 16000  # the SC09 training set, clips padded to one second
+
+
+@contextlib.contextmanager
+def gated_output_fused(hidden_act):
+    """Residual blocks whose gated output `Linear_out(b * GELU(g))` saves only b and g (`fused_block`), to measure what
+    that fusion buys before it is wired into the model."""
+    from modeling_poolformer.fused_block import gated_projection
+    from modeling_poolformer.modeling_poolformer import PoolformerResidualBlock, PoolformerRGLRU
+
+    composite = PoolformerResidualBlock._forward
+
+    def _forward(self, x, state=None):
+        if self.gate_proj is None:
+            return composite(self, x, state)
+        h = self.norm(x)
+        b = self.layer(h, state) if isinstance(self.layer, PoolformerRGLRU) else self.layer(h)
+        return x + self.dropout(gated_projection(b, self.gate_proj(h), self.out_proj, hidden_act))
+
+    PoolformerResidualBlock._forward = _forward
+    try:
+        yield
+    finally:
+        PoolformerResidualBlock._forward = composite
+
+
+def _cuda_row(make, batch, length):
+    """tokens/s, step s, peak GB and SC09 epochs/h of one model on the GPU (bf16 autocast), or the error."""
+    try:
+        tps, t, peak = train_tokens_per_s(make(), batch, length, repeats=2)
+    except torch.OutOfMemoryError:
+        return {"error": "out of memory"}
+    finally:
+        torch.cuda.empty_cache()
+    return {"tokens_per_s": tps, "step_s": t, "peak_gb": peak, "epochs_per_h": tps * 3600 / SC09_EPOCH_TOKENS}
+
+
 def bench_traffic(quick):
     """Before (composite RG-LRU) and after (fused): bytes and ops per training step under bf16 autocast on the CPU
-    (the GPU's op graph), and CPU training tokens/s (fp32, the CPU's training setting)."""
+    (the GPU's op graph: the measurement runs on CPU tensors everywhere), and training tokens/s on this machine (fp32
+    on a CPU, its training setting). On a CUDA machine also the thesis recipe (batch 32, T = 16,000, bf16 autocast):
+    tokens/s, peak memory and SC09 epochs/h, and GPT-2 (SDPA or flash attention, parameters matched) at 512k tokens
+    per batch across T = 4k .. 64k."""
     length = 1000 if quick else 4000
     rows = []
-    for name, path in (("sc09", SC09), ("sc09-no-pooling", ROOT / "hub_configs" / "sc09-no-pooling")):
-        for fused in (False, True):
+    configs = (("sc09", SC09), ("sc09-no-pooling", ROOT / "hub_configs" / "sc09-no-pooling"))
+    for name, path in configs:
+        for fused, label in ((False, "composite"), (True, "fused"), (True, "fused + gated output")):
             torch.manual_seed(0)
             model = poolformer(path, dropout=0.0, fused_rglru=fused)
-            row = {"model": name, "rglru": "fused" if fused else "composite", **step_traffic(model, 1, length)}
-            if DEVICE == "cpu":
-                row["cpu_tokens_per_s"] = train_tokens_per_s(model, 1, length, repeats=2)[0]
+            with gated_output_fused(model.config.hidden_act) if "gated" in label else contextlib.nullcontext():
+                row = {"model": name, "rglru": label, **step_traffic(model, 1, length)}
+                if DEVICE == "cpu":
+                    row["cpu_tokens_per_s"] = train_tokens_per_s(model, 1, length, repeats=2)[0]
             rows.append(row)
             print(f"  {name} {row['rglru']}: saved {row['saved_kb_per_token']:.1f} KB/token, written "
                   f"{row['written_kb_per_token']:.1f} KB/token, {row['ops']} ops", flush=True)
-    return {"batch": 1, "length": length, "dtype": "bf16 autocast", "rows": rows}
+    result = {"batch": 1, "length": length, "dtype": "bf16 autocast", "rows": rows}
+    if DEVICE == "cuda":
+        gpu_length = 4000 if quick else 16000
+        result["gpu"] = {"batch": 32, "length": gpu_length, "rows": [
+            {"model": name, "rglru": "fused" if fused else "composite",
+             **_cuda_row(lambda: poolformer(path, dropout=0.0, fused_rglru=fused), 32, gpu_length)}
+            for name, path in configs for fused in (False, True)]}
+        gpt2 = []
+        for length in (4096, 8192, 16384, 32768, 65536):
+            batch = max(1, 32 * 16384 // length)
+            gpt2.append({"length": length, "batch": batch, "kernel": kernels("GPT-2"),
+                         **_cuda_row(lambda: build_model("GPT-2", length)[0], batch, length),
+                         "poolformer": _cuda_row(lambda: poolformer(SC09, dropout=0.0), batch, length)})
+        result["gpu"]["gpt2"] = gpt2
+    return result
