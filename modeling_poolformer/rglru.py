@@ -16,9 +16,14 @@ the last state and the state at every `CHECKPOINT`-th step (B x T/64 x 2U floats
 Backward: nothing of the elementwise chain is saved. Chunk by chunk from the end, the kernel re-runs the forward from
 that chunk's checkpoint (gates, decays and states, in a chunk-sized scratch buffer that stays in cache), then runs the
 gradient recurrence g_t = dL/dh_t + conj(a_{t+1}) g_{t+1} backwards through it and applies the chain rule to every
-step's gate pre-activations, x, Lambda and theta. The pre-activation gradients leave the kernel (B x T x 2U) and two
-block-diagonal torch matmuls turn them into x's and the gate weights' gradients: a reduction over batch and time,
-which a matmul does well and a per-unit kernel would have to serialise or race on.
+step's gate pre-activations, x, Lambda and theta. The pre-activation gradients leave the kernel (B x T x 2U) and
+block-diagonal torch matmuls turn them into x's gradient and the gate weights' (both gates in one einsum each).
+
+Why the gates are inside the kernel but their backward matmuls are not: in the forward, inline dot products spare
+writing (and saving, or recomputing with a second pass) the (B, T, 2U) fp32 pre-activations, 1 KB per token per
+layer. In the backward, a gate input feeds units that other programs own, so the kernel could only add x's gate
+gradient with atomics or a serialised pass, and the weights' gradients are a reduction over batch and time: work a
+matmul does well, for one extra (B, T, 2U) write.
 
 So autograd keeps only x (in its own dtype, bf16 under autocast), the parameters and the checkpoints. The op is the
 same on every device (numba kernels on CPU, Triton kernels on CUDA, or in Triton's interpreter on CPU tensors), so
