@@ -273,3 +273,44 @@ def test_gated_projection_equals_the_composite_and_saves_half(autocast, hidden_a
         assert got.dtype == want.dtype
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     assert saved[1] < saved[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# On a GPU: the compiled Triton kernels at the model's sizes against the numba kernels on the CPU (skipped without one)
+# ---------------------------------------------------------------------------------------------------------------------
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("triton") is None,
+                                reason="needs a CUDA device and triton")
+
+
+@needs_cuda
+@pytest.mark.parametrize("is_complex", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_triton_equals_cpu_numba_at_model_sizes(is_complex, dtype):
+    args = _inputs(is_complex, batch=4, length=2000 + 17, units=128 if is_complex else 256, blocks=32,
+                   dtype=torch.float32)
+    args[0] = args[0].detach().to(dtype).requires_grad_()
+    results = []
+    for device, implementation in (("cpu", "numba"), ("cuda", "triton")):
+        leaves = [a.detach().to(device).requires_grad_() if a is not None else None for a in args]
+        out, last = fused_rglru(*leaves, SCALE, MAX_GRAD, dtype, implementation=implementation)
+        g = torch.Generator().manual_seed(2)
+        weights = (torch.randn(out.shape, generator=g).to(device, dtype), torch.randn(last.shape, generator=g).to(device))
+        grads = torch.autograd.grad((out.float() * weights[0].float()).sum() + (last * weights[1]).sum(),
+                                    [a for a in leaves if a is not None])
+        results.append([t.detach().cpu().float() for t in (out, last, *grads)])
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol * max(1.0, want.abs().max().item()))
+
+
+@needs_cuda
+def test_cuda_model_training_fused_equals_composite():
+    composite_model, fused_model = (m.cuda().train() for m in _pair("sc09", scan_implementation="triton"))
+    ids = torch.randint(0, 256, (2, 2 * 160 + 9), device="cuda")
+    outputs = [m(ids, labels=ids) for m in (composite_model, fused_model)]
+    torch.testing.assert_close(outputs[1].logits, outputs[0].logits, rtol=1e-4, atol=1e-4)
+    for out in outputs:
+        out.loss.backward()
+    for (n, a), (_, b) in zip(composite_model.named_parameters(), fused_model.named_parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-5, msg=n)
