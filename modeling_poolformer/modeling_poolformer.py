@@ -160,7 +160,8 @@ class PoolformerRGLRU(nn.Module):
         h_prev = state.recurrent_states[self.layer_idx] if state is not None else None
         decoding = h_prev is not None and x.shape[1] == 1 and not torch.is_grad_enabled()
         implementation = resolve_scan_implementation(self.scan_implementation, x.device.type)
-        if self.fused and not decoding and fused_rglru_available(implementation, x.device.type):
+        fused = self.fused if self.fused is not None else x.device.type == "cuda"  # None: where it is faster
+        if fused and not decoding and fused_rglru_available(implementation, x.device.type):
             # the output in the dtype the output projection computes in (autocast's), as the composite's cast gives
             out_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else h.dtype
             features, last = self._fused(x, h_prev, out_dtype, implementation)

@@ -188,7 +188,7 @@ def test_triton_bf16_output_equals_numba():
 
 def _pair(name, **overrides):
     composite_model = PoolformerForCausalLM(hub_config(name, fused_rglru=False, **overrides))
-    fused_model = PoolformerForCausalLM(hub_config(name, **overrides))
+    fused_model = PoolformerForCausalLM(hub_config(name, fused_rglru=True, **overrides))
     fused_model.load_state_dict(composite_model.state_dict())
     return composite_model, fused_model
 
@@ -198,7 +198,7 @@ def test_the_model_runs_the_fused_op(monkeypatch):
 
     calls = []
     monkeypatch.setattr(modeling_poolformer, "fused_rglru", lambda *a, **k: calls.append(1) or fused_rglru(*a, **k))
-    model = PoolformerForCausalLM(hub_config("tiny")).train()
+    model = PoolformerForCausalLM(hub_config("tiny", fused_rglru=True)).train()
     ids = torch.randint(0, 256, (1, 50))
     model(ids, labels=ids).loss.backward()
     assert calls and len(calls) == sum(isinstance(m, PoolformerRGLRU) for m in model.modules())
