@@ -1,6 +1,7 @@
 """2-3. Training throughput: the SC09 model vs its no-pooling ablation (eager and compiled), and vs
 transformers' recurrent and attention peers of matched size, each in its own process."""
 
+import contextlib
 import json
 
 import torch
@@ -89,3 +90,166 @@ def bench_peers(quick):
         if "tokens_per_s" in row and "tokens_per_s" in rows[0]:
             row["poolformer_speedup"] = rows[0]["tokens_per_s"] / row["tokens_per_s"]
     return {"batch": batch, "length": length, "rows": rows}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 8. Memory traffic of a training step, device-independent (the same op graph on CPU and GPU): bytes autograd saves for
+# the backward, bytes the aten ops write, ops per step; the fused RG-LRU against the composite of torch ops
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class _TrafficCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Sums the bytes every aten op writes (its outputs, or the tensors it mutates; views write nothing) and counts
+    the ops that write. A custom operator of this package is entered, so that what runs inside it counts too, and
+    there every buffer it allocates counts as written (its kernels fill them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.bytes, self.by_op, self.last_op, self.inside = 0, 0, {}, "", 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.name()
+        if name.startswith("poolformer::"):
+            self.inside += 1
+            try:  # its CPU kernel with this mode active (calling func itself would come back here)
+                with self:
+                    out = func.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), *args, **kwargs)
+            finally:
+                self.inside -= 1
+            self.last_op = name
+            return out
+        out = func(*args, **kwargs)
+        self.last_op = name
+        if func.is_view or (name.startswith("aten::empty") and not self.inside):
+            return out
+        inputs = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
+        written = 0
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and (func._schema.is_mutable or t.untyped_storage().data_ptr() not in inputs):
+                written += t.numel() * t.element_size()
+        if written:
+            self.ops += 1
+            self.bytes += written
+            key = name.split("::")[-1]
+            self.by_op[key] = self.by_op.get(key, 0) + written
+        return out
+
+
+def _is_parameter(t):
+    """A parameter or autocast's cached low-precision copy of one (neither grows with T)."""
+    if isinstance(t, torch.nn.Parameter):
+        return True
+    fn = t.grad_fn
+    return fn is not None and type(fn).__name__ == "ToCopyBackward0" and any(
+        f is not None and type(f).__name__ == "AccumulateGrad" for f, _ in fn.next_functions)
+
+
+def step_traffic(model, batch, length, dtype=torch.bfloat16):
+    """One training step (forward + backward) under `dtype` autocast -> per-token saved and written bytes, the saved
+    tensors' count, the ops that write, and where the bytes go (per aten op)."""
+    model.train()
+    ids = torch.randint(0, 256, (batch, length))
+    saved, by_op = {}, {}
+    counter = _TrafficCounter()
+
+    def pack(t):
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key not in saved:
+            saved[key] = (storage.nbytes(), _is_parameter(t))
+            if not saved[key][1]:
+                op = f"{counter.last_op.split('::')[-1]} {str(t.dtype).replace('torch.', '')}"
+                by_op[op] = by_op.get(op, 0) + storage.nbytes()
+        return t
+
+    with counter:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+                loss = model(input_ids=ids, labels=ids).loss
+        forward_ops, forward_bytes = counter.ops, counter.bytes
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    tokens = batch * length
+    activations = sum(n for n, param in saved.values() if not param)
+    top = lambda d: {k: v / tokens / 1e3 for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:12]}  # noqa: E731
+    return {"saved_kb_per_token": activations / tokens / 1e3,
+            "saved_with_params_kb_per_token": sum(n for n, _ in saved.values()) / tokens / 1e3,
+            "saved_tensors": len(saved), "written_kb_per_token": counter.bytes / tokens / 1e3,
+            "written_forward_kb_per_token": forward_bytes / tokens / 1e3, "ops": counter.ops,
+            "forward_ops": forward_ops, "saved_by_op_kb": top(by_op), "written_by_op_kb": top(counter.by_op)}
+
+
+SC09_EPOCH_TOKENS = 31158 * 16000  # the SC09 training set, clips padded to one second
+
+
+@contextlib.contextmanager
+def gated_output_fused(hidden_act):
+    """Residual blocks whose gated output `Linear_out(b * GELU(g))` saves only b and g (`fused_block`), to measure what
+    that fusion buys before it is wired into the model."""
+    from modeling_poolformer.fused_block import gated_projection
+    from modeling_poolformer.modeling_poolformer import PoolformerResidualBlock, PoolformerRGLRU
+
+    composite = PoolformerResidualBlock._forward
+
+    def _forward(self, x, state=None):
+        if self.gate_proj is None:
+            return composite(self, x, state)
+        h = self.norm(x)
+        b = self.layer(h, state) if isinstance(self.layer, PoolformerRGLRU) else self.layer(h)
+        return x + self.dropout(gated_projection(b, self.gate_proj(h), self.out_proj, hidden_act))
+
+    PoolformerResidualBlock._forward = _forward
+    try:
+        yield
+    finally:
+        PoolformerResidualBlock._forward = composite
+
+
+def _cuda_row(make, batch, length):
+    """tokens/s, step s, peak GB and SC09 epochs/h of one model on the GPU (bf16 autocast), or the error."""
+    try:
+        tps, t, peak = train_tokens_per_s(make(), batch, length, repeats=2)
+    except torch.OutOfMemoryError:
+        return {"error": "out of memory"}
+    finally:
+        torch.cuda.empty_cache()
+    return {"tokens_per_s": tps, "step_s": t, "peak_gb": peak, "epochs_per_h": tps * 3600 / SC09_EPOCH_TOKENS}
+
+
+def bench_traffic(quick):
+    """Before (composite RG-LRU) and after (fused): bytes and ops per training step under bf16 autocast on the CPU
+    (the GPU's op graph: the measurement runs on CPU tensors everywhere), and training tokens/s on this machine (fp32
+    on a CPU, its training setting). On a CUDA machine also the thesis recipe (batch 32, T = 16,000, bf16 autocast):
+    tokens/s, peak memory and SC09 epochs/h, and GPT-2 (SDPA or flash attention, parameters matched) at 512k tokens
+    per batch across T = 4k .. 64k."""
+    length = 1000 if quick else 4000
+    rows = []
+    configs = (("sc09", SC09), ("sc09-no-pooling", ROOT / "hub_configs" / "sc09-no-pooling"))
+    for name, path in configs:
+        for fused, label in ((False, "composite"), (True, "fused"), (True, "fused + gated output")):
+            torch.manual_seed(0)
+            model = poolformer(path, dropout=0.0, fused_rglru=fused)
+            with gated_output_fused(model.config.hidden_act) if "gated" in label else contextlib.nullcontext():
+                row = {"model": name, "rglru": label, **step_traffic(model, 1, length)}
+                if DEVICE == "cpu":
+                    row["cpu_tokens_per_s"] = train_tokens_per_s(model, 1, length, repeats=2)[0]
+            rows.append(row)
+            print(f"  {name} {row['rglru']}: saved {row['saved_kb_per_token']:.1f} KB/token, written "
+                  f"{row['written_kb_per_token']:.1f} KB/token, {row['ops']} ops", flush=True)
+    result = {"batch": 1, "length": length, "dtype": "bf16 autocast", "rows": rows}
+    if DEVICE == "cuda":
+        gpu_length = 4000 if quick else 16000
+        result["gpu"] = {"batch": 32, "length": gpu_length, "rows": [
+            {"model": name, "rglru": "fused" if fused else "composite",
+             **_cuda_row(lambda: poolformer(path, dropout=0.0, fused_rglru=fused), 32, gpu_length)}
+            for name, path in configs for fused in (False, True)]}
+        gpt2 = []
+        for length in (4096, 8192, 16384, 32768, 65536):
+            batch = max(1, 32 * 16384 // length)
+            gpt2.append({"length": length, "batch": batch, "kernel": kernels("GPT-2"),
+                         **_cuda_row(lambda: build_model("GPT-2", length)[0], batch, length),
+                         "poolformer": _cuda_row(lambda: poolformer(SC09, dropout=0.0), batch, length)})
+        result["gpu"]["gpt2"] = gpt2
+    return result

@@ -147,4 +147,40 @@ def markdown(results):
         lines += [f"| {r['model']} | {r['params']:,} | {r['steps']} | {r['bits_per_sample']:.3f} | "
                   f"{r['own_bits_per_sample']:.3f} ({r['own_terms']}) | {r['vs_flac']:.3f} |" for r in c["rows"]]
         lines += ["", "Learning curves: `pcm16_curve.png` beside these results.", ""]
+    if "traffic" in results:
+        lines += traffic_markdown(results["traffic"])
     return "\n".join(lines)
+
+
+def traffic_markdown(t):
+    lines = [f"**8. Memory traffic of a training step, fused RG-LRU vs the composite** (forward + backward, "
+             f"{t['dtype']}, B={t['batch']}, T={t['length']}; saved = distinct storages autograd keeps for the backward, "
+             "parameters excluded; written = output bytes of every aten op, views excluded, the ops inside the "
+             "custom operators included; tokens/s: fp32 training steps with AdamW on this machine)", "",
+             "| model | RG-LRU | saved (KB/token) | saved tensors | written (KB/token) | ops | tokens/s |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['rglru']} | {r['saved_kb_per_token']:.1f} | {r['saved_tensors']:,} | "
+              f"{r['written_kb_per_token']:.1f} | {r['ops']:,} | {r.get('cpu_tokens_per_s', float('nan')):,.0f} |"
+              for r in t["rows"]]
+    for r in t["rows"]:
+        if r["model"] == "sc09":
+            top = ", ".join(f"{k} {v:.1f}" for k, v in list(r["saved_by_op_kb"].items())[:6])
+            lines += ["", f"sc09 {r['rglru']}, saved KB/token by the op before the save: {top}"]
+            top = ", ".join(f"{k} {v:.1f}" for k, v in list(r["written_by_op_kb"].items())[:8])
+            lines += [f"sc09 {r['rglru']}, written KB/token by op: {top}"]
+    lines.append("")
+    if "gpu" in t:
+        g = t["gpu"]
+        lines += [f"GPU, batch {g['batch']}, T={g['length']}, bf16 autocast:", "",
+                  "| model | RG-LRU | tokens/s | step (s) | peak GPU memory (GB) | SC09 epochs/h |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['model']} | {r['rglru']} | " + (f"{r['error']} | - | - | - |" if "error" in r else
+                  f"{r['tokens_per_s']:,.0f} | {r['step_s']:.2f} | {gb(r['peak_gb'])} | {r['epochs_per_h']:.1f} |")
+                  for r in g["rows"]]
+        lines += ["", "| T | batch | GPT-2 tokens/s | GPT-2 peak GB | Poolformer sc09 tokens/s | Poolformer peak GB |",
+                  "|---|---|---|---|---|---|"]
+        for r in g["gpt2"]:
+            p = r["poolformer"]
+            lines.append(f"| {r['length']} | {r['batch']} | {r.get('tokens_per_s', float('nan')):,.0f} "
+                         f"| {gb(r.get('peak_gb'))} | {p.get('tokens_per_s', float('nan')):,.0f} | {gb(p.get('peak_gb'))} |")
+        lines.append("")
+    return lines

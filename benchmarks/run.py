@@ -1,6 +1,6 @@
 """Poolformer benchmarks, every comparison measured side by side in one run on this machine.
 
-    python benchmarks/run.py [--quick] [--out benchmarks/results] [--only scan,train,peers,generate,length,data,pcm16]
+    python benchmarks/run.py [--quick] [--out benchmarks/results] [--only scan,train,peers,generate,length,data,pcm16,traffic]
 
 Writes `<out>/results.md` (the tables) and `<out>/results.json`; sections left out of `--only` keep the results an
 earlier run wrote there. Sections:
@@ -26,6 +26,10 @@ earlier run wrote there. Sections:
    Poolformer (dual softmax), of the same body on byte tokens (two per sample) and of an 8-bit mu-law model (its
    NLL plus the log2 width of its mu-law bins: the cost of the 16-bit sample), each trained for the same seconds,
    against FLAC at its best compression on the same clips; the learning curves go to `<out>/pcm16_curve.png`.
+8. traffic: what a training step of sc09 and sc09-no-pooling moves, with the fused RG-LRU operator and with the
+   composite of torch ops it replaces (bf16 autocast, B=1, T=4000): bytes saved for the backward and bytes written per
+   token, ops per step, where the bytes go, CPU training tokens/s; on a CUDA machine also batch 32 at T=16000 (tokens/s,
+   peak memory, SC09 epochs/h) and GPT-2 across T = 4k .. 64k.
 
 On a CUDA machine every section runs on the GPU, with the GPU's sizes: the scan compares the Triton kernel with the
 chunked torch scan; training runs under bf16 autocast (the recurrence stays fp32) at T=16000 for all models, with
@@ -52,7 +56,7 @@ from bench_generate import bench_generate, child_generate, child_generate_cuda
 from bench_length import bench_length, one_step
 from bench_pcm16 import bench_pcm16
 from bench_scan import bench_scan
-from bench_train import bench_peers, bench_train, child_train
+from bench_train import bench_peers, bench_traffic, bench_train, child_train
 from common import DEVICE, ROOT
 from report import markdown
 
@@ -83,7 +87,7 @@ def main():
     results = {"machine": {"device": device, "gpu": DEVICE == "cuda", "threads": torch.get_num_threads(),
                            "torch": torch.__version__, "when": time.strftime("%Y-%m-%d"), "quick": args.quick}}
     sections = {"scan": bench_scan, "train": bench_train, "peers": bench_peers, "generate": bench_generate,
-                "length": bench_length,
+                "length": bench_length, "traffic": bench_traffic,
                 "data": lambda quick: bench_data(quick, args.data_clips and [int(n) for n in args.data_clips.split(",")])}
     out = Path(args.out)
     sections["pcm16"] = lambda quick: bench_pcm16(quick, out)

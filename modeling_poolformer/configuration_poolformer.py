@@ -133,6 +133,13 @@ class PoolformerConfig(PretrainedConfig):
             installed, else chunked). All give the same result.
         scan_chunk_size (`int`, defaults to 0):
             Chunk length of the chunked scan; 0 picks about `sqrt(T)` per call.
+        fused_rglru (`bool`, *optional*):
+            Run the RG-LRU (gates, decays, input scale, scan) as one fused operator with its own backward, which
+            recomputes the elementwise chain instead of saving it (`rglru.py`): a fraction of the memory and traffic
+            of a training step. It runs where the scan implementation has fused kernels ("numba" on CPU, "triton" on
+            CUDA); the torch scans ("loop", "chunked") and `False` run the composite of torch ops. `None` (default):
+            fused on GPUs; on CPUs the composite, whose vectorised transcendentals are faster there than the numba
+            kernel's scalar ones. Both give the same result.
         activation_checkpointing (`bool`, defaults to `False`):
             Recompute each residual block in the backward pass instead of storing its activations (only its input
             is kept), so training steps on very long sequences fit in memory; `model.activation_checkpointing_enable()`
@@ -211,6 +218,7 @@ class PoolformerConfig(PretrainedConfig):
         sqrt_max_gradient=200.0,
         scan_implementation="auto",
         scan_chunk_size=0,
+        fused_rglru=None,
         activation_checkpointing=False,
         checkpoint_chunk_size=0,
         sample_rate=16000,
@@ -252,6 +260,7 @@ class PoolformerConfig(PretrainedConfig):
         self.sqrt_max_gradient = sqrt_max_gradient
         self.scan_implementation = scan_implementation
         self.scan_chunk_size = scan_chunk_size
+        self.fused_rglru = fused_rglru
         self.activation_checkpointing = activation_checkpointing
         self.checkpoint_chunk_size = checkpoint_chunk_size
         self.sample_rate = sample_rate
@@ -404,6 +413,7 @@ _RULES = (
     ("sqrt_max_gradient", lambda v, c: _is_number(v) and v > 0, "a number > 0"),
     ("scan_implementation", _one_of(*_SCAN_IMPLEMENTATIONS), f"one of {_SCAN_IMPLEMENTATIONS}"),
     ("scan_chunk_size", lambda v, c: _is_int(v, 0), "an int >= 0 (0 = auto)"),
+    ("fused_rglru", lambda v, c: v is None or _is_bool(v, c), "None, True or False"),
     ("activation_checkpointing", _is_bool, "True or False"),
     ("checkpoint_chunk_size", lambda v, c: _is_int(v, 0), "an int >= 0 (0 = off)"),
     ("sample_rate", lambda v, c: _is_int(v, 1), "a positive int (Hz)"),

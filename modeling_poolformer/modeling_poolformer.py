@@ -31,6 +31,7 @@ from .audio import PoolformerAudioMixin
 from .configuration_poolformer import PoolformerConfig
 from .generation import PoolformerGenerationMixin, eager_steps
 from .outputs import CACHE_FIELD, PoolformerCausalLMOutput, PoolformerModelOutput, cache_argument, nats_to_bits
+from .rglru import fused_rglru, fused_rglru_available
 from .scan import resolve_scan_implementation, scan_op
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -142,6 +143,7 @@ class PoolformerRGLRU(nn.Module):
         self.max_grad = config.sqrt_max_gradient
         self.chunk = config.scan_chunk_size
         self.scan_implementation = config.scan_implementation
+        self.fused = config.fused_rglru
         self.conv_width = config.conv1d_width
         d, width = config.hidden_size, config.lru_width
         if self.conv_width:
@@ -165,6 +167,17 @@ class PoolformerRGLRU(nn.Module):
                 state.write(state.conv_states, self.layer_idx, h[:, h.shape[1] - (self.conv_width - 1) :])
             h = self.conv_norm(self.conv1d(h.transpose(1, 2)).transpose(1, 2))
         x = self.input_proj(h)
+        h_prev = state.recurrent_states[self.layer_idx] if state is not None else None
+        decoding = h_prev is not None and x.shape[1] == 1 and not torch.is_grad_enabled()
+        implementation = resolve_scan_implementation(self.scan_implementation, x.device.type)
+        fused = self.fused if self.fused is not None else x.device.type == "cuda"  # None: where it is faster
+        if fused and not decoding and fused_rglru_available(implementation, x.device.type):
+            # the output in the dtype the output projection computes in (autocast's), as the composite's cast gives
+            out_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else h.dtype
+            features, last = self._fused(x, h_prev, out_dtype, implementation)
+            if state is not None:
+                state.write(state.recurrent_states, self.layer_idx, last)
+            return self.out_proj(features)
         # the recurrence runs in fp32 (or fp64) even under autocast: decays near 1 need the precision
         with torch.autocast(device_type=x.device.type, enabled=False):
             x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
@@ -173,14 +186,26 @@ class PoolformerRGLRU(nn.Module):
             log_a = -self.scale * gate_r * F.softplus(self.recurrence_param.to(x.dtype))
             scale = _SqrtBoundedGrad.apply(-torch.expm1(2 * log_a), self.max_grad) * gate_x
             theta = gate_r * self.phase_param.to(x.dtype) if self.is_complex else None
-            h_prev = state.recurrent_states[self.layer_idx] if state is not None else None
-            if h_prev is not None and x.shape[1] == 1 and not torch.is_grad_enabled():
+            if decoding:
                 features, last = self._step(log_a, theta, scale, x, h_prev)
             else:
                 features, last = self._scan(log_a, theta, scale, x, h_prev)
             if state is not None:
                 state.write(state.recurrent_states, self.layer_idx, last)
         return self.out_proj(features.to(h.dtype))
+
+    def _fused(self, x, state, out_dtype, implementation):
+        """The whole recurrence as one fused operator (`rglru.fused_rglru`): x in its own dtype (bf16 under
+        autocast; fp32 arithmetic inside), features in `out_dtype`, the last state as (re, im) pairs."""
+        if state is not None and self.is_complex:  # (B, U, 2) pairs <-> the op's (B, 2U) [re, im] halves
+            state = state.transpose(1, 2).flatten(1)
+        features, last = fused_rglru(
+            x, self.input_gate.weight, self.input_gate.bias, self.recurrence_gate.weight, self.recurrence_gate.bias,
+            self.recurrence_param, self.phase_param if self.is_complex else None, state, self.scale, self.max_grad,
+            out_dtype, implementation)
+        if self.is_complex:
+            last = last.unflatten(1, (2, self.units)).transpose(1, 2).contiguous()
+        return features, last
 
     def _scan(self, log_a, theta, scale, x, state):
         """The recurrence over a chunk with the parallel scan -> (real and imaginary parts of h concatenated,

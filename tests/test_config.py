@@ -53,6 +53,7 @@ INVALID = [
     ("sqrt_max_gradient", 0),
     ("scan_implementation", "cuda"),
     ("scan_chunk_size", -2),
+    ("fused_rglru", "yes"),
     ("activation_checkpointing", "yes"),
     ("checkpoint_chunk_size", -1),
     ("checkpoint_chunk_size", 16.5),

@@ -33,7 +33,7 @@ def test_saved_folder_is_a_complete_repo_and_loads_with_remote_code(tmp_path):
     model.save_pretrained(tmp_path / "saved")
     files = sorted(os.listdir(tmp_path / "saved"))
     assert {"config.json", "model.safetensors", "modeling_poolformer.py", "configuration_poolformer.py",
-            "scan.py", "audio.py"} <= set(files)  # the scans (the GPU one too) and the audio codec travel with it
+            "scan.py", "rglru.py", "audio.py"} <= set(files)  # the scans, the fused RG-LRU and the codec travel with it
     auto_map = json.loads((tmp_path / "saved" / "config.json").read_text())["auto_map"]
     assert set(auto_map) == {"AutoConfig", "AutoModel", "AutoModelForCausalLM"}
 

@@ -196,7 +196,7 @@ def test_bf16_autocast_training_keeps_the_recurrence_in_fp32(monkeypatch):
         return scan(a, u, h0, implementation, chunk)
 
     monkeypatch.setattr(scan_module, "_scan", recording_scan)
-    model = hub_model("tiny").train()
+    model = hub_model("tiny", fused_rglru=False).train()  # the composite's scans (the fused op: test_rglru.py)
     ids = torch.randint(0, 256, (2, 300))
     want_loss, want_grads = _loss_and_grads(model, ids)
     seen.clear()

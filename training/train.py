@@ -353,7 +353,7 @@ def run_fingerprint(config, data_args, args, accelerator, max_steps: int, warmup
     """What a checkpoint's state and data position mean, stored with every checkpoint: a resume that changes any of
     it cannot continue the run exactly (the model would be another, the batches others, or the schedule another)."""
     execution_only = ("checkpoint_chunk_size", "activation_checkpointing", "scan_implementation", "scan_chunk_size",
-                      "transformers_version", "_name_or_path")
+                      "fused_rglru", "transformers_version", "_name_or_path")
     fingerprint = {
         "config": {k: v for k, v in config.to_dict().items() if k not in execution_only},
         "data": {k: v for k, v in asdict(data_args).items() if k not in ("cache_dir", "preprocessing_num_workers")},

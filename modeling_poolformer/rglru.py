@@ -1,0 +1,649 @@
+"""The fused RG-LRU: from the input projection's output x to the recurrence's output features in one custom operator
+with its own backward, instead of ~20 elementwise torch ops whose outputs autograd keeps.
+
+For each unit n and step t (c = `recurrence_scale`, W_i, W_r block-diagonal with biases b_i, b_r):
+
+    i_t = sigmoid(W_i x_t + b_i)_n,   r_t = sigmoid(W_r x_t + b_r)_n
+    log|a_t| = -c r_t softplus(Lambda_n),   arg a_t = r_t theta_n (complex units only)
+    u_t = sqrt(1 - |a_t|^2) i_t x_t         (sqrt's gradient capped at `max_grad`; x_t = x[n] + i x[n + U] if complex)
+    h_t = a_t h_{t-1} + u_t,   h_{-1} = h0
+    out_t = [Re h_t, Im h_t]                (the real and imaginary halves: the layout the output projection reads)
+
+Forward: one kernel pass over x computes the gates (the block-diagonal products are dot products of
+`lru_width / num_gate_blocks` inputs, done inline), the decays, the inputs and the scan, and writes only the output,
+the last state and the state at every `CHECKPOINT`-th step (B x T/64 x 2U floats: 1/64 of one activation).
+
+Backward: nothing of the elementwise chain is saved. Chunk by chunk from the end, the kernel re-runs the forward from
+that chunk's checkpoint (gates, decays and states, in a chunk-sized scratch buffer that stays in cache), then runs the
+gradient recurrence g_t = dL/dh_t + conj(a_{t+1}) g_{t+1} backwards through it and applies the chain rule to every
+step's gate pre-activations, x, Lambda and theta. The pre-activation gradients leave the kernel (B x T x 2U) and
+block-diagonal torch matmuls turn them into x's gradient and the gate weights' (both gates in one einsum each).
+
+Why the gates are inside the kernel but their backward matmuls are not: in the forward, inline dot products spare
+writing (and saving, or recomputing with a second pass) the (B, T, 2U) fp32 pre-activations, 1 KB per token per
+layer. In the backward, a gate input feeds units that other programs own, so the kernel could only add x's gate
+gradient with atomics or a serialised pass, and the weights' gradients are a reduction over batch and time: work a
+matmul does well, for one extra (B, T, 2U) write.
+
+So autograd keeps only x (in its own dtype, bf16 under autocast), the parameters and the checkpoints. The op is the
+same on every device (numba kernels on CPU, Triton kernels on CUDA, or in Triton's interpreter on CPU tensors), so
+the saved and written bytes are the same, and `torch.compile` sees one opaque call. Arithmetic is fp32 for
+fp32/bf16/fp16 x (fp64 stays fp64); the output is written in the dtype asked for (the output projection's autocast
+dtype). The composite in `PoolformerRGLRU` (with `scan.py`'s scans) remains the reference and the fallback.
+"""
+
+import functools
+import os
+from typing import Optional
+
+import torch
+
+__all__ = ["CHECKPOINT", "fused_rglru", "fused_rglru_available", "numba_rglru_kernels", "rglru_op"]
+
+CHECKPOINT = 64  # steps between the states kept for the backward's re-scan
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# numba kernels (CPU)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def numba_rglru_kernels():
+    """(forward, backward, block_size) compiled CPU kernels (cached on disk), or None without numba. A parallel job
+    runs a block of units of one batch row through time; x's row for step t is read once per job."""
+    try:
+        import numba
+        import numpy as np
+    except ImportError:
+        return None
+
+    # bf16 tensors cross as their int16 bit patterns (numba has no bf16): a bf16 is the upper half of a float32, so
+    # a row is widened with a shift, and a result is rounded to nearest even on its float32 bits, as torch does
+
+    @numba.njit(parallel=True, cache=True)
+    def forward(x, x16, wi, bi, wr, br, sp, theta, h0, out, out16, last, ckpt, c, is_complex, block):
+        bf16_in, bf16_out = x16.size > 0, out16.size > 0
+        batch, steps, width = x16.shape if bf16_in else x.shape
+        units = sp.shape[0]
+        _, per_in, per_out = wi.shape
+        blocks = (units + block - 1) // block
+        one = sp.dtype.type(1.0)
+        for job in numba.prange(batch * blocks):
+            b, lo = job // blocks, (job % blocks) * block
+            hi = min(units, lo + block)
+            hr = h0[b, lo:hi].copy()
+            him = h0[b, units + lo : units + hi].copy() if is_complex else hr.copy()
+            bits, row = np.empty(width, np.int32), np.empty(width, sp.dtype)
+            f32 = np.empty(1, np.float32)
+            i32 = f32.view(np.int32)
+            for t in range(steps):
+                if bf16_in:
+                    for k in range(width):
+                        bits[k] = np.int32(x16[b, t, k]) << 16
+                    row[:] = bits.view(np.float32)
+                    xt = row
+                else:
+                    xt = x[b, t]
+                if t % 64 == 0:
+                    ckpt[b, t // 64, lo:hi] = hr
+                    if is_complex:
+                        ckpt[b, t // 64, units + lo : units + hi] = him
+                for n in range(lo, hi):
+                    # the gates' pre-activations: unit n's block of the block-diagonal weights (no jitted helper:
+                    # numba's disk cache misses for functions that call closures)
+                    j, o = n // per_out, n % per_out
+                    pi, pr = bi[n], br[n]
+                    for k in range(per_in):
+                        pi += xt[j * per_in + k] * wi[j, k, o]
+                        pr += xt[j * per_in + k] * wr[j, k, o]
+                    gi, gr = one / (one + np.exp(-pi)), one / (one + np.exp(-pr))
+                    log_a = -c * gr * sp[n]
+                    mag = np.exp(log_a)
+                    s = np.sqrt(-np.expm1(2 * log_a)) * gi
+                    m = n - lo
+                    if is_complex:
+                        th = gr * theta[n]
+                        ar, ai = mag * np.cos(th), mag * np.sin(th)
+                        nr = ar * hr[m] - ai * him[m] + s * xt[n]
+                        ni = ar * him[m] + ai * hr[m] + s * xt[units + n]
+                        hr[m], him[m] = nr, ni
+                    else:
+                        hr[m] = mag * hr[m] + s * xt[n]
+                    if bf16_out:
+                        f32[0] = hr[m]
+                        w = i32[0]
+                        out16[b, t, n] = np.int16((w + 0x7FFF + ((w >> 16) & 1)) >> 16)
+                        if is_complex:
+                            f32[0] = him[m]
+                            w = i32[0]
+                            out16[b, t, units + n] = np.int16((w + 0x7FFF + ((w >> 16) & 1)) >> 16)
+                    else:
+                        out[b, t, n] = hr[m]
+                        if is_complex:
+                            out[b, t, units + n] = him[m]
+            last[b, lo:hi] = hr
+            if is_complex:
+                last[b, units + lo : units + hi] = him
+
+    @numba.njit(parallel=True, cache=True)
+    def backward(x, x16, wi, bi, wr, br, sp, theta, ckpt, grad_out, grad_out16, grad_last, c, max_grad, is_complex,
+                 block, grad_x, grad_pre, grad_sp, grad_theta, grad_h0):
+        bf16_in, bf16_grad = x16.size > 0, grad_out16.size > 0
+        batch, steps, width = grad_x.shape
+        units = sp.shape[0]
+        blocks = (units + block - 1) // block
+        chunks = ckpt.shape[1]
+        _, per_in, per_out = wi.shape
+        one = sp.dtype.type(1.0)
+        floor = one / max_grad
+        for job in numba.prange(batch * blocks):
+            b, lo = job // blocks, (job % blocks) * block
+            hi = min(units, lo + block)
+            size = hi - lo
+            # per chunk step: the previous state, the decay and what the chain rule needs
+            hp_r, hp_i = np.empty((64, size), sp.dtype), np.empty((64, size), sp.dtype)
+            a_r, a_i = np.empty((64, size), sp.dtype), np.empty((64, size), sp.dtype)
+            g_i, g_r, sq = np.empty((64, size), sp.dtype), np.empty((64, size), sp.dtype), np.empty((64, size), sp.dtype)
+            # the chunk's rows of x (and of dL/dout) at the arithmetic's precision
+            xs, gs = np.empty((64, width), sp.dtype), np.empty((64, width), sp.dtype)
+            bits = np.empty(width, np.int32)
+            # the gradient carry g_{t+1} and the decay a_{t+1}: at the last step, dL/dh_last and 1
+            gc_r = grad_last[b, lo:hi].copy()
+            gc_i = grad_last[b, units + lo : units + hi].copy() if is_complex else gc_r.copy()
+            an_r, an_i = np.ones(size, sp.dtype), np.zeros(size, sp.dtype)
+            d_sp, d_th = np.zeros(size, sp.dtype), np.zeros(size, sp.dtype)
+            for chunk in range(chunks - 1, -1, -1):
+                start = chunk * 64
+                stop = min(steps, start + 64)
+                for t in range(start, stop):
+                    k = t - start
+                    if bf16_in:
+                        for i in range(width):
+                            bits[i] = np.int32(x16[b, t, i]) << 16
+                        xs[k] = bits.view(np.float32)
+                    else:
+                        xs[k] = x[b, t]
+                    if bf16_grad:
+                        for i in range(width):
+                            bits[i] = np.int32(grad_out16[b, t, i]) << 16
+                        gs[k] = bits.view(np.float32)
+                    else:
+                        gs[k] = grad_out[b, t]
+                hr = ckpt[b, chunk, lo:hi].copy()
+                him = ckpt[b, chunk, units + lo : units + hi].copy() if is_complex else hr.copy()
+                for t in range(start, stop):  # re-run the forward over the chunk from its checkpoint
+                    k = t - start
+                    xt = xs[k]
+                    for n in range(lo, hi):
+                        m = n - lo
+                        j, o = n // per_out, n % per_out
+                        pi, pr = bi[n], br[n]
+                        for i in range(per_in):
+                            pi += xt[j * per_in + i] * wi[j, i, o]
+                            pr += xt[j * per_in + i] * wr[j, i, o]
+                        gi, gr = one / (one + np.exp(-pi)), one / (one + np.exp(-pr))
+                        log_a = -c * gr * sp[n]
+                        mag = np.exp(log_a)
+                        q = np.sqrt(-np.expm1(2 * log_a))
+                        g_i[k, m], g_r[k, m], sq[k, m] = gi, gr, q
+                        hp_r[k, m], hp_i[k, m] = hr[m], him[m]
+                        if is_complex:
+                            th = gr * theta[n]
+                            ar, ai = mag * np.cos(th), mag * np.sin(th)
+                            a_r[k, m], a_i[k, m] = ar, ai
+                            nr = ar * hr[m] - ai * him[m] + q * gi * xt[n]
+                            ni = ar * him[m] + ai * hr[m] + q * gi * xt[units + n]
+                            hr[m], him[m] = nr, ni
+                        else:
+                            a_r[k, m] = mag
+                            hr[m] = mag * hr[m] + q * gi * xt[n]
+                for t in range(stop - 1, start - 1, -1):  # then the gradient recurrence back through it
+                    k = t - start
+                    xt, gt = xs[k], gs[k]
+                    gx, gp = grad_x[b, t], grad_pre[b, t]
+                    for n in range(lo, hi):
+                        m = n - lo
+                        gi, gr, q, ar = g_i[k, m], g_r[k, m], sq[k, m], a_r[k, m]
+                        if is_complex:
+                            # g_t = dL/dh_t + conj(a_{t+1}) g_{t+1}
+                            cr, ci = gc_r[m], gc_i[m]
+                            gre = gt[n] + an_r[m] * cr + an_i[m] * ci
+                            gim = gt[units + n] + an_r[m] * ci - an_i[m] * cr
+                            ai = a_i[k, m]
+                            # dL/da_t = g_t conj(h_{t-1}); |a| and arg a through a = |a| e^{i arg a}
+                            ga_r = gre * hp_r[k, m] + gim * hp_i[k, m]
+                            ga_i = gim * hp_r[k, m] - gre * hp_i[k, m]
+                            d_log = ga_r * ar + ga_i * ai
+                            d_arg = ga_i * ar - ga_r * ai
+                            d_scale = gre * xt[n] + gim * xt[units + n]
+                            gx[n], gx[units + n] = q * gi * gre, q * gi * gim
+                            gc_r[m], gc_i[m] = gre, gim
+                            an_r[m], an_i[m] = ar, ai
+                        else:
+                            gre = gt[n] + an_r[m] * gc_r[m]
+                            d_log = gre * hp_r[k, m] * ar
+                            d_arg = 0.0
+                            d_scale = gre * xt[n]
+                            gx[n] = q * gi * gre
+                            gc_r[m] = gre
+                            an_r[m] = ar
+                        # q = sqrt(1 - |a|^2) with d q / d(1 - |a|^2) capped; d(1 - |a|^2) / d log|a| = -2 |a|^2
+                        d_q = d_scale * gi / max(2 * q, floor)  # the composite's sqrt(4 q^2).clamp_min(1 / max_grad)
+                        d_log -= 2 * d_q * (ar * ar + (a_i[k, m] * a_i[k, m] if is_complex else 0.0))
+                        d_sp[m] += d_log * (-c * gr)
+                        d_th[m] += d_arg * gr
+                        d_gr = d_log * (-c * sp[n]) + (d_arg * theta[n] if is_complex else 0.0)
+                        gp[n] = d_scale * q * gi * (one - gi)
+                        gp[units + n] = d_gr * gr * (one - gr)
+            grad_sp[b, lo:hi] = d_sp
+            grad_theta[b, lo:hi] = d_th
+            # dL/dh0 = conj(a_0) g_0
+            grad_h0[b, lo:hi] = an_r * gc_r + an_i * gc_i if is_complex else an_r * gc_r
+            if is_complex:
+                grad_h0[b, units + lo : units + hi] = an_r * gc_i - an_i * gc_r
+
+    def block_size(batch, units):
+        """Whole rows when the batch alone keeps every thread busy, else rows split across the idle threads."""
+        per_row = max(1, numba.get_num_threads() // batch)
+        return max(16, -(-units // per_row))
+
+    return forward, backward, block_size
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Triton kernels (GPUs; TRITON_INTERPRET=1 runs them on CPU tensors): one program runs BLOCK_N units of one batch row
+# through time in tiles of CHECKPOINT steps, each tile combined with `tl.associative_scan` and joined to the previous
+# one through its carry. The backward walks the tiles from the end; per tile it recomputes the step chain at t (the
+# chain rule's factors), at t - 1 (scanned from the tile's checkpoint: the states h_{t-1}) and at t + 1 (the decays
+# a_{t+1} of the gradient recurrence, a reverse scan): recomputation in registers instead of reads of saved tensors.
+# ---------------------------------------------------------------------------------------------------------------------
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+if triton is not None:
+    from .scan import _combine, _combine_complex
+
+    @triton.jit
+    def _expm1(z):
+        """exp(z) - 1 without the cancellation near 0 (Kahan): (e - 1) z / log(e), e = exp(z)."""
+        e = tl.exp(z)
+        ratio = z / tl.log(tl.where(e == 1.0, 2.0, e))
+        return tl.where(e == 1.0, z, tl.where(e - 1.0 == -1.0, -1.0, (e - 1.0) * ratio))
+
+    @triton.jit
+    def _step_chain(x_ptr, wi_ptr, wr_ptr, bi, br, sp, th, t, n, valid, T, U, W, c,
+                    COMPLEX: tl.constexpr, PER_IN: tl.constexpr, PER_OUT: tl.constexpr, ACC: tl.constexpr):
+        """Per (t, n) tile: the gates i, r, q = sqrt(1 - |a|^2), the decay a = (ar, ai) and x's parts (xr, xi);
+        outside `valid` the decay is 1 and x is 0 (the identity step)."""
+        j, o = n // PER_OUT, n % PER_OUT
+        row = x_ptr + t[:, None] * W
+        pi = tl.zeros_like(valid.to(ACC)) + bi[None, :]
+        pr = tl.zeros_like(pi) + br[None, :]
+        for k in tl.static_range(PER_IN):
+            col = j * PER_IN + k
+            v = tl.load(row + col[None, :], mask=valid, other=0.0).to(ACC)
+            n_ok = n < U
+            pi += v * tl.load(wi_ptr + col * PER_OUT + o, mask=n_ok, other=0.0).to(ACC)[None, :]
+            pr += v * tl.load(wr_ptr + col * PER_OUT + o, mask=n_ok, other=0.0).to(ACC)[None, :]
+        gi = 1.0 / (1.0 + tl.exp(-pi))
+        gr = 1.0 / (1.0 + tl.exp(-pr))
+        log_a = -c * gr * sp[None, :]
+        mag = tl.exp(log_a)
+        q = tl.sqrt(-_expm1(2.0 * log_a))
+        xr = tl.load(row + n[None, :], mask=valid, other=0.0).to(ACC)
+        if COMPLEX:
+            ang = gr * th[None, :]
+            ar = tl.where(valid, mag * tl.cos(ang), 1.0)
+            ai = tl.where(valid, mag * tl.sin(ang), 0.0)
+            xi = tl.load(row + U + n[None, :], mask=valid, other=0.0).to(ACC)
+        else:
+            ar = tl.where(valid, mag, 1.0)
+            ai = tl.zeros_like(ar)
+            xi = tl.zeros_like(xr)
+        return gi, gr, q, ar, ai, xr, xi
+
+    @triton.jit
+    def _rglru_fwd_kernel(x_ptr, wi_ptr, bi_ptr, wr_ptr, br_ptr, sp_ptr, th_ptr, h0_ptr, out_ptr, last_ptr, ckpt_ptr,
+                          T, U, W, CHUNKS, c,
+                          COMPLEX: tl.constexpr, PER_IN: tl.constexpr, PER_OUT: tl.constexpr, FP64: tl.constexpr,
+                          BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
+        """x, out: (B, T, W); h0, last: (B, S); ckpt: (B, CHUNKS, S); S = 2U (re, im halves) or U; contiguous."""
+        ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
+        b = tl.program_id(0)
+        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = n < U
+        S = 2 * U if COMPLEX else U
+        bi = tl.load(bi_ptr + n, mask=n_ok, other=0.0).to(ACC)
+        br = tl.load(br_ptr + n, mask=n_ok, other=0.0).to(ACC)
+        sp = tl.load(sp_ptr + n, mask=n_ok, other=0.0).to(ACC)
+        th = sp
+        carry_r = tl.load(h0_ptr + b * S + n, mask=n_ok, other=0.0).to(ACC)
+        carry_i = carry_r
+        if COMPLEX:
+            th = tl.load(th_ptr + n, mask=n_ok, other=0.0).to(ACC)
+            carry_i = tl.load(h0_ptr + b * S + U + n, mask=n_ok, other=0.0).to(ACC)
+        last_row = tl.arange(0, BLOCK_T)[:, None] == BLOCK_T - 1
+        x_row, o_row = x_ptr + b * T * W, out_ptr + b * T * W
+        for chunk in range(0, CHUNKS):
+            ck = ckpt_ptr + (b * CHUNKS + chunk) * S
+            tl.store(ck + n, carry_r.to(ckpt_ptr.dtype.element_ty), mask=n_ok)
+            if COMPLEX:
+                tl.store(ck + U + n, carry_i.to(ckpt_ptr.dtype.element_ty), mask=n_ok)
+            t = chunk * BLOCK_T + tl.arange(0, BLOCK_T)
+            valid = (t < T)[:, None] & n_ok[None, :]
+            gi, gr, q, ar, ai, xr, xi = _step_chain(x_row, wi_ptr, wr_ptr, bi, br, sp, th, t, n, valid, T, U, W, c,
+                                                    COMPLEX, PER_IN, PER_OUT, ACC)
+            ur, ui = q * gi * xr, q * gi * xi
+            if COMPLEX:
+                ar, ai, ur, ui = tl.associative_scan((ar, ai, ur, ui), 0, _combine_complex)
+                h_r = ar * carry_r[None, :] - ai * carry_i[None, :] + ur
+                h_i = ar * carry_i[None, :] + ai * carry_r[None, :] + ui
+                tl.store(o_row + t[:, None] * W + U + n[None, :], h_i.to(out_ptr.dtype.element_ty), mask=valid)
+                carry_i = tl.sum(tl.where(last_row, h_i, 0.0), axis=0)
+            else:
+                ar, ur = tl.associative_scan((ar, ur), 0, _combine)
+                h_r = ar * carry_r[None, :] + ur
+            tl.store(o_row + t[:, None] * W + n[None, :], h_r.to(out_ptr.dtype.element_ty), mask=valid)
+            carry_r = tl.sum(tl.where(last_row, h_r, 0.0), axis=0)
+        tl.store(last_ptr + b * S + n, carry_r.to(last_ptr.dtype.element_ty), mask=n_ok)
+        if COMPLEX:
+            tl.store(last_ptr + b * S + U + n, carry_i.to(last_ptr.dtype.element_ty), mask=n_ok)
+
+    @triton.jit
+    def _rglru_bwd_kernel(x_ptr, wi_ptr, bi_ptr, wr_ptr, br_ptr, sp_ptr, th_ptr, ckpt_ptr, gout_ptr, glast_ptr,
+                          gx_ptr, gpre_ptr, gsp_ptr, gth_ptr, gh0_ptr, T, U, W, CHUNKS, c, floor,
+                          COMPLEX: tl.constexpr, PER_IN: tl.constexpr, PER_OUT: tl.constexpr, FP64: tl.constexpr,
+                          BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
+        """gout, gx: (B, T, W); gpre: (B, T, 2U) (input gate, then recurrence gate); glast, gh0: (B, S);
+        gsp, gth: (B, U), this batch row's sums over time."""
+        ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
+        b = tl.program_id(0)
+        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = n < U
+        S = 2 * U if COMPLEX else U
+        bi = tl.load(bi_ptr + n, mask=n_ok, other=0.0).to(ACC)
+        br = tl.load(br_ptr + n, mask=n_ok, other=0.0).to(ACC)
+        sp = tl.load(sp_ptr + n, mask=n_ok, other=0.0).to(ACC)
+        th = sp
+        # the gradient carry g_{t+1}: at the last step dL/dh_last (the decay a_T does not exist: 1)
+        gc_r = tl.load(glast_ptr + b * S + n, mask=n_ok, other=0.0).to(ACC)
+        gc_i = gc_r
+        if COMPLEX:
+            th = tl.load(th_ptr + n, mask=n_ok, other=0.0).to(ACC)
+            gc_i = tl.load(glast_ptr + b * S + U + n, mask=n_ok, other=0.0).to(ACC)
+        d_sp = tl.zeros_like(sp)
+        d_th = tl.zeros_like(sp)
+        a0_r = tl.zeros_like(sp)
+        a0_i = tl.zeros_like(sp)
+        first_row = tl.arange(0, BLOCK_T)[:, None] == 0
+        x_row, go_row = x_ptr + b * T * W, gout_ptr + b * T * W
+        gx_row, gp_row = gx_ptr + b * T * W, gpre_ptr + b * T * 2 * U
+        for back in range(0, CHUNKS):
+            chunk = CHUNKS - 1 - back
+            ck = ckpt_ptr + (b * CHUNKS + chunk) * S
+            h_r = tl.load(ck + n, mask=n_ok, other=0.0).to(ACC)
+            h_i = h_r
+            if COMPLEX:
+                h_i = tl.load(ck + U + n, mask=n_ok, other=0.0).to(ACC)
+            t = chunk * BLOCK_T + tl.arange(0, BLOCK_T)
+            valid = (t < T)[:, None] & n_ok[None, :]
+            gi, gr, q, ar, ai, xr, xi = _step_chain(x_row, wi_ptr, wr_ptr, bi, br, sp, th, t, n, valid, T, U, W, c,
+                                                    COMPLEX, PER_IN, PER_OUT, ACC)
+            # h_{t-1}: the steps before t in this tile (the first row: none), scanned from the checkpoint
+            prev = valid & (t > chunk * BLOCK_T)[:, None]
+            pgi, pgr, pq, par, pai, pxr, pxi = _step_chain(x_row, wi_ptr, wr_ptr, bi, br, sp, th, t - 1, n, prev, T, U,
+                                                           W, c, COMPLEX, PER_IN, PER_OUT, ACC)
+            # a_{t+1}, the gradient recurrence's decay (1 after the last step)
+            nxt = (t + 1 < T)[:, None] & n_ok[None, :]
+            _, _, _, nar, nai, _, _ = _step_chain(x_row, wi_ptr, wr_ptr, bi, br, sp, th, t + 1, n, nxt, T, U, W, c,
+                                                  COMPLEX, PER_IN, PER_OUT, ACC)
+            go_off = t[:, None] * W + n[None, :]
+            gor = tl.load(go_row + go_off, mask=valid, other=0.0).to(ACC)
+            if COMPLEX:
+                pur, pui = pq * pgi * pxr, pq * pgi * pxi
+                par, pai, pur, pui = tl.associative_scan((par, pai, pur, pui), 0, _combine_complex)
+                hp_r = par * h_r[None, :] - pai * h_i[None, :] + pur
+                hp_i = par * h_i[None, :] + pai * h_r[None, :] + pui
+                goi = tl.load(go_row + go_off + U, mask=valid, other=0.0).to(ACC)
+                # g_t = dL/dh_t + conj(a_{t+1}) g_{t+1}, a reverse scan joined to the next tile's g through the carry
+                br_, bi_, gr_, gi_ = tl.associative_scan((nar, -nai, gor, goi), 0, _combine_complex, reverse=True)
+                g_r = gr_ + br_ * gc_r[None, :] - bi_ * gc_i[None, :]
+                g_i = gi_ + br_ * gc_i[None, :] + bi_ * gc_r[None, :]
+                ga_r = g_r * hp_r + g_i * hp_i  # dL/da_t = g_t conj(h_{t-1})
+                ga_i = g_i * hp_r - g_r * hp_i
+                d_log = ga_r * ar + ga_i * ai  # through a = |a| e^{i arg a}
+                d_arg = ga_i * ar - ga_r * ai
+                d_scale = g_r * xr + g_i * xi
+                tl.store(gx_row + go_off + U, (q * gi * g_i).to(gx_ptr.dtype.element_ty), mask=valid)
+                gc_i = tl.sum(tl.where(first_row, g_i, 0.0), axis=0)
+                a0_i = tl.sum(tl.where(first_row, ai, 0.0), axis=0)
+                d_th += tl.sum(tl.where(valid, d_arg * gr, 0.0), axis=0)
+                mag2 = ar * ar + ai * ai
+            else:
+                pur = pq * pgi * pxr
+                par, pur = tl.associative_scan((par, pur), 0, _combine)
+                hp_r = par * h_r[None, :] + pur
+                br_, gr_ = tl.associative_scan((nar, gor), 0, _combine, reverse=True)
+                g_r = gr_ + br_ * gc_r[None, :]
+                d_log = g_r * hp_r * ar
+                d_scale = g_r * xr
+                d_arg = tl.zeros_like(d_log)
+                mag2 = ar * ar
+            tl.store(gx_row + go_off, (q * gi * g_r).to(gx_ptr.dtype.element_ty), mask=valid)
+            gc_r = tl.sum(tl.where(first_row, g_r, 0.0), axis=0)
+            a0_r = tl.sum(tl.where(first_row, ar, 0.0), axis=0)
+            # q = sqrt(1 - |a|^2), its derivative capped as the composite's; d(1 - |a|^2) / d log|a| = -2 |a|^2
+            d_q = d_scale * gi / tl.maximum(2.0 * q, floor)
+            d_log -= 2.0 * d_q * mag2
+            d_sp += tl.sum(tl.where(valid, d_log * (-c * gr), 0.0), axis=0)
+            d_gr = d_log * (-c * sp[None, :]) + d_arg * th[None, :]  # log|a| = -c r softplus(Lambda), arg = r theta
+            gp_off = t[:, None] * 2 * U + n[None, :]
+            tl.store(gp_row + gp_off, (d_scale * q * gi * (1.0 - gi)).to(gpre_ptr.dtype.element_ty), mask=valid)
+            tl.store(gp_row + gp_off + U, (d_gr * gr * (1.0 - gr)).to(gpre_ptr.dtype.element_ty), mask=valid)
+        tl.store(gsp_ptr + b * U + n, d_sp.to(gsp_ptr.dtype.element_ty), mask=n_ok)
+        if COMPLEX:  # dL/dh0 = conj(a_0) g_0
+            tl.store(gth_ptr + b * U + n, d_th.to(gth_ptr.dtype.element_ty), mask=n_ok)
+            tl.store(gh0_ptr + b * S + n, (a0_r * gc_r + a0_i * gc_i).to(gh0_ptr.dtype.element_ty), mask=n_ok)
+            tl.store(gh0_ptr + b * S + U + n, (a0_r * gc_i - a0_i * gc_r).to(gh0_ptr.dtype.element_ty), mask=n_ok)
+        else:
+            tl.store(gh0_ptr + b * S + n, (a0_r * gc_r).to(gh0_ptr.dtype.element_ty), mask=n_ok)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Dispatch and the custom operator
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@torch.compiler.assume_constant_result  # a compiled graph bakes the choice in instead of tracing numba's import
+def fused_rglru_available(implementation: str, device_type: str) -> bool:
+    """Whether the fused op runs for a resolved scan implementation: "numba" on CPU, "triton" on CUDA (or in the
+    interpreter). The torch scans ("loop", "chunked") keep the composite."""
+    if implementation == "numba":
+        return device_type == "cpu" and numba_rglru_kernels() is not None
+    if implementation == "triton":
+        return triton is not None and (device_type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+    return False
+
+
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _numpy(x: torch.Tensor):
+    return x.detach().contiguous().numpy()
+
+
+def _numba_pair(t: torch.Tensor, acc: torch.dtype) -> tuple:
+    """(float array, int16 array) for a numba kernel: a bf16 tensor as its bit patterns (the float array empty), any
+    other as floats at the arithmetic's precision (the int16 array empty). Arrays share the tensor's memory, so a
+    kernel can write an output through them."""
+    if t.dtype == torch.bfloat16:
+        return torch.empty(0, 0, 0, dtype=acc).numpy(), t.detach().contiguous().view(torch.int16).numpy()
+    return t.detach().to(acc).contiguous().numpy(), torch.empty(0, 0, 0, dtype=torch.int16).numpy()
+
+
+def _chunks(steps: int) -> int:
+    return max(1, -(-steps // CHECKPOINT))
+
+
+def _block_n(batch: int, units: int, device: torch.device) -> int:
+    """32 units per program, halved (down to 8) on a GPU until the programs fill it."""
+    block = 32
+    while device.type == "cuda" and block > 8 and batch * triton.cdiv(units, block) < 4 * _multiprocessors(device):
+        block //= 2
+    return block
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _rglru_forward(x, wi, bi, wr, br, decay_param, phase_param, h0, is_complex, scale, out_dtype, implementation):
+    batch, steps, width = x.shape
+    acc = _acc_dtype(x)
+    units = decay_param.shape[0]
+    sp = torch.nn.functional.softplus(decay_param.to(acc))
+    theta = phase_param.to(acc) if is_complex else sp
+    params = [t.detach().to(acc).contiguous() for t in (wi, bi, wr, br)]
+    last = torch.empty(h0.shape, dtype=acc, device=x.device)
+    ckpt = torch.empty(batch, _chunks(steps), h0.shape[1], dtype=acc, device=x.device)
+    if implementation == "numba":
+        forward, _, block_size = numba_rglru_kernels()
+        out = torch.empty(batch, steps, width, dtype=out_dtype if out_dtype in (acc, torch.bfloat16) else acc)
+        forward(*_numba_pair(x, acc), *(p.numpy() for p in params), _numpy(sp), _numpy(theta), _numpy(h0.to(acc)),
+                *_numba_pair(out, acc), last.numpy(), ckpt.numpy(), float(scale), is_complex, block_size(batch, units))
+        return out.to(out_dtype), last, ckpt
+    out = torch.empty(batch, steps, width, dtype=out_dtype, device=x.device)
+    block_n = _block_n(batch, units, x.device)
+    _rglru_fwd_kernel[(batch, triton.cdiv(units, block_n))](
+        x.contiguous(), *params, sp.contiguous(), theta.contiguous(), h0.to(acc).contiguous(), out, last, ckpt,
+        steps, units, width, ckpt.shape[1], float(scale), COMPLEX=is_complex, PER_IN=wi.shape[1], PER_OUT=wi.shape[2],
+        FP64=acc == torch.float64, BLOCK_T=CHECKPOINT, BLOCK_N=block_n)
+    return out, last, ckpt
+
+
+def _rglru_backward(x, wi, bi, wr, br, decay_param, phase_param, ckpt, grad_out, grad_last, is_complex, scale, max_grad,
+                    implementation):
+    """Gradients of (x, wi, bi, wr, br, decay_param, phase_param, h0). The kernels give x's direct gradient and the
+    gate pre-activations' (B, T, 2U); the block-diagonal matmuls' backward is torch's."""
+    batch, steps, width = x.shape
+    acc = _acc_dtype(x)
+    units = decay_param.shape[0]
+    sp = torch.nn.functional.softplus(decay_param.to(acc))
+    theta = phase_param.to(acc) if is_complex else sp
+    params = [t.detach().to(acc).contiguous() for t in (wi, bi, wr, br)]
+    grad_x = torch.empty(batch, steps, width, dtype=acc, device=x.device)
+    grad_pre = torch.empty(batch, steps, 2 * units, dtype=acc, device=x.device)
+    grad_sp = torch.empty(batch, units, dtype=acc, device=x.device)
+    grad_theta = torch.zeros(batch, units, dtype=acc, device=x.device)
+    grad_h0 = torch.empty(ckpt.shape[0], ckpt.shape[2], dtype=acc, device=x.device)
+    if implementation == "numba":
+        _, backward, block_size = numba_rglru_kernels()
+        backward(*_numba_pair(x, acc), *(p.numpy() for p in params), _numpy(sp), _numpy(theta), _numpy(ckpt),
+                 *_numba_pair(grad_out, acc), _numpy(grad_last.to(acc)), float(scale), float(max_grad), is_complex,
+                 block_size(batch, units), grad_x.numpy(), grad_pre.numpy(), grad_sp.numpy(), grad_theta.numpy(),
+                 grad_h0.numpy())
+    else:
+        block_n = _block_n(batch, units, x.device)
+        _rglru_bwd_kernel[(batch, triton.cdiv(units, block_n))](
+            x.contiguous(), *params, sp.contiguous(), theta.contiguous(), ckpt.contiguous(), grad_out.contiguous(),
+            grad_last.to(acc).contiguous(), grad_x, grad_pre, grad_sp, grad_theta, grad_h0, steps, units, width,
+            ckpt.shape[1], float(scale), 1.0 / max_grad, COMPLEX=is_complex, PER_IN=wi.shape[1], PER_OUT=wi.shape[2],
+            FP64=acc == torch.float64, BLOCK_T=CHECKPOINT, BLOCK_N=block_n)
+    # the gate matmuls, both gates at once: pre = x W + b per block, so dx += dpre W^T, dW = x^T dpre, db = sum dpre
+    blocks = wi.shape[0]
+    grad_pre = grad_pre.unflatten(-1, (2, blocks, -1))
+    grad_x += torch.einsum("...gho,ghio->...hi", grad_pre, torch.stack(params[::2])).flatten(-2)
+    grads_w = torch.einsum("...hi,...gho->ghio", x.to(acc).unflatten(-1, (blocks, -1)), grad_pre)
+    grads_b = grad_pre.sum(dim=(0, 1)).flatten(-2)
+    # softplus' derivative is sigmoid (torch's softplus is linear above its threshold of 20)
+    d_lambda = grad_sp.sum(0) * torch.where(decay_param.to(acc) > 20, 1.0, torch.sigmoid(decay_param.to(acc)))
+    d_theta = grad_theta.sum(0) if is_complex else torch.zeros_like(phase_param)
+    # separate outputs (an operator's outputs may not alias each other); parameter-sized, so the copies are free
+    return (grad_x.to(x.dtype), grads_w[0].to(wi.dtype, copy=True), grads_b[0].to(bi.dtype, copy=True),
+            grads_w[1].to(wr.dtype, copy=True), grads_b[1].to(br.dtype, copy=True), d_lambda.to(decay_param.dtype),
+            d_theta.to(phase_param.dtype), grad_h0)
+
+
+def _define_rglru_ops():
+    @torch.library.custom_op("poolformer::rglru", mutates_args=())
+    def rglru_op(x: torch.Tensor, wi: torch.Tensor, bi: torch.Tensor, wr: torch.Tensor, br: torch.Tensor,
+                 decay_param: torch.Tensor, phase_param: torch.Tensor, h0: torch.Tensor, is_complex: bool, scale: float,
+                 max_grad: float, out_dtype: torch.dtype,
+                 implementation: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _rglru_forward(x, wi, bi, wr, br, decay_param, phase_param, h0, is_complex, scale, out_dtype,
+                              implementation)
+
+    @torch.library.custom_op("poolformer::rglru_backward", mutates_args=())
+    def backward_op(x: torch.Tensor, wi: torch.Tensor, bi: torch.Tensor, wr: torch.Tensor, br: torch.Tensor,
+                    decay_param: torch.Tensor, phase_param: torch.Tensor, ckpt: torch.Tensor, grad_out: torch.Tensor,
+                    grad_last: torch.Tensor, is_complex: bool, scale: float, max_grad: float,
+                    implementation: str) -> list[torch.Tensor]:
+        return list(_rglru_backward(x, wi, bi, wr, br, decay_param, phase_param, ckpt, grad_out, grad_last, is_complex,
+                                    scale, max_grad, implementation))
+
+    @rglru_op.register_fake
+    def _(x, wi, bi, wr, br, decay_param, phase_param, h0, is_complex, scale, max_grad, out_dtype, implementation):
+        acc = _acc_dtype(x)
+        return (x.new_empty(x.shape, dtype=out_dtype), h0.new_empty(h0.shape, dtype=acc),
+                x.new_empty(x.shape[0], _chunks(x.shape[1]), h0.shape[1], dtype=acc))
+
+    @backward_op.register_fake
+    def _(x, wi, bi, wr, br, decay_param, phase_param, ckpt, grad_out, grad_last, is_complex, scale, max_grad,
+          implementation):
+        return [torch.empty_like(t) for t in (x, wi, bi, wr, br, decay_param, phase_param)] + [
+            ckpt.new_empty(ckpt.shape[0], ckpt.shape[2])]
+
+    def setup_context(ctx, inputs, output):
+        x, wi, bi, wr, br, decay_param, phase_param, h0, ctx.is_complex, ctx.scale, ctx.max_grad, _, ctx.implementation = \
+            inputs
+        ctx.save_for_backward(x, wi, bi, wr, br, decay_param, phase_param, output[2])
+        ctx.h0_dtype = h0.dtype
+        ctx.mark_non_differentiable(output[2])
+
+    def backward(ctx, grad_out, grad_last, _):
+        x, wi, bi, wr, br, decay_param, phase_param, ckpt = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros_like(x)
+        if grad_last is None:
+            grad_last = ckpt.new_zeros(ckpt.shape[0], ckpt.shape[2])
+        grads = backward_op(x, wi, bi, wr, br, decay_param, phase_param, ckpt, grad_out, grad_last, ctx.is_complex,
+                            ctx.scale, ctx.max_grad, ctx.implementation)
+        return *grads[:7], grads[7].to(ctx.h0_dtype), None, None, None, None, None
+
+    rglru_op.register_autograd(backward, setup_context=setup_context)
+    return torch.ops.poolformer.rglru
+
+
+try:  # another copy of this file (the package, or a Hub folder's) may have defined them already in this process
+    rglru_op = torch.ops.poolformer.rglru
+except AttributeError:
+    rglru_op = _define_rglru_ops()
+
+
+def fused_rglru(x: torch.Tensor, wi: torch.Tensor, bi: torch.Tensor, wr: torch.Tensor, br: torch.Tensor,
+                decay_param: torch.Tensor, phase_param: Optional[torch.Tensor], h0: Optional[torch.Tensor],
+                scale: float, max_grad: float, out_dtype: Optional[torch.dtype] = None,
+                implementation: str = "numba") -> tuple:
+    """The RG-LRU from x (B, T, W) to (features (B, T, W) as [Re h, Im h] or h, h_last (B, S)), differentiable in
+    every input; see the module docstring for the formula. `wi`, `wr`: (blocks, W / blocks, U / blocks) block weights,
+    `bi`, `br`: (U,) biases, `phase_param` None for a real recurrence, `h0`: (B, S) with S = 2U as (re, im) halves
+    (or U), zeros if None. Complex when `phase_param` is given. `implementation`: "numba" or "triton"."""
+    is_complex = phase_param is not None
+    units = decay_param.shape[0]
+    if x.dim() != 3 or x.shape[-1] != (2 * units if is_complex else units):
+        raise ValueError(f"fused_rglru: x must be (B, T, {2 * units if is_complex else units}), got {tuple(x.shape)}")
+    if implementation not in ("numba", "triton"):
+        raise ValueError(f"fused_rglru: implementation must be 'numba' or 'triton', got {implementation!r}")
+    acc = _acc_dtype(x)
+    if h0 is None:
+        h0 = x.new_zeros(x.shape[0], x.shape[-1], dtype=acc)
+    out, last, _ = rglru_op(x, wi, bi, wr, br, decay_param, decay_param if phase_param is None else phase_param, h0,
+                            is_complex, float(scale), float(max_grad), out_dtype or acc, implementation)
+    return out, last
