@@ -33,6 +33,7 @@ from .generation import PoolformerGenerationMixin, eager_steps
 from .outputs import CACHE_FIELD, PoolformerCausalLMOutput, PoolformerModelOutput, cache_argument, nats_to_bits
 from .rglru import fused_rglru, fused_rglru_available
 from .scan import resolve_scan_implementation, scan_op
+from .static_step import PoolformerStaticStep  # noqa: F401  (imported here so that save_pretrained copies it on 5.0)
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Token embedding

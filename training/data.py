@@ -26,6 +26,7 @@ never a crash mid-epoch.
 
 import functools
 import hashlib
+import inspect
 import io
 import logging
 import math
@@ -409,7 +410,9 @@ def load_tables(path: str, name: Optional[str] = None, cache_dir: Optional[str] 
     from datasets.utils.info_utils import is_small_dataset
 
     builder = load_dataset_builder(path, name, cache_dir=cache_dir)
-    if isinstance(builder, Parquet) and builder.config.filters is None:
+    # datasets releases before the (files, row_groups_list) reader keep their own one (bounded only by row groups)
+    if (isinstance(builder, Parquet) and getattr(builder.config, "filters", None) is None
+            and "row_groups_list" in inspect.signature(builder._generate_tables).parameters):
         builder._generate_tables = functools.partial(_read_parquet, builder)
     if streaming:
         return builder.as_streaming_dataset()
