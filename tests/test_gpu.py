@@ -71,7 +71,9 @@ def test_triton_scan_equals_sequential_on_cuda(dtype, batch, length, units):
     torch.testing.assert_close(linear_scan(a, u, h0, "triton"), want, rtol=tol, atol=tol)
     torch.testing.assert_close(linear_scan(a, u, None, "triton"), sequential_scan(a, u), rtol=tol, atol=tol)
     out, last = triton_scan(a, u, h0)
-    torch.testing.assert_close(last, out[:, -1], rtol=0, atol=0)
+    # the last state and the last output are one expression that the compiler may contract into FMAs differently
+    # for the store and for the carry: on an H200 they were up to 2 ulp apart
+    torch.testing.assert_close(last, out[:, -1], rtol=tol, atol=tol)
     # carried state: two halves, the second starting from the first's last state, equal the whole
     half = max(1, length // 2)
     first, carried = triton_scan(a[:, :half], u[:, :half], h0)

@@ -283,6 +283,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.
                                 reason="needs a CUDA device and triton")
 
 
+@pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("is_complex", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -304,6 +305,7 @@ def test_cuda_triton_equals_cpu_numba_at_model_sizes(is_complex, dtype):
         torch.testing.assert_close(got, want, rtol=tol, atol=tol * max(1.0, want.abs().max().item()))
 
 
+@pytest.mark.gpu
 @needs_cuda
 def test_cuda_model_training_fused_equals_composite():
     composite_model, fused_model = (m.cuda().train() for m in _pair("sc09", scan_implementation="triton"))
