@@ -89,9 +89,10 @@ def sampling_rng(generator: Optional[torch.Generator]):
 
 
 @contextlib.contextmanager
-def decoding_with(cache, step, static_step=None):
+def decoding_with(cache, step, static_step=None, release: bool = True):
     """The cache decodes its one-sample steps with `step` (a compiled stack step, or None: eager) while inside, on
-    the static buffers of `static_step` when given; on the way out it gets its own tensors back, with the state."""
+    the static buffers of `static_step` when given; on the way out it gets its own tensors back, with the state
+    (with `release`; else the static buffers it is bound to stay bound)."""
     if cache is None:
         yield
         return
@@ -100,24 +101,15 @@ def decoding_with(cache, step, static_step=None):
     try:
         yield
     finally:
-        if cache.static_binding is not None:
+        if release and cache.static_binding is not None:
             cache.static_binding.release()
         cache.step_function, cache.static_step = previous
 
 
-@contextlib.contextmanager
 def eager_steps(cache):
     """The cache's one-sample steps run eagerly while inside (every block is called, so hooks see its output); the
     static buffers a generate call bound stay bound."""
-    if cache is None:
-        yield
-        return
-    previous = cache.step_function, cache.static_step
-    cache.step_function, cache.static_step = None, None
-    try:
-        yield
-    finally:
-        cache.step_function, cache.static_step = previous
+    return decoding_with(cache, None, None, release=False)
 
 
 def generate_right_padded(model, inputs, generation_config, config, streamer, progress, generator, num_threads,
