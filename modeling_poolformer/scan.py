@@ -19,6 +19,8 @@ from typing import Optional
 
 import torch
 
+from .configuration_poolformer import SCAN_IMPLEMENTATIONS
+
 __all__ = [
     "SCAN_IMPLEMENTATIONS",
     "linear_scan",
@@ -29,9 +31,6 @@ __all__ = [
     "triton_available",
     "triton_scan",
 ]
-
-SCAN_IMPLEMENTATIONS = ("auto", "numba", "loop", "chunked", "triton")
-
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Reference and pure-torch scans
