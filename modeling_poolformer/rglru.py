@@ -38,6 +38,8 @@ from typing import Optional
 
 import torch
 
+from .scan import define_autograd_op
+
 __all__ = ["CHECKPOINT", "fused_rglru", "fused_rglru_available", "numba_rglru_kernels", "rglru_op"]
 
 CHECKPOINT = 64  # steps between the states kept for the backward's re-scan
@@ -571,60 +573,54 @@ def _rglru_backward(x, wi, bi, wr, br, decay_param, phase_param, ckpt, grad_out,
             d_theta.to(phase_param.dtype), grad_h0)
 
 
-def _define_rglru_ops():
-    @torch.library.custom_op("poolformer::rglru", mutates_args=())
-    def rglru_op(x: torch.Tensor, wi: torch.Tensor, bi: torch.Tensor, wr: torch.Tensor, br: torch.Tensor,
-                 decay_param: torch.Tensor, phase_param: torch.Tensor, h0: torch.Tensor, is_complex: bool, scale: float,
-                 max_grad: float, out_dtype: torch.dtype,
-                 implementation: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return _rglru_forward(x, wi, bi, wr, br, decay_param, phase_param, h0, is_complex, scale, out_dtype,
-                              implementation)
-
-    @torch.library.custom_op("poolformer::rglru_backward", mutates_args=())
-    def backward_op(x: torch.Tensor, wi: torch.Tensor, bi: torch.Tensor, wr: torch.Tensor, br: torch.Tensor,
-                    decay_param: torch.Tensor, phase_param: torch.Tensor, ckpt: torch.Tensor, grad_out: torch.Tensor,
-                    grad_last: torch.Tensor, is_complex: bool, scale: float, max_grad: float,
-                    implementation: str) -> list[torch.Tensor]:
-        return list(_rglru_backward(x, wi, bi, wr, br, decay_param, phase_param, ckpt, grad_out, grad_last, is_complex,
-                                    scale, max_grad, implementation))
-
-    @rglru_op.register_fake
-    def _(x, wi, bi, wr, br, decay_param, phase_param, h0, is_complex, scale, max_grad, out_dtype, implementation):
-        acc = _acc_dtype(x)
-        return (x.new_empty(x.shape, dtype=out_dtype), h0.new_empty(h0.shape, dtype=acc),
-                x.new_empty(x.shape[0], _chunks(x.shape[1]), h0.shape[1], dtype=acc))
-
-    @backward_op.register_fake
-    def _(x, wi, bi, wr, br, decay_param, phase_param, ckpt, grad_out, grad_last, is_complex, scale, max_grad,
-          implementation):
-        return [torch.empty_like(t) for t in (x, wi, bi, wr, br, decay_param, phase_param)] + [
-            ckpt.new_empty(ckpt.shape[0], ckpt.shape[2])]
-
-    def setup_context(ctx, inputs, output):
-        x, wi, bi, wr, br, decay_param, phase_param, h0, ctx.is_complex, ctx.scale, ctx.max_grad, _, ctx.implementation = \
-            inputs
-        ctx.save_for_backward(x, wi, bi, wr, br, decay_param, phase_param, output[2])
-        ctx.h0_dtype = h0.dtype
-        ctx.mark_non_differentiable(output[2])
-
-    def backward(ctx, grad_out, grad_last, _):
-        x, wi, bi, wr, br, decay_param, phase_param, ckpt = ctx.saved_tensors
-        if grad_out is None:
-            grad_out = torch.zeros_like(x)
-        if grad_last is None:
-            grad_last = ckpt.new_zeros(ckpt.shape[0], ckpt.shape[2])
-        grads = backward_op(x, wi, bi, wr, br, decay_param, phase_param, ckpt, grad_out, grad_last, ctx.is_complex,
-                            ctx.scale, ctx.max_grad, ctx.implementation)
-        return *grads[:7], grads[7].to(ctx.h0_dtype), None, None, None, None, None
-
-    rglru_op.register_autograd(backward, setup_context=setup_context)
-    return torch.ops.poolformer.rglru
+def _rglru_op(x: torch.Tensor, wi: torch.Tensor, bi: torch.Tensor, wr: torch.Tensor, br: torch.Tensor,
+              decay_param: torch.Tensor, phase_param: torch.Tensor, h0: torch.Tensor, is_complex: bool, scale: float,
+              max_grad: float, out_dtype: torch.dtype,
+              implementation: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _rglru_forward(x, wi, bi, wr, br, decay_param, phase_param, h0, is_complex, scale, out_dtype, implementation)
 
 
-try:  # another copy of this file (the package, or a Hub folder's) may have defined them already in this process
-    rglru_op = torch.ops.poolformer.rglru
-except AttributeError:
-    rglru_op = _define_rglru_ops()
+def _rglru_backward_op(x: torch.Tensor, wi: torch.Tensor, bi: torch.Tensor, wr: torch.Tensor, br: torch.Tensor,
+                       decay_param: torch.Tensor, phase_param: torch.Tensor, ckpt: torch.Tensor, grad_out: torch.Tensor,
+                       grad_last: torch.Tensor, is_complex: bool, scale: float, max_grad: float,
+                       implementation: str) -> list[torch.Tensor]:
+    return list(_rglru_backward(x, wi, bi, wr, br, decay_param, phase_param, ckpt, grad_out, grad_last, is_complex,
+                                scale, max_grad, implementation))
+
+
+def _rglru_fake(x, wi, bi, wr, br, decay_param, phase_param, h0, is_complex, scale, max_grad, out_dtype, implementation):
+    acc = _acc_dtype(x)
+    return (x.new_empty(x.shape, dtype=out_dtype), h0.new_empty(h0.shape, dtype=acc),
+            x.new_empty(x.shape[0], _chunks(x.shape[1]), h0.shape[1], dtype=acc))
+
+
+def _rglru_backward_fake(x, wi, bi, wr, br, decay_param, phase_param, ckpt, grad_out, grad_last, is_complex, scale,
+                         max_grad, implementation):
+    return [torch.empty_like(t) for t in (x, wi, bi, wr, br, decay_param, phase_param)] + [
+        ckpt.new_empty(ckpt.shape[0], ckpt.shape[2])]
+
+
+def _rglru_setup_context(ctx, inputs, output):
+    x, wi, bi, wr, br, decay_param, phase_param, h0, ctx.is_complex, ctx.scale, ctx.max_grad, _, ctx.implementation = \
+        inputs
+    ctx.save_for_backward(x, wi, bi, wr, br, decay_param, phase_param, output[2])
+    ctx.h0_dtype = h0.dtype
+    ctx.mark_non_differentiable(output[2])
+
+
+def _rglru_gradients(ctx, grad_out, grad_last, _):
+    x, wi, bi, wr, br, decay_param, phase_param, ckpt = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(x)
+    if grad_last is None:
+        grad_last = ckpt.new_zeros(ckpt.shape[0], ckpt.shape[2])
+    grads = torch.ops.poolformer.rglru_backward(x, wi, bi, wr, br, decay_param, phase_param, ckpt, grad_out, grad_last,
+                                                ctx.is_complex, ctx.scale, ctx.max_grad, ctx.implementation)
+    return *grads[:7], grads[7].to(ctx.h0_dtype), None, None, None, None, None
+
+
+rglru_op = define_autograd_op("rglru", _rglru_op, _rglru_backward_op, _rglru_fake, _rglru_backward_fake,
+                              _rglru_setup_context, _rglru_gradients)
 
 
 def fused_rglru(x: torch.Tensor, wi: torch.Tensor, bi: torch.Tensor, wr: torch.Tensor, br: torch.Tensor,
