@@ -506,27 +506,43 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _rglru_forward(x, wi, bi, wr, br, decay_param, phase_param, h0, is_complex, scale, out_dtype, implementation):
-    batch, steps, width = x.shape
+def _kernel_inputs(x, wi, bi, wr, br, decay_param, phase_param, is_complex, implementation) -> tuple:
+    """(the arithmetic's dtype, [wi, bi, wr, br] at that precision, the arguments both kernels of `implementation`
+    start with: x, the gate weights and biases, softplus(Lambda) and theta, the last softplus(Lambda) again for a real
+    recurrence, where the kernels do not read it)."""
     acc = _acc_dtype(x)
-    units = decay_param.shape[0]
     sp = torch.nn.functional.softplus(decay_param.to(acc))
     theta = phase_param.to(acc) if is_complex else sp
     params = [t.detach().to(acc).contiguous() for t in (wi, bi, wr, br)]
+    if implementation == "numba":
+        return acc, params, [*_numba_pair(x, acc), *(p.numpy() for p in params), _numpy(sp), _numpy(theta)]
+    return acc, params, [x.contiguous(), *params, sp.contiguous(), theta.contiguous()]
+
+
+def _triton_launch(x: torch.Tensor, wi: torch.Tensor, units: int, is_complex: bool, acc: torch.dtype) -> tuple:
+    """(grid, compile-time keywords) of both Triton kernels: a program per batch row and block of units."""
+    block_n = _block_n(x.shape[0], units, x.device)
+    return (x.shape[0], triton.cdiv(units, block_n)), dict(
+        COMPLEX=is_complex, PER_IN=wi.shape[1], PER_OUT=wi.shape[2], FP64=acc == torch.float64, BLOCK_T=CHECKPOINT,
+        BLOCK_N=block_n)
+
+
+def _rglru_forward(x, wi, bi, wr, br, decay_param, phase_param, h0, is_complex, scale, out_dtype, implementation):
+    batch, steps, width = x.shape
+    units = decay_param.shape[0]
+    acc, _, inputs = _kernel_inputs(x, wi, bi, wr, br, decay_param, phase_param, is_complex, implementation)
     last = torch.empty(h0.shape, dtype=acc, device=x.device)
     ckpt = torch.empty(batch, _chunks(steps), h0.shape[1], dtype=acc, device=x.device)
     if implementation == "numba":
         forward, _, block_size = numba_rglru_kernels()
         out = torch.empty(batch, steps, width, dtype=out_dtype if out_dtype in (acc, torch.bfloat16) else acc)
-        forward(*_numba_pair(x, acc), *(p.numpy() for p in params), _numpy(sp), _numpy(theta), _numpy(h0.to(acc)),
-                *_numba_pair(out, acc), last.numpy(), ckpt.numpy(), float(scale), is_complex, block_size(batch, units))
+        forward(*inputs, _numpy(h0.to(acc)), *_numba_pair(out, acc), last.numpy(), ckpt.numpy(), float(scale),
+                is_complex, block_size(batch, units))
         return out.to(out_dtype), last, ckpt
     out = torch.empty(batch, steps, width, dtype=out_dtype, device=x.device)
-    block_n = _block_n(batch, units, x.device)
-    _rglru_fwd_kernel[(batch, triton.cdiv(units, block_n))](
-        x.contiguous(), *params, sp.contiguous(), theta.contiguous(), h0.to(acc).contiguous(), out, last, ckpt,
-        steps, units, width, ckpt.shape[1], float(scale), COMPLEX=is_complex, PER_IN=wi.shape[1], PER_OUT=wi.shape[2],
-        FP64=acc == torch.float64, BLOCK_T=CHECKPOINT, BLOCK_N=block_n)
+    grid, meta = _triton_launch(x, wi, units, is_complex, acc)
+    _rglru_fwd_kernel[grid](*inputs, h0.to(acc).contiguous(), out, last, ckpt, steps, units, width, ckpt.shape[1],
+                            float(scale), **meta)
     return out, last, ckpt
 
 
@@ -535,11 +551,8 @@ def _rglru_backward(x, wi, bi, wr, br, decay_param, phase_param, ckpt, grad_out,
     """Gradients of (x, wi, bi, wr, br, decay_param, phase_param, h0). The kernels give x's direct gradient and the
     gate pre-activations' (B, T, 2U); the block-diagonal matmuls' backward is torch's."""
     batch, steps, width = x.shape
-    acc = _acc_dtype(x)
     units = decay_param.shape[0]
-    sp = torch.nn.functional.softplus(decay_param.to(acc))
-    theta = phase_param.to(acc) if is_complex else sp
-    params = [t.detach().to(acc).contiguous() for t in (wi, bi, wr, br)]
+    acc, params, inputs = _kernel_inputs(x, wi, bi, wr, br, decay_param, phase_param, is_complex, implementation)
     grad_x = torch.empty(batch, steps, width, dtype=acc, device=x.device)
     grad_pre = torch.empty(batch, steps, 2 * units, dtype=acc, device=x.device)
     grad_sp = torch.empty(batch, units, dtype=acc, device=x.device)
@@ -547,17 +560,14 @@ def _rglru_backward(x, wi, bi, wr, br, decay_param, phase_param, ckpt, grad_out,
     grad_h0 = torch.empty(ckpt.shape[0], ckpt.shape[2], dtype=acc, device=x.device)
     if implementation == "numba":
         _, backward, block_size = numba_rglru_kernels()
-        backward(*_numba_pair(x, acc), *(p.numpy() for p in params), _numpy(sp), _numpy(theta), _numpy(ckpt),
-                 *_numba_pair(grad_out, acc), _numpy(grad_last.to(acc)), float(scale), float(max_grad), is_complex,
-                 block_size(batch, units), grad_x.numpy(), grad_pre.numpy(), grad_sp.numpy(), grad_theta.numpy(),
-                 grad_h0.numpy())
+        backward(*inputs, _numpy(ckpt), *_numba_pair(grad_out, acc), _numpy(grad_last.to(acc)), float(scale),
+                 float(max_grad), is_complex, block_size(batch, units), grad_x.numpy(), grad_pre.numpy(),
+                 grad_sp.numpy(), grad_theta.numpy(), grad_h0.numpy())
     else:
-        block_n = _block_n(batch, units, x.device)
-        _rglru_bwd_kernel[(batch, triton.cdiv(units, block_n))](
-            x.contiguous(), *params, sp.contiguous(), theta.contiguous(), ckpt.contiguous(), grad_out.contiguous(),
-            grad_last.to(acc).contiguous(), grad_x, grad_pre, grad_sp, grad_theta, grad_h0, steps, units, width,
-            ckpt.shape[1], float(scale), 1.0 / max_grad, COMPLEX=is_complex, PER_IN=wi.shape[1], PER_OUT=wi.shape[2],
-            FP64=acc == torch.float64, BLOCK_T=CHECKPOINT, BLOCK_N=block_n)
+        grid, meta = _triton_launch(x, wi, units, is_complex, acc)
+        _rglru_bwd_kernel[grid](*inputs, ckpt.contiguous(), grad_out.contiguous(), grad_last.to(acc).contiguous(),
+                                grad_x, grad_pre, grad_sp, grad_theta, grad_h0, steps, units, width, ckpt.shape[1],
+                                float(scale), 1.0 / max_grad, **meta)
     # the gate matmuls, both gates at once: pre = x W + b per block, so dx += dpre W^T, dW = x^T dpre, db = sum dpre
     blocks = wi.shape[0]
     grad_pre = grad_pre.unflatten(-1, (2, blocks, -1))
