@@ -310,6 +310,33 @@ if triton is not None:
         return gi, gr, q, ar, ai, xr, xi
 
     @triton.jit
+    def _unit_params(bi_ptr, br_ptr, sp_ptr, th_ptr, n, n_ok, COMPLEX: tl.constexpr, ACC: tl.constexpr):
+        """Units n's gate biases, softplus(Lambda) and theta (softplus(Lambda) again for a real recurrence)."""
+        bi = tl.load(bi_ptr + n, mask=n_ok, other=0.0).to(ACC)
+        br = tl.load(br_ptr + n, mask=n_ok, other=0.0).to(ACC)
+        sp = tl.load(sp_ptr + n, mask=n_ok, other=0.0).to(ACC)
+        th = sp
+        if COMPLEX:
+            th = tl.load(th_ptr + n, mask=n_ok, other=0.0).to(ACC)
+        return bi, br, sp, th
+
+    @triton.jit
+    def _load_state(ptr, n, n_ok, U, COMPLEX: tl.constexpr, ACC: tl.constexpr):
+        """Units n of a state row at `ptr` as (re, im) (re twice for a real recurrence)."""
+        re = tl.load(ptr + n, mask=n_ok, other=0.0).to(ACC)
+        im = re
+        if COMPLEX:
+            im = tl.load(ptr + U + n, mask=n_ok, other=0.0).to(ACC)
+        return re, im
+
+    @triton.jit
+    def _store_state(ptr, re, im, n, n_ok, U, COMPLEX: tl.constexpr):
+        """`_load_state`'s inverse, in the row's dtype."""
+        tl.store(ptr + n, re.to(ptr.dtype.element_ty), mask=n_ok)
+        if COMPLEX:
+            tl.store(ptr + U + n, im.to(ptr.dtype.element_ty), mask=n_ok)
+
+    @triton.jit
     def _rglru_fwd_kernel(x_ptr, wi_ptr, bi_ptr, wr_ptr, br_ptr, sp_ptr, th_ptr, h0_ptr, out_ptr, last_ptr, ckpt_ptr,
                           T, U, W, CHUNKS, c,
                           COMPLEX: tl.constexpr, PER_IN: tl.constexpr, PER_OUT: tl.constexpr, FP64: tl.constexpr,
@@ -320,22 +347,12 @@ if triton is not None:
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = n < U
         S = 2 * U if COMPLEX else U
-        bi = tl.load(bi_ptr + n, mask=n_ok, other=0.0).to(ACC)
-        br = tl.load(br_ptr + n, mask=n_ok, other=0.0).to(ACC)
-        sp = tl.load(sp_ptr + n, mask=n_ok, other=0.0).to(ACC)
-        th = sp
-        carry_r = tl.load(h0_ptr + b * S + n, mask=n_ok, other=0.0).to(ACC)
-        carry_i = carry_r
-        if COMPLEX:
-            th = tl.load(th_ptr + n, mask=n_ok, other=0.0).to(ACC)
-            carry_i = tl.load(h0_ptr + b * S + U + n, mask=n_ok, other=0.0).to(ACC)
+        bi, br, sp, th = _unit_params(bi_ptr, br_ptr, sp_ptr, th_ptr, n, n_ok, COMPLEX, ACC)
+        carry_r, carry_i = _load_state(h0_ptr + b * S, n, n_ok, U, COMPLEX, ACC)
         last_row = tl.arange(0, BLOCK_T)[:, None] == BLOCK_T - 1
         x_row, o_row = x_ptr + b * T * W, out_ptr + b * T * W
         for chunk in range(0, CHUNKS):
-            ck = ckpt_ptr + (b * CHUNKS + chunk) * S
-            tl.store(ck + n, carry_r.to(ckpt_ptr.dtype.element_ty), mask=n_ok)
-            if COMPLEX:
-                tl.store(ck + U + n, carry_i.to(ckpt_ptr.dtype.element_ty), mask=n_ok)
+            _store_state(ckpt_ptr + (b * CHUNKS + chunk) * S, carry_r, carry_i, n, n_ok, U, COMPLEX)
             t = chunk * BLOCK_T + tl.arange(0, BLOCK_T)
             valid = (t < T)[:, None] & n_ok[None, :]
             gi, gr, q, ar, ai, xr, xi = _step_chain(x_row, wi_ptr, wr_ptr, bi, br, sp, th, t, n, valid, T, U, W, c,
@@ -352,9 +369,7 @@ if triton is not None:
                 h_r = ar * carry_r[None, :] + ur
             tl.store(o_row + t[:, None] * W + n[None, :], h_r.to(out_ptr.dtype.element_ty), mask=valid)
             carry_r = tl.sum(tl.where(last_row, h_r, 0.0), axis=0)
-        tl.store(last_ptr + b * S + n, carry_r.to(last_ptr.dtype.element_ty), mask=n_ok)
-        if COMPLEX:
-            tl.store(last_ptr + b * S + U + n, carry_i.to(last_ptr.dtype.element_ty), mask=n_ok)
+        _store_state(last_ptr + b * S, carry_r, carry_i, n, n_ok, U, COMPLEX)
 
     @triton.jit
     def _rglru_bwd_kernel(x_ptr, wi_ptr, bi_ptr, wr_ptr, br_ptr, sp_ptr, th_ptr, ckpt_ptr, gout_ptr, glast_ptr,
@@ -368,16 +383,9 @@ if triton is not None:
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = n < U
         S = 2 * U if COMPLEX else U
-        bi = tl.load(bi_ptr + n, mask=n_ok, other=0.0).to(ACC)
-        br = tl.load(br_ptr + n, mask=n_ok, other=0.0).to(ACC)
-        sp = tl.load(sp_ptr + n, mask=n_ok, other=0.0).to(ACC)
-        th = sp
+        bi, br, sp, th = _unit_params(bi_ptr, br_ptr, sp_ptr, th_ptr, n, n_ok, COMPLEX, ACC)
         # the gradient carry g_{t+1}: at the last step dL/dh_last (the decay a_T does not exist: 1)
-        gc_r = tl.load(glast_ptr + b * S + n, mask=n_ok, other=0.0).to(ACC)
-        gc_i = gc_r
-        if COMPLEX:
-            th = tl.load(th_ptr + n, mask=n_ok, other=0.0).to(ACC)
-            gc_i = tl.load(glast_ptr + b * S + U + n, mask=n_ok, other=0.0).to(ACC)
+        gc_r, gc_i = _load_state(glast_ptr + b * S, n, n_ok, U, COMPLEX, ACC)
         d_sp = tl.zeros_like(sp)
         d_th = tl.zeros_like(sp)
         a0_r = tl.zeros_like(sp)
@@ -387,11 +395,7 @@ if triton is not None:
         gx_row, gp_row = gx_ptr + b * T * W, gpre_ptr + b * T * 2 * U
         for back in range(0, CHUNKS):
             chunk = CHUNKS - 1 - back
-            ck = ckpt_ptr + (b * CHUNKS + chunk) * S
-            h_r = tl.load(ck + n, mask=n_ok, other=0.0).to(ACC)
-            h_i = h_r
-            if COMPLEX:
-                h_i = tl.load(ck + U + n, mask=n_ok, other=0.0).to(ACC)
+            h_r, h_i = _load_state(ckpt_ptr + (b * CHUNKS + chunk) * S, n, n_ok, U, COMPLEX, ACC)
             t = chunk * BLOCK_T + tl.arange(0, BLOCK_T)
             valid = (t < T)[:, None] & n_ok[None, :]
             gi, gr, q, ar, ai, xr, xi = _step_chain(x_row, wi_ptr, wr_ptr, bi, br, sp, th, t, n, valid, T, U, W, c,
