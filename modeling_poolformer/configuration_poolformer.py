@@ -39,7 +39,8 @@ _SKIPS = ("short", "long")
 _EMBEDDINGS = ("sinusoidal", "learned", "mlp")
 _QUANTIZATIONS = ("mu-law", "linear", "pcm")
 _OUTPUT_HEADS = ("softmax", "dual-softmax")
-_SCAN_IMPLEMENTATIONS = ("auto", "numba", "loop", "chunked", "triton")
+# the values of `scan_implementation`, which `scan.linear_scan` takes too
+SCAN_IMPLEMENTATIONS = ("auto", "numba", "loop", "chunked", "triton")
 _AUTO_MAP = {
     "AutoConfig": "configuration_poolformer.PoolformerConfig",
     "AutoModel": "modeling_poolformer.PoolformerModel",
@@ -411,7 +412,7 @@ _RULES = (
     ("embedding", _one_of(*_EMBEDDINGS), f"one of {_EMBEDDINGS}"),
     ("dropout", lambda v, c: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
     ("sqrt_max_gradient", lambda v, c: _is_number(v) and v > 0, "a number > 0"),
-    ("scan_implementation", _one_of(*_SCAN_IMPLEMENTATIONS), f"one of {_SCAN_IMPLEMENTATIONS}"),
+    ("scan_implementation", _one_of(*SCAN_IMPLEMENTATIONS), f"one of {SCAN_IMPLEMENTATIONS}"),
     ("scan_chunk_size", lambda v, c: _is_int(v, 0), "an int >= 0 (0 = auto)"),
     ("fused_rglru", lambda v, c: v is None or _is_bool(v, c), "None, True or False"),
     ("activation_checkpointing", _is_bool, "True or False"),
@@ -462,4 +463,4 @@ def audio_generation_config(config: PoolformerConfig, seconds: float = 1.0) -> G
                             max_new_tokens=int(round(config.sample_rate * seconds)))
 
 
-__all__ = ["PoolformerConfig", "audio_generation_config"]
+__all__ = ["SCAN_IMPLEMENTATIONS", "PoolformerConfig", "audio_generation_config"]

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from transformers import CompileConfig, GenerationConfig
 
 from .audio import ProgressStreamer
+from .cache_poolformer import PoolformerCache
 from .outputs import CACHE_FIELD, cache_argument
 from .static_step import PoolformerStaticStep
 
@@ -88,9 +89,10 @@ def sampling_rng(generator: Optional[torch.Generator]):
 
 
 @contextlib.contextmanager
-def decoding_with(cache, step, static_step=None):
+def decoding_with(cache, step, static_step=None, release: bool = True):
     """The cache decodes its one-sample steps with `step` (a compiled stack step, or None: eager) while inside, on
-    the static buffers of `static_step` when given; on the way out it gets its own tensors back, with the state."""
+    the static buffers of `static_step` when given; on the way out it gets its own tensors back, with the state
+    (with `release`; else the static buffers it is bound to stay bound)."""
     if cache is None:
         yield
         return
@@ -99,24 +101,15 @@ def decoding_with(cache, step, static_step=None):
     try:
         yield
     finally:
-        if cache.static_binding is not None:
+        if release and cache.static_binding is not None:
             cache.static_binding.release()
         cache.step_function, cache.static_step = previous
 
 
-@contextlib.contextmanager
 def eager_steps(cache):
     """The cache's one-sample steps run eagerly while inside (every block is called, so hooks see its output); the
     static buffers a generate call bound stay bound."""
-    if cache is None:
-        yield
-        return
-    previous = cache.step_function, cache.static_step
-    cache.step_function, cache.static_step = None, None
-    try:
-        yield
-    finally:
-        cache.step_function, cache.static_step = previous
+    return decoding_with(cache, None, None, release=False)
 
 
 def generate_right_padded(model, inputs, generation_config, config, streamer, progress, generator, num_threads,
@@ -173,7 +166,12 @@ def generate_right_padded(model, inputs, generation_config, config, streamer, pr
 
 class PoolformerGenerationMixin:
     """`generate` for `PoolformerForCausalLM`: transformers' own, with a compiled decoding step, threads, seeds,
-    progress and right-padded batches around it."""
+    progress and right-padded batches around it. The model class provides `stack_step(stack, x, state, ...)`, the
+    one-sample step of a residual stack that a compiled decoding step compiles (the modeling file's `run_blocks`:
+    this module is imported by that one, not the other way round), and declares `_compiled_steps` and
+    `_static_steps`, where the model keeps its compiled step and static buffers across calls."""
+
+    stack_step = None
 
     def generate(self, inputs=None, generation_config=None, streamer=None, progress=False, generator=None,
                  num_threads="auto", **kwargs):
@@ -204,8 +202,6 @@ class PoolformerGenerationMixin:
           continues from embeddings too: pass the embeddings of everything so far and the cache);
         - the cache may be passed as `cache=` or by its old name `past_key_values=`, on every supported release.
         """
-        from .modeling_poolformer import PoolformerCache  # here: the modeling file imports this one
-
         config, _ = self._prepare_generation_config(generation_config, **kwargs)  # the merged settings, to read
         if inputs is None:
             inputs = kwargs.pop("input_ids", None)
@@ -260,10 +256,8 @@ class PoolformerGenerationMixin:
                 options["mode"] = GRAPH_MODES.get(compile_config.mode, compile_config.mode)
             else:
                 options["options"] = {"cpp_wrapper": True}  # C++ calls between kernels: ~15% faster steps on CPU
-        steps = self.__dict__.setdefault("_compiled_steps", {})
+        steps = self._compiled_steps
         key = repr(sorted(options.items()))
         if key not in steps:
-            from .modeling_poolformer import run_blocks
-
-            steps[key] = torch.compile(run_blocks, **options)
+            steps[key] = torch.compile(self.stack_step, **options)
         return steps[key], PoolformerStaticStep(self, steps[key], graphs=True) if graphs else None

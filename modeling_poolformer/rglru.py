@@ -38,6 +38,8 @@ from typing import Optional
 
 import torch
 
+from .scan import define_autograd_op
+
 __all__ = ["CHECKPOINT", "fused_rglru", "fused_rglru_available", "numba_rglru_kernels", "rglru_op"]
 
 CHECKPOINT = 64  # steps between the states kept for the backward's re-scan
@@ -308,6 +310,33 @@ if triton is not None:
         return gi, gr, q, ar, ai, xr, xi
 
     @triton.jit
+    def _unit_params(bi_ptr, br_ptr, sp_ptr, th_ptr, n, n_ok, COMPLEX: tl.constexpr, ACC: tl.constexpr):
+        """Units n's gate biases, softplus(Lambda) and theta (softplus(Lambda) again for a real recurrence)."""
+        bi = tl.load(bi_ptr + n, mask=n_ok, other=0.0).to(ACC)
+        br = tl.load(br_ptr + n, mask=n_ok, other=0.0).to(ACC)
+        sp = tl.load(sp_ptr + n, mask=n_ok, other=0.0).to(ACC)
+        th = sp
+        if COMPLEX:
+            th = tl.load(th_ptr + n, mask=n_ok, other=0.0).to(ACC)
+        return bi, br, sp, th
+
+    @triton.jit
+    def _load_state(ptr, n, n_ok, U, COMPLEX: tl.constexpr, ACC: tl.constexpr):
+        """Units n of a state row at `ptr` as (re, im) (re twice for a real recurrence)."""
+        re = tl.load(ptr + n, mask=n_ok, other=0.0).to(ACC)
+        im = re
+        if COMPLEX:
+            im = tl.load(ptr + U + n, mask=n_ok, other=0.0).to(ACC)
+        return re, im
+
+    @triton.jit
+    def _store_state(ptr, re, im, n, n_ok, U, COMPLEX: tl.constexpr):
+        """`_load_state`'s inverse, in the row's dtype."""
+        tl.store(ptr + n, re.to(ptr.dtype.element_ty), mask=n_ok)
+        if COMPLEX:
+            tl.store(ptr + U + n, im.to(ptr.dtype.element_ty), mask=n_ok)
+
+    @triton.jit
     def _rglru_fwd_kernel(x_ptr, wi_ptr, bi_ptr, wr_ptr, br_ptr, sp_ptr, th_ptr, h0_ptr, out_ptr, last_ptr, ckpt_ptr,
                           T, U, W, CHUNKS, c,
                           COMPLEX: tl.constexpr, PER_IN: tl.constexpr, PER_OUT: tl.constexpr, FP64: tl.constexpr,
@@ -318,22 +347,12 @@ if triton is not None:
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = n < U
         S = 2 * U if COMPLEX else U
-        bi = tl.load(bi_ptr + n, mask=n_ok, other=0.0).to(ACC)
-        br = tl.load(br_ptr + n, mask=n_ok, other=0.0).to(ACC)
-        sp = tl.load(sp_ptr + n, mask=n_ok, other=0.0).to(ACC)
-        th = sp
-        carry_r = tl.load(h0_ptr + b * S + n, mask=n_ok, other=0.0).to(ACC)
-        carry_i = carry_r
-        if COMPLEX:
-            th = tl.load(th_ptr + n, mask=n_ok, other=0.0).to(ACC)
-            carry_i = tl.load(h0_ptr + b * S + U + n, mask=n_ok, other=0.0).to(ACC)
+        bi, br, sp, th = _unit_params(bi_ptr, br_ptr, sp_ptr, th_ptr, n, n_ok, COMPLEX, ACC)
+        carry_r, carry_i = _load_state(h0_ptr + b * S, n, n_ok, U, COMPLEX, ACC)
         last_row = tl.arange(0, BLOCK_T)[:, None] == BLOCK_T - 1
         x_row, o_row = x_ptr + b * T * W, out_ptr + b * T * W
         for chunk in range(0, CHUNKS):
-            ck = ckpt_ptr + (b * CHUNKS + chunk) * S
-            tl.store(ck + n, carry_r.to(ckpt_ptr.dtype.element_ty), mask=n_ok)
-            if COMPLEX:
-                tl.store(ck + U + n, carry_i.to(ckpt_ptr.dtype.element_ty), mask=n_ok)
+            _store_state(ckpt_ptr + (b * CHUNKS + chunk) * S, carry_r, carry_i, n, n_ok, U, COMPLEX)
             t = chunk * BLOCK_T + tl.arange(0, BLOCK_T)
             valid = (t < T)[:, None] & n_ok[None, :]
             gi, gr, q, ar, ai, xr, xi = _step_chain(x_row, wi_ptr, wr_ptr, bi, br, sp, th, t, n, valid, T, U, W, c,
@@ -350,9 +369,7 @@ if triton is not None:
                 h_r = ar * carry_r[None, :] + ur
             tl.store(o_row + t[:, None] * W + n[None, :], h_r.to(out_ptr.dtype.element_ty), mask=valid)
             carry_r = tl.sum(tl.where(last_row, h_r, 0.0), axis=0)
-        tl.store(last_ptr + b * S + n, carry_r.to(last_ptr.dtype.element_ty), mask=n_ok)
-        if COMPLEX:
-            tl.store(last_ptr + b * S + U + n, carry_i.to(last_ptr.dtype.element_ty), mask=n_ok)
+        _store_state(last_ptr + b * S, carry_r, carry_i, n, n_ok, U, COMPLEX)
 
     @triton.jit
     def _rglru_bwd_kernel(x_ptr, wi_ptr, bi_ptr, wr_ptr, br_ptr, sp_ptr, th_ptr, ckpt_ptr, gout_ptr, glast_ptr,
@@ -366,16 +383,9 @@ if triton is not None:
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = n < U
         S = 2 * U if COMPLEX else U
-        bi = tl.load(bi_ptr + n, mask=n_ok, other=0.0).to(ACC)
-        br = tl.load(br_ptr + n, mask=n_ok, other=0.0).to(ACC)
-        sp = tl.load(sp_ptr + n, mask=n_ok, other=0.0).to(ACC)
-        th = sp
+        bi, br, sp, th = _unit_params(bi_ptr, br_ptr, sp_ptr, th_ptr, n, n_ok, COMPLEX, ACC)
         # the gradient carry g_{t+1}: at the last step dL/dh_last (the decay a_T does not exist: 1)
-        gc_r = tl.load(glast_ptr + b * S + n, mask=n_ok, other=0.0).to(ACC)
-        gc_i = gc_r
-        if COMPLEX:
-            th = tl.load(th_ptr + n, mask=n_ok, other=0.0).to(ACC)
-            gc_i = tl.load(glast_ptr + b * S + U + n, mask=n_ok, other=0.0).to(ACC)
+        gc_r, gc_i = _load_state(glast_ptr + b * S, n, n_ok, U, COMPLEX, ACC)
         d_sp = tl.zeros_like(sp)
         d_th = tl.zeros_like(sp)
         a0_r = tl.zeros_like(sp)
@@ -385,11 +395,7 @@ if triton is not None:
         gx_row, gp_row = gx_ptr + b * T * W, gpre_ptr + b * T * 2 * U
         for back in range(0, CHUNKS):
             chunk = CHUNKS - 1 - back
-            ck = ckpt_ptr + (b * CHUNKS + chunk) * S
-            h_r = tl.load(ck + n, mask=n_ok, other=0.0).to(ACC)
-            h_i = h_r
-            if COMPLEX:
-                h_i = tl.load(ck + U + n, mask=n_ok, other=0.0).to(ACC)
+            h_r, h_i = _load_state(ckpt_ptr + (b * CHUNKS + chunk) * S, n, n_ok, U, COMPLEX, ACC)
             t = chunk * BLOCK_T + tl.arange(0, BLOCK_T)
             valid = (t < T)[:, None] & n_ok[None, :]
             gi, gr, q, ar, ai, xr, xi = _step_chain(x_row, wi_ptr, wr_ptr, bi, br, sp, th, t, n, valid, T, U, W, c,
@@ -504,27 +510,43 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _rglru_forward(x, wi, bi, wr, br, decay_param, phase_param, h0, is_complex, scale, out_dtype, implementation):
-    batch, steps, width = x.shape
+def _kernel_inputs(x, wi, bi, wr, br, decay_param, phase_param, is_complex, implementation) -> tuple:
+    """(the arithmetic's dtype, [wi, bi, wr, br] at that precision, the arguments both kernels of `implementation`
+    start with: x, the gate weights and biases, softplus(Lambda) and theta, the last softplus(Lambda) again for a real
+    recurrence, where the kernels do not read it)."""
     acc = _acc_dtype(x)
-    units = decay_param.shape[0]
     sp = torch.nn.functional.softplus(decay_param.to(acc))
     theta = phase_param.to(acc) if is_complex else sp
     params = [t.detach().to(acc).contiguous() for t in (wi, bi, wr, br)]
+    if implementation == "numba":
+        return acc, params, [*_numba_pair(x, acc), *(p.numpy() for p in params), _numpy(sp), _numpy(theta)]
+    return acc, params, [x.contiguous(), *params, sp.contiguous(), theta.contiguous()]
+
+
+def _triton_launch(x: torch.Tensor, wi: torch.Tensor, units: int, is_complex: bool, acc: torch.dtype) -> tuple:
+    """(grid, compile-time keywords) of both Triton kernels: a program per batch row and block of units."""
+    block_n = _block_n(x.shape[0], units, x.device)
+    return (x.shape[0], triton.cdiv(units, block_n)), dict(
+        COMPLEX=is_complex, PER_IN=wi.shape[1], PER_OUT=wi.shape[2], FP64=acc == torch.float64, BLOCK_T=CHECKPOINT,
+        BLOCK_N=block_n)
+
+
+def _rglru_forward(x, wi, bi, wr, br, decay_param, phase_param, h0, is_complex, scale, out_dtype, implementation):
+    batch, steps, width = x.shape
+    units = decay_param.shape[0]
+    acc, _, inputs = _kernel_inputs(x, wi, bi, wr, br, decay_param, phase_param, is_complex, implementation)
     last = torch.empty(h0.shape, dtype=acc, device=x.device)
     ckpt = torch.empty(batch, _chunks(steps), h0.shape[1], dtype=acc, device=x.device)
     if implementation == "numba":
         forward, _, block_size = numba_rglru_kernels()
         out = torch.empty(batch, steps, width, dtype=out_dtype if out_dtype in (acc, torch.bfloat16) else acc)
-        forward(*_numba_pair(x, acc), *(p.numpy() for p in params), _numpy(sp), _numpy(theta), _numpy(h0.to(acc)),
-                *_numba_pair(out, acc), last.numpy(), ckpt.numpy(), float(scale), is_complex, block_size(batch, units))
+        forward(*inputs, _numpy(h0.to(acc)), *_numba_pair(out, acc), last.numpy(), ckpt.numpy(), float(scale),
+                is_complex, block_size(batch, units))
         return out.to(out_dtype), last, ckpt
     out = torch.empty(batch, steps, width, dtype=out_dtype, device=x.device)
-    block_n = _block_n(batch, units, x.device)
-    _rglru_fwd_kernel[(batch, triton.cdiv(units, block_n))](
-        x.contiguous(), *params, sp.contiguous(), theta.contiguous(), h0.to(acc).contiguous(), out, last, ckpt,
-        steps, units, width, ckpt.shape[1], float(scale), COMPLEX=is_complex, PER_IN=wi.shape[1], PER_OUT=wi.shape[2],
-        FP64=acc == torch.float64, BLOCK_T=CHECKPOINT, BLOCK_N=block_n)
+    grid, meta = _triton_launch(x, wi, units, is_complex, acc)
+    _rglru_fwd_kernel[grid](*inputs, h0.to(acc).contiguous(), out, last, ckpt, steps, units, width, ckpt.shape[1],
+                            float(scale), **meta)
     return out, last, ckpt
 
 
@@ -533,11 +555,8 @@ def _rglru_backward(x, wi, bi, wr, br, decay_param, phase_param, ckpt, grad_out,
     """Gradients of (x, wi, bi, wr, br, decay_param, phase_param, h0). The kernels give x's direct gradient and the
     gate pre-activations' (B, T, 2U); the block-diagonal matmuls' backward is torch's."""
     batch, steps, width = x.shape
-    acc = _acc_dtype(x)
     units = decay_param.shape[0]
-    sp = torch.nn.functional.softplus(decay_param.to(acc))
-    theta = phase_param.to(acc) if is_complex else sp
-    params = [t.detach().to(acc).contiguous() for t in (wi, bi, wr, br)]
+    acc, params, inputs = _kernel_inputs(x, wi, bi, wr, br, decay_param, phase_param, is_complex, implementation)
     grad_x = torch.empty(batch, steps, width, dtype=acc, device=x.device)
     grad_pre = torch.empty(batch, steps, 2 * units, dtype=acc, device=x.device)
     grad_sp = torch.empty(batch, units, dtype=acc, device=x.device)
@@ -545,17 +564,14 @@ def _rglru_backward(x, wi, bi, wr, br, decay_param, phase_param, ckpt, grad_out,
     grad_h0 = torch.empty(ckpt.shape[0], ckpt.shape[2], dtype=acc, device=x.device)
     if implementation == "numba":
         _, backward, block_size = numba_rglru_kernels()
-        backward(*_numba_pair(x, acc), *(p.numpy() for p in params), _numpy(sp), _numpy(theta), _numpy(ckpt),
-                 *_numba_pair(grad_out, acc), _numpy(grad_last.to(acc)), float(scale), float(max_grad), is_complex,
-                 block_size(batch, units), grad_x.numpy(), grad_pre.numpy(), grad_sp.numpy(), grad_theta.numpy(),
-                 grad_h0.numpy())
+        backward(*inputs, _numpy(ckpt), *_numba_pair(grad_out, acc), _numpy(grad_last.to(acc)), float(scale),
+                 float(max_grad), is_complex, block_size(batch, units), grad_x.numpy(), grad_pre.numpy(),
+                 grad_sp.numpy(), grad_theta.numpy(), grad_h0.numpy())
     else:
-        block_n = _block_n(batch, units, x.device)
-        _rglru_bwd_kernel[(batch, triton.cdiv(units, block_n))](
-            x.contiguous(), *params, sp.contiguous(), theta.contiguous(), ckpt.contiguous(), grad_out.contiguous(),
-            grad_last.to(acc).contiguous(), grad_x, grad_pre, grad_sp, grad_theta, grad_h0, steps, units, width,
-            ckpt.shape[1], float(scale), 1.0 / max_grad, COMPLEX=is_complex, PER_IN=wi.shape[1], PER_OUT=wi.shape[2],
-            FP64=acc == torch.float64, BLOCK_T=CHECKPOINT, BLOCK_N=block_n)
+        grid, meta = _triton_launch(x, wi, units, is_complex, acc)
+        _rglru_bwd_kernel[grid](*inputs, ckpt.contiguous(), grad_out.contiguous(), grad_last.to(acc).contiguous(),
+                                grad_x, grad_pre, grad_sp, grad_theta, grad_h0, steps, units, width, ckpt.shape[1],
+                                float(scale), 1.0 / max_grad, **meta)
     # the gate matmuls, both gates at once: pre = x W + b per block, so dx += dpre W^T, dW = x^T dpre, db = sum dpre
     blocks = wi.shape[0]
     grad_pre = grad_pre.unflatten(-1, (2, blocks, -1))
@@ -571,60 +587,54 @@ def _rglru_backward(x, wi, bi, wr, br, decay_param, phase_param, ckpt, grad_out,
             d_theta.to(phase_param.dtype), grad_h0)
 
 
-def _define_rglru_ops():
-    @torch.library.custom_op("poolformer::rglru", mutates_args=())
-    def rglru_op(x: torch.Tensor, wi: torch.Tensor, bi: torch.Tensor, wr: torch.Tensor, br: torch.Tensor,
-                 decay_param: torch.Tensor, phase_param: torch.Tensor, h0: torch.Tensor, is_complex: bool, scale: float,
-                 max_grad: float, out_dtype: torch.dtype,
-                 implementation: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return _rglru_forward(x, wi, bi, wr, br, decay_param, phase_param, h0, is_complex, scale, out_dtype,
-                              implementation)
-
-    @torch.library.custom_op("poolformer::rglru_backward", mutates_args=())
-    def backward_op(x: torch.Tensor, wi: torch.Tensor, bi: torch.Tensor, wr: torch.Tensor, br: torch.Tensor,
-                    decay_param: torch.Tensor, phase_param: torch.Tensor, ckpt: torch.Tensor, grad_out: torch.Tensor,
-                    grad_last: torch.Tensor, is_complex: bool, scale: float, max_grad: float,
-                    implementation: str) -> list[torch.Tensor]:
-        return list(_rglru_backward(x, wi, bi, wr, br, decay_param, phase_param, ckpt, grad_out, grad_last, is_complex,
-                                    scale, max_grad, implementation))
-
-    @rglru_op.register_fake
-    def _(x, wi, bi, wr, br, decay_param, phase_param, h0, is_complex, scale, max_grad, out_dtype, implementation):
-        acc = _acc_dtype(x)
-        return (x.new_empty(x.shape, dtype=out_dtype), h0.new_empty(h0.shape, dtype=acc),
-                x.new_empty(x.shape[0], _chunks(x.shape[1]), h0.shape[1], dtype=acc))
-
-    @backward_op.register_fake
-    def _(x, wi, bi, wr, br, decay_param, phase_param, ckpt, grad_out, grad_last, is_complex, scale, max_grad,
-          implementation):
-        return [torch.empty_like(t) for t in (x, wi, bi, wr, br, decay_param, phase_param)] + [
-            ckpt.new_empty(ckpt.shape[0], ckpt.shape[2])]
-
-    def setup_context(ctx, inputs, output):
-        x, wi, bi, wr, br, decay_param, phase_param, h0, ctx.is_complex, ctx.scale, ctx.max_grad, _, ctx.implementation = \
-            inputs
-        ctx.save_for_backward(x, wi, bi, wr, br, decay_param, phase_param, output[2])
-        ctx.h0_dtype = h0.dtype
-        ctx.mark_non_differentiable(output[2])
-
-    def backward(ctx, grad_out, grad_last, _):
-        x, wi, bi, wr, br, decay_param, phase_param, ckpt = ctx.saved_tensors
-        if grad_out is None:
-            grad_out = torch.zeros_like(x)
-        if grad_last is None:
-            grad_last = ckpt.new_zeros(ckpt.shape[0], ckpt.shape[2])
-        grads = backward_op(x, wi, bi, wr, br, decay_param, phase_param, ckpt, grad_out, grad_last, ctx.is_complex,
-                            ctx.scale, ctx.max_grad, ctx.implementation)
-        return *grads[:7], grads[7].to(ctx.h0_dtype), None, None, None, None, None
-
-    rglru_op.register_autograd(backward, setup_context=setup_context)
-    return torch.ops.poolformer.rglru
+def _rglru_op(x: torch.Tensor, wi: torch.Tensor, bi: torch.Tensor, wr: torch.Tensor, br: torch.Tensor,
+              decay_param: torch.Tensor, phase_param: torch.Tensor, h0: torch.Tensor, is_complex: bool, scale: float,
+              max_grad: float, out_dtype: torch.dtype,
+              implementation: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _rglru_forward(x, wi, bi, wr, br, decay_param, phase_param, h0, is_complex, scale, out_dtype, implementation)
 
 
-try:  # another copy of this file (the package, or a Hub folder's) may have defined them already in this process
-    rglru_op = torch.ops.poolformer.rglru
-except AttributeError:
-    rglru_op = _define_rglru_ops()
+def _rglru_backward_op(x: torch.Tensor, wi: torch.Tensor, bi: torch.Tensor, wr: torch.Tensor, br: torch.Tensor,
+                       decay_param: torch.Tensor, phase_param: torch.Tensor, ckpt: torch.Tensor, grad_out: torch.Tensor,
+                       grad_last: torch.Tensor, is_complex: bool, scale: float, max_grad: float,
+                       implementation: str) -> list[torch.Tensor]:
+    return list(_rglru_backward(x, wi, bi, wr, br, decay_param, phase_param, ckpt, grad_out, grad_last, is_complex,
+                                scale, max_grad, implementation))
+
+
+def _rglru_fake(x, wi, bi, wr, br, decay_param, phase_param, h0, is_complex, scale, max_grad, out_dtype, implementation):
+    acc = _acc_dtype(x)
+    return (x.new_empty(x.shape, dtype=out_dtype), h0.new_empty(h0.shape, dtype=acc),
+            x.new_empty(x.shape[0], _chunks(x.shape[1]), h0.shape[1], dtype=acc))
+
+
+def _rglru_backward_fake(x, wi, bi, wr, br, decay_param, phase_param, ckpt, grad_out, grad_last, is_complex, scale,
+                         max_grad, implementation):
+    return [torch.empty_like(t) for t in (x, wi, bi, wr, br, decay_param, phase_param)] + [
+        ckpt.new_empty(ckpt.shape[0], ckpt.shape[2])]
+
+
+def _rglru_setup_context(ctx, inputs, output):
+    x, wi, bi, wr, br, decay_param, phase_param, h0, ctx.is_complex, ctx.scale, ctx.max_grad, _, ctx.implementation = \
+        inputs
+    ctx.save_for_backward(x, wi, bi, wr, br, decay_param, phase_param, output[2])
+    ctx.h0_dtype = h0.dtype
+    ctx.mark_non_differentiable(output[2])
+
+
+def _rglru_gradients(ctx, grad_out, grad_last, _):
+    x, wi, bi, wr, br, decay_param, phase_param, ckpt = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(x)
+    if grad_last is None:
+        grad_last = ckpt.new_zeros(ckpt.shape[0], ckpt.shape[2])
+    grads = torch.ops.poolformer.rglru_backward(x, wi, bi, wr, br, decay_param, phase_param, ckpt, grad_out, grad_last,
+                                                ctx.is_complex, ctx.scale, ctx.max_grad, ctx.implementation)
+    return *grads[:7], grads[7].to(ctx.h0_dtype), None, None, None, None, None
+
+
+rglru_op = define_autograd_op("rglru", _rglru_op, _rglru_backward_op, _rglru_fake, _rglru_backward_fake,
+                              _rglru_setup_context, _rglru_gradients)
 
 
 def fused_rglru(x: torch.Tensor, wi: torch.Tensor, bi: torch.Tensor, wr: torch.Tensor, br: torch.Tensor,

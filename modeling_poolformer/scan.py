@@ -19,8 +19,11 @@ from typing import Optional
 
 import torch
 
+from .configuration_poolformer import SCAN_IMPLEMENTATIONS
+
 __all__ = [
     "SCAN_IMPLEMENTATIONS",
+    "define_autograd_op",
     "linear_scan",
     "numba_kernels",
     "resolve_scan_implementation",
@@ -29,9 +32,6 @@ __all__ = [
     "triton_available",
     "triton_scan",
 ]
-
-SCAN_IMPLEMENTATIONS = ("auto", "numba", "loop", "chunked", "triton")
-
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Reference and pure-torch scans
@@ -326,51 +326,65 @@ def _scan_backward(a, h, h0, grad_h, implementation, chunk):
 # around it holds no complex tensors, which inductor cannot generate code for.
 
 
+def define_autograd_op(name: str, forward, backward, forward_fake, backward_fake, setup_context, gradients):
+    """`torch.ops.poolformer.<name>`: `forward` (a function with a typed signature) as a torch custom operator, and
+    `backward` as `poolformer::<name>_backward`, each with its fake kernel (`forward_fake`, `backward_fake`: outputs
+    of the right shapes, for tracing), and the first's autograd: `setup_context(ctx, inputs, output)` saves what
+    `gradients(ctx, *output_grads)` needs to call the second. Once per process: another copy of these files (the
+    package, or a Hub folder's) may have defined the operators already, and torch keeps one definition per name."""
+    try:
+        return getattr(torch.ops.poolformer, name)
+    except AttributeError:
+        pass
+    op = torch.library.custom_op(f"poolformer::{name}", forward, mutates_args=())
+    backward_op = torch.library.custom_op(f"poolformer::{name}_backward", backward, mutates_args=())
+    op.register_fake(forward_fake)
+    backward_op.register_fake(backward_fake)
+    op.register_autograd(gradients, setup_context=setup_context)
+    return getattr(torch.ops.poolformer, name)
+
+
 def _pairs_to_complex(*tensors):
     return [torch.view_as_complex(t.contiguous()) for t in tensors]
 
 
-def _define_scan_ops():
-    @torch.library.custom_op("poolformer::linear_scan", mutates_args=())
-    def scan_op(a: torch.Tensor, u: torch.Tensor, h0: torch.Tensor, is_complex: bool, implementation: str,
-                chunk: int) -> torch.Tensor:
-        if not is_complex:
-            return _scan(a, u, h0, implementation, chunk)
-        return torch.view_as_real(_scan(*_pairs_to_complex(a, u, h0), implementation, chunk))
-
-    @torch.library.custom_op("poolformer::linear_scan_backward", mutates_args=())
-    def backward_op(a: torch.Tensor, h: torch.Tensor, h0: torch.Tensor, grad_h: torch.Tensor, is_complex: bool,
-                    implementation: str, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if not is_complex:
-            return _scan_backward(a, h, h0, grad_h, implementation, chunk)
-        grads = _scan_backward(*_pairs_to_complex(a, h, h0, grad_h), implementation, chunk)
-        return tuple(torch.view_as_real(g) for g in grads)
-
-    @scan_op.register_fake
-    def _(a, u, h0, is_complex, implementation, chunk):
-        return u.new_empty(u.shape)
-
-    @backward_op.register_fake
-    def _(a, h, h0, grad_h, is_complex, implementation, chunk):
-        return a.new_empty(a.shape), h.new_empty(h.shape), h0.new_empty(h0.shape)
-
-    def setup_context(ctx, inputs, output):
-        a, _, h0, ctx.is_complex, ctx.implementation, ctx.chunk = inputs
-        ctx.save_for_backward(a, output, h0)
-
-    def backward(ctx, grad_h):
-        a, h, h0 = ctx.saved_tensors
-        grads = backward_op(a, h, h0, grad_h.contiguous(), ctx.is_complex, ctx.implementation, ctx.chunk)
-        return *grads, None, None, None
-
-    scan_op.register_autograd(backward, setup_context=setup_context)
-    return torch.ops.poolformer.linear_scan
+def _scan_op(a: torch.Tensor, u: torch.Tensor, h0: torch.Tensor, is_complex: bool, implementation: str,
+             chunk: int) -> torch.Tensor:
+    if not is_complex:
+        return _scan(a, u, h0, implementation, chunk)
+    return torch.view_as_real(_scan(*_pairs_to_complex(a, u, h0), implementation, chunk))
 
 
-try:  # another copy of this file (the package, or a Hub folder's) may have defined them already in this process
-    scan_op = torch.ops.poolformer.linear_scan
-except AttributeError:
-    scan_op = _define_scan_ops()
+def _scan_backward_op(a: torch.Tensor, h: torch.Tensor, h0: torch.Tensor, grad_h: torch.Tensor, is_complex: bool,
+                      implementation: str, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if not is_complex:
+        return _scan_backward(a, h, h0, grad_h, implementation, chunk)
+    grads = _scan_backward(*_pairs_to_complex(a, h, h0, grad_h), implementation, chunk)
+    return tuple(torch.view_as_real(g) for g in grads)
+
+
+def _scan_fake(a, u, h0, is_complex, implementation, chunk):
+    return u.new_empty(u.shape)
+
+
+def _scan_backward_fake(a, h, h0, grad_h, is_complex, implementation, chunk):
+    return a.new_empty(a.shape), h.new_empty(h.shape), h0.new_empty(h0.shape)
+
+
+def _scan_setup_context(ctx, inputs, output):
+    a, _, h0, ctx.is_complex, ctx.implementation, ctx.chunk = inputs
+    ctx.save_for_backward(a, output, h0)
+
+
+def _scan_gradients(ctx, grad_h):
+    a, h, h0 = ctx.saved_tensors
+    grads = torch.ops.poolformer.linear_scan_backward(a, h, h0, grad_h.contiguous(), ctx.is_complex,
+                                                      ctx.implementation, ctx.chunk)
+    return *grads, None, None, None
+
+
+scan_op = define_autograd_op("linear_scan", _scan_op, _scan_backward_op, _scan_fake, _scan_backward_fake,
+                             _scan_setup_context, _scan_gradients)
 
 
 def linear_scan(

@@ -27,7 +27,9 @@ from typing import Optional
 
 import torch
 
-__all__ = ["PoolformerStaticStep", "StaticStepBuffers", "step_kinds"]
+from .cache_poolformer import PoolformerCache
+
+__all__ = ["PoolformerStaticStep", "StaticStepBuffers", "StaticStepStore", "step_kinds"]
 
 
 def step_kinds(factors) -> list:
@@ -43,8 +45,6 @@ class StaticStepBuffers:
     WARMUP = 2  # warm-up passes over every kind on a side stream before capture (torch's recipe)
 
     def __init__(self, config, states: list, x: torch.Tensor, stack_step, graphs: bool):
-        from .modeling_poolformer import PoolformerCache  # here: the modeling file imports this one
-
         self.cache = PoolformerCache.from_states(config, [torch.zeros_like(t, memory_format=torch.contiguous_format)
                                                           for t in states])
         self.cache.step_function = stack_step
@@ -131,7 +131,7 @@ class StaticStepBuffers:
         cache.static_binding = None
 
 
-class _Store(OrderedDict):
+class StaticStepStore(OrderedDict):
     """The model's static buffers by key, oldest first. A copy of the model (deepcopy, pickle) starts without them:
     graphs cannot be copied, and they read the original's parameters."""
 
@@ -168,7 +168,7 @@ class PoolformerStaticStep:
         # graphs read the parameters at their addresses: new storage (e.g. after `.to()`) needs new graphs
         key = (x.device, x.dtype, tuple(x.shape), tuple((tuple(t.shape), t.dtype) for t in states), autocast,
                tuple(p.data_ptr() for p in body.parameters()), body.training, self.stack_step, graphs)
-        store = self.model.__dict__.setdefault("_static_steps", _Store())
+        store = self.model._static_steps
         if key in store:
             store.move_to_end(key)
             return store[key]

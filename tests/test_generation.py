@@ -282,7 +282,7 @@ def test_compiled_decoding_equals_eager_with_one_graph_per_stack_shape(name, gra
     again = model.generate(prompt, compile_config=CompileConfig(), **kwargs)
     assert counters["stats"]["unique_graphs"] == graphs and torch.equal(again.sequences, eager.sequences)
     # the model keeps its compiled step; the cache it decoded with no longer carries it, so forwards run eagerly
-    assert len(model._compiled_steps) == 1 and not hasattr(hub_model(name), "_compiled_steps")
+    assert len(model._compiled_steps) == 1 and not hub_model(name)._compiled_steps
     assert getattr(compiled, CACHE_FIELD).step_function is None
 
 

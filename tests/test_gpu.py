@@ -43,7 +43,7 @@ def model():
 
 def newest_graphs(model) -> dict:
     """The captured graphs (one per kind of step) of the static buffers the model used last."""
-    return next(reversed(model.__dict__["_static_steps"].values())).graphs
+    return next(reversed(model._static_steps.values())).graphs
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -32,8 +32,9 @@ def test_saved_folder_is_a_complete_repo_and_loads_with_remote_code(tmp_path):
     model = PoolformerForCausalLM(hub_config("sc09", layers_per_level=2)).eval()
     model.save_pretrained(tmp_path / "saved")
     files = sorted(os.listdir(tmp_path / "saved"))
+    # the cache, the scans, the fused RG-LRU and the codec travel with it
     assert {"config.json", "model.safetensors", "modeling_poolformer.py", "configuration_poolformer.py",
-            "scan.py", "rglru.py", "audio.py"} <= set(files)  # the scans, the fused RG-LRU and the codec travel with it
+            "cache_poolformer.py", "scan.py", "rglru.py", "audio.py"} <= set(files)
     auto_map = json.loads((tmp_path / "saved" / "config.json").read_text())["auto_map"]
     assert set(auto_map) == {"AutoConfig", "AutoModel", "AutoModelForCausalLM"}
 

@@ -20,7 +20,7 @@ EAGER = dict(disable_compile=True)
 
 
 def _buffers(model):
-    return list(model.__dict__.get("_static_steps", {}).values())
+    return list(model._static_steps.values())
 
 
 def test_step_kinds_are_the_canonical_phases():
