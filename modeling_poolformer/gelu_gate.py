@@ -127,8 +127,9 @@ if triton is not None:
     @triton.jit
     def _gelu_and_derivative(g, TANH: tl.constexpr):
         if TANH:
-            inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
-            t = 1.0 - 2.0 / (tl.exp(2.0 * inner) + 1.0)  # tanh: 1 at exp's overflow, -1 at its underflow
+            # tanh(z) = 1 - 2 / (exp(2z) + 1), z clamped to +-20 where tanh is +-1 to fp64 precision (no overflow)
+            inner = tl.minimum(tl.maximum(0.7978845608028654 * (g + 0.044715 * g * g * g), -20.0), 20.0)
+            t = 1.0 - 2.0 / (tl.exp(2.0 * inner) + 1.0)
             act = 0.5 * g * (1.0 + t)
             d_act = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * g * g)
         else:

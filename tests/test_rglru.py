@@ -246,36 +246,6 @@ def test_prefill_and_decoding_equal_the_composite_forward(name):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The residual block's gated output projection with recomputation (`fused_block.gated_projection`)
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("autocast", [False, True])
-@pytest.mark.parametrize("hidden_act", ["gelu_pytorch_tanh", "gelu"])
-def test_gated_projection_equals_the_composite_and_saves_half(autocast, hidden_act):
-    from transformers.activations import ACT2FN
-
-    from modeling_poolformer.fused_block import gated_projection
-
-    linear = torch.nn.Linear(16, 8)
-    b, g = torch.randn(2, 50, 16, requires_grad=True), torch.randn(2, 50, 16, requires_grad=True)
-    grad = torch.randn(2, 50, 8)
-    results, saved = [], []
-    for fn in (lambda: linear(b * ACT2FN[hidden_act](g)), lambda: gated_projection(b, g, linear, hidden_act)):
-        storages = set()
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: storages.add(t.untyped_storage().data_ptr()) or t,
-                                                      lambda t: t):
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-                y = fn()
-        saved.append(len(storages))
-        results.append((y, *torch.autograd.grad(y, (b, g, linear.weight, linear.bias), grad.to(y.dtype))))
-    for got, want in zip(results[1], results[0]):
-        assert got.dtype == want.dtype
-        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
-    assert saved[1] < saved[0]
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # On a GPU: the compiled Triton kernels at the model's sizes against the numba kernels on the CPU (skipped without one)
 # ---------------------------------------------------------------------------------------------------------------------
 
