@@ -140,7 +140,9 @@ class PoolformerConfig(PretrainedConfig):
             of a training step. It runs where the scan implementation has fused kernels ("numba" on CPU, "triton" on
             CUDA); the torch scans ("loop", "chunked") and `False` run the composite of torch ops. `None` (default):
             fused on GPUs; on CPUs the composite, whose vectorised transcendentals are faster there than the numba
-            kernel's scalar ones. Both give the same result.
+            kernel's scalar ones. Both give the same result. When on and gradients are recorded, the residual blocks
+            with a LayerNorm and a GELU gate also run their fused gated output (`fused_block.py`), which saves only
+            b and h and recomputes the gate in the backward pass.
         activation_checkpointing (`bool`, defaults to `False`):
             Recompute each residual block in the backward pass instead of storing its activations (only its input
             is kept), so training steps on very long sequences fit in memory; `model.activation_checkpointing_enable()`

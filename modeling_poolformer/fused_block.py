@@ -1,45 +1,93 @@
-"""The gated output of a residual block, `y = Linear_out(b * act(g))`, as one autograd function that keeps only b and g
-for the backward: the composite keeps g (for act's backward), act(g) and b (for the product's) and the product (for the
-linear's), four activations where two determine them all. The backward recomputes act(g) and the product, then runs
-exactly the composite's backward ops in the composite's dtypes, so the gradients are the same numbers.
+"""The gated output of a residual block, y = Linear_out(b * act(Linear_gate(h))), as one autograd function that
+saves only b and h for the backward pass.
 
-Not wired into `PoolformerResidualBlock` here: `benchmarks/bench_train.py` (section 8) measures what it saves.
+The composite of torch ops keeps h (for the gate linear), g = Linear_gate(h) (for act's backward), act(g) and b (for
+the product's) and the product (for the output linear's): five activations where two determine them all, and h is
+kept anyway by the linear that made b (the MLP's first linear, or the RG-LRU's input projection, read the same cast
+of h). The backward recomputes g with one matmul and then, in one elementwise pass (`gelu_gate`), act(g), the
+product and the gradients of b and g; the matmuls' backward is the composite's, in the composite's dtypes (a bf16
+linear's gradients in bf16, cast to the parameters' dtype by autograd), so the gradients are the composite's up to
+the rounding of act inside one kernel instead of two ops.
+
+`PoolformerResidualBlock` runs its gated GELU blocks through it when the config's `fused_rglru` switch is on and
+gradients are recorded (without gradients nothing is saved, and the composite runs).
 """
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["GELU_APPROXIMATIONS", "gated_projection"]
+from .gelu_gate import gelu_gate, gelu_gate_backward
+
+__all__ = ["GELU_APPROXIMATIONS", "gated_output"]
 
 # the activations this covers (transformers' names -> torch's gelu `approximate`)
 GELU_APPROXIMATIONS = {"gelu": "none", "gelu_pytorch_tanh": "tanh", "gelu_new": "tanh"}
 
 
-class _GatedProjection(torch.autograd.Function):
+def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype a linear on x computes in: autocast's if it is on, else the promoted one."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else torch.result_type(x, weight)
+
+
+class _GatedOutput(torch.autograd.Function):
+    """(b, h, W_g, b_g, W_o, b_o, W_b, b_b) -> (b * act(h W_g^T + b_g)) W_o^T + b_o, the weights in the compute dtype;
+    with b None, b = h W_b^T + b_b (the MLP's first linear), recomputed in the backward pass too."""
+
     @staticmethod
-    def forward(ctx, b, g, weight, bias, approximate):
-        device = b.device.type
-        # the linear's compute dtype: autocast's if it is on (the backward runs outside autocast and must match)
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else torch.result_type(b, weight)
-        ctx.save_for_backward(b, g, weight)
-        ctx.approximate, ctx.dtype, ctx.has_bias = approximate, dtype, bias is not None
-        return F.linear(b * F.gelu(g, approximate=approximate), weight, bias)
+    def forward(ctx, b, h, gate_weight, gate_bias, out_weight, out_bias, layer_weight, layer_bias, approximate,
+                implementation):
+        ctx.recompute_b = b is None
+        if ctx.recompute_b:
+            b = F.linear(h, layer_weight, layer_bias)
+        product = gelu_gate(b, F.linear(h, gate_weight, gate_bias), approximate, implementation)
+        ctx.save_for_backward(None if ctx.recompute_b else b, h, gate_weight, gate_bias, out_weight, layer_weight,
+                              layer_bias)
+        ctx.approximate, ctx.implementation, ctx.has_bias = approximate, implementation, out_bias is not None
+        return F.linear(product, out_weight, out_bias)
 
     @staticmethod
     def backward(ctx, grad_y):
-        b, g, weight = ctx.saved_tensors
-        act = F.gelu(g, approximate=ctx.approximate)
-        product = b * act
-        grad_y = grad_y.to(ctx.dtype)
-        flat_grad, flat_product = grad_y.flatten(0, -2), product.to(ctx.dtype).flatten(0, -2)
-        grad_weight = (flat_grad.t() @ flat_product).to(weight.dtype)
-        grad_bias = flat_grad.sum(0).to(weight.dtype) if ctx.has_bias else None
-        grad_product = (grad_y @ weight.to(ctx.dtype)).to(product.dtype)
-        grad_b = grad_product * act
-        grad_g = torch.ops.aten.gelu_backward(grad_product * b, g, approximate=ctx.approximate)
-        return grad_b, grad_g, grad_weight, grad_bias, None
+        b, h, gate_weight, gate_bias, out_weight, layer_weight, layer_bias = ctx.saved_tensors
+        if ctx.recompute_b:
+            b = F.linear(h, layer_weight, layer_bias)
+        flat_grad, flat_h = grad_y.to(out_weight.dtype).flatten(0, -2), h.flatten(0, -2)
+        grad_product = (flat_grad @ out_weight).view(b.shape)
+        g = F.linear(h, gate_weight, gate_bias)
+        product, grad_b, grad_g = gelu_gate_backward(grad_product, b, g, ctx.approximate, ctx.implementation)
+        grad_out_weight = flat_grad.t() @ product.flatten(0, -2)
+        grad_out_bias = flat_grad.sum(0) if ctx.has_bias else None
+        grad_g = grad_g.flatten(0, -2)
+        grad_gate_weight = grad_g.t() @ flat_h
+        grad_gate_bias = grad_g.sum(0) if gate_bias is not None else None
+        grad_h = grad_g @ gate_weight
+        grad_layer_weight = grad_layer_bias = None
+        if ctx.recompute_b:  # b's linear, its gradient of h added to the gate's in the same matmul
+            grad_b = grad_b.flatten(0, -2)
+            grad_layer_weight = grad_b.t() @ flat_h
+            grad_layer_bias = grad_b.sum(0) if layer_bias is not None else None
+            grad_h, grad_b = torch.addmm(grad_h, grad_b, layer_weight), None
+        return (grad_b, grad_h.view(h.shape), grad_gate_weight, grad_gate_bias, grad_out_weight, grad_out_bias,
+                grad_layer_weight, grad_layer_bias, None, None)
 
 
-def gated_projection(b: torch.Tensor, g: torch.Tensor, linear: torch.nn.Linear, hidden_act: str) -> torch.Tensor:
-    """`linear(b * act(g))` for a GELU `act` (`hidden_act` one of GELU_APPROXIMATIONS), saving only b and g."""
-    return _GatedProjection.apply(b, g, linear.weight, linear.bias, GELU_APPROXIMATIONS[hidden_act])
+def gated_output(b: Optional[torch.Tensor], h: torch.Tensor, gate: torch.nn.Linear, out: torch.nn.Linear,
+                 hidden_act: str, layer: Optional[torch.nn.Linear] = None, implementation: str = "torch") -> torch.Tensor:
+    """`out(b * act(gate(h)))` for a GELU `act` (`hidden_act` one of GELU_APPROXIMATIONS), saving only b and h, or
+    with `b` None and b = `layer(h)` (an MLP), saving only h: the linears' outputs, act's and the product are
+    recomputed in the backward pass. b and h in the dtype the linears compute in (autocast's, if it is on);
+    `implementation`: the gate's kernels (`gelu_gate.gate_implementation`)."""
+    dtype = _compute_dtype(h, gate.weight)
+    if (b is None) == (layer is None):
+        raise ValueError("gated_output: pass exactly one of b and layer")
+    if h.dtype != dtype or (b is not None and b.dtype != dtype):
+        raise ValueError(f"gated_output: b and h must be {dtype} (the linears' compute dtype), got "
+                         f"{None if b is None else b.dtype}, {h.dtype}")
+    # the parameters in the compute dtype as autocast casts them, outside the function so that autograd casts their
+    # gradients back: the backward then casts nothing, as the composite's
+    linears = (gate, out, layer) if layer is not None else (gate, out)
+    params = [None if p is None else p.to(dtype) for linear in linears for p in (linear.weight, linear.bias)]
+    params += [None, None] * (layer is None)
+    return _GatedOutput.apply(b, h, *params, GELU_APPROXIMATIONS[hidden_act], implementation)

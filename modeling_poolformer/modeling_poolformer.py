@@ -29,6 +29,8 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from .audio import PoolformerAudioMixin
 from .cache_poolformer import PoolformerCache, PoolformerResidualStackState
 from .configuration_poolformer import PoolformerConfig
+from .fused_block import GELU_APPROXIMATIONS, gated_output
+from .gelu_gate import gate_implementation
 from .generation import PoolformerGenerationMixin, eager_steps
 from .outputs import CACHE_FIELD, PoolformerCausalLMOutput, PoolformerModelOutput, cache_argument, nats_to_bits
 from .rglru import fused_rglru, fused_rglru_available
@@ -167,14 +169,20 @@ class PoolformerRGLRU(nn.Module):
             if state is not None:
                 state.write(state.conv_states, self.layer_idx, h[:, h.shape[1] - (self.conv_width - 1) :])
             h = self.conv_norm(self.conv1d(h.transpose(1, 2)).transpose(1, 2))
-        x = self.input_proj(h)
+        return self.recurrence(self.input_proj(h), state, h.dtype)
+
+    def recurrence(self, x: torch.Tensor, state: Optional["PoolformerResidualStackState"] = None,
+                   dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """From the input projection's output x to the output projection's: the recurrence over x, then Linear(W -> D).
+        `dtype`: the block's normalised input's dtype, which the composite's features take before the projection."""
+        dtype = dtype or x.dtype
         h_prev = state.recurrent_states[self.layer_idx] if state is not None else None
         decoding = h_prev is not None and x.shape[1] == 1 and not torch.is_grad_enabled()
         implementation = resolve_scan_implementation(self.scan_implementation, x.device.type)
         fused = self.fused if self.fused is not None else x.device.type == "cuda"  # None: where it is faster
         if fused and not decoding and fused_rglru_available(implementation, x.device.type):
             # the output in the dtype the output projection computes in (autocast's), as the composite's cast gives
-            out_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else h.dtype
+            out_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else dtype
             features, last = self._fused(x, h_prev, out_dtype, implementation)
             if state is not None:
                 state.write(state.recurrent_states, self.layer_idx, last)
@@ -193,7 +201,7 @@ class PoolformerRGLRU(nn.Module):
                 features, last = self._scan(log_a, theta, scale, x, h_prev)
             if state is not None:
                 state.write(state.recurrent_states, self.layer_idx, last)
-        return self.out_proj(features.to(h.dtype))
+        return self.out_proj(features.to(dtype))
 
     def _fused(self, x, state, out_dtype, implementation):
         """The whole recurrence as one fused operator (`rglru.fused_rglru`): x in its own dtype (bf16 under
@@ -280,6 +288,11 @@ class PoolformerResidualBlock(GradientCheckpointingLayer):
         self.act = ACT2FN[config.hidden_act]
         self.out_proj = PoolformerOutputProjection(width, config.hidden_size, role, level)
         self.dropout = nn.Dropout(config.dropout)
+        self.hidden_act, self.fused = config.hidden_act, config.fused_rglru
+        self.scan_implementation = config.scan_implementation
+        # the fused ends (`fused_block`) cover a LayerNorm, a GELU gate, and an RG-LRU without the temporal CNN
+        self.fusable = (config.norm == "layer" and config.gated and config.hidden_act in GELU_APPROXIMATIONS
+                        and not (temporal and config.conv1d_width))
         self.gradient_checkpointing = config.activation_checkpointing
         self._gradient_checkpointing_func = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
 
@@ -293,10 +306,26 @@ class PoolformerResidualBlock(GradientCheckpointingLayer):
         return super().__call__(x, state)
 
     def forward(self, x: torch.Tensor, state: Optional["PoolformerResidualStackState"] = None) -> torch.Tensor:
+        fused = self.fused if self.fused is not None else x.device.type == "cuda"  # None: where it is faster
+        if fused and self.fusable and torch.is_grad_enabled():  # without gradients nothing is saved: no gain
+            return x + self.dropout(self._fused_forward(x, state))
         h = self.norm(x)
         b = self.layer(h, state) if isinstance(self.layer, PoolformerRGLRU) else self.layer(h)
         b = b * self.act(self.gate_proj(h)) if self.gate_proj is not None else self.act(b)
         return x + self.dropout(self.out_proj(b))
+
+    def _fused_forward(self, x: torch.Tensor, state) -> torch.Tensor:
+        """`Linear_out(b * act(g))` of `forward`, saving less for the backward pass: h is cast once to the linears'
+        compute dtype (autocast would cast it once per linear), and the gated output (`fused_block.gated_output`)
+        keeps only b and h (only h in an MLP block, whose b it computes), recomputing the rest in the backward."""
+        device = x.device.type
+        h = self.norm(x)
+        h = h.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else h
+        kernels = gate_implementation(resolve_scan_implementation(self.scan_implementation, device), device)
+        if isinstance(self.layer, PoolformerRGLRU):
+            b = self.layer.recurrence(self.layer.input_proj(h), state, x.dtype)
+            return gated_output(b, h, self.gate_proj, self.out_proj, self.hidden_act, implementation=kernels)
+        return gated_output(None, h, self.gate_proj, self.out_proj, self.hidden_act, self.layer, kernels)
 
 
 def run_blocks(stack: "PoolformerResidualStack", x: torch.Tensor, state, inputs_out=None, skips_in=None):
