@@ -87,7 +87,7 @@ def read_only_folder(tmp_path):
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory):
     """The built-in spoken-digit set, rendered once (espeak-ng) where train.py's --cache_dir finds it."""
-    from training.data import make_spoken_digits
+    from training.spoken_digits import make_spoken_digits
 
     cache = tmp_path_factory.mktemp("cache")
     make_spoken_digits(cache / "spoken_digits_v1")

@@ -187,7 +187,7 @@ def test_stereo_and_resampled_16bit_are_rounded_not_scaled(tmp_path):
     want = np.round((left.astype(np.float64) + right) / 2).astype(np.int64)
     assert torch.equal(ds[0]["input_ids"][1:], torch.from_numpy(want) + 32768)
     with pytest.raises(ValueError, match="integer samples need a 16-bit pcm spec"):
-        from training.data import quantize
+        from training.tokens import quantize
 
         quantize(left, AudioSpec(quantization="mu-law"))
 

@@ -28,7 +28,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from modeling_poolformer import decode_audio, nats_to_bits
-from modeling_poolformer.audio import resample
+from training.audio_files import resample
 from training.data import DataArguments, build_datasets
 from training.metrics import DigitClassifier, flac_bits, nll_bits, sample_quality
 from training.utils import at_least, check_file, check_flags, check_local_or_hub, check_writable_folder, parse_arguments, positive
@@ -228,7 +228,7 @@ def sashimi_items(data) -> list:
 def small_classifier_quality(model, args, datasets, spec, clips, gen_nll, protocol) -> dict:
     """FID/IS/mIS/AM with this project's small digit classifier: for users without SaShiMi's ResNeXt; not
     comparable with published numbers."""
-    from modeling_poolformer.audio import load_audio
+    from training.audio_files import load_audio
     from training.sashimi_eval import sample_files
     from training.train_classifier import DigitClips
 
@@ -277,7 +277,7 @@ def main(argv=None):
         if args.split not in datasets:
             raise SystemExit(f"the dataset has no {args.split!r} split; it has {sorted(datasets)}")
         if data_args.streaming:  # the first --max_batches batches of the stream, held as a list
-            from training.data import held_out_items
+            from training.stream import held_out_items
 
             datasets[args.split] = held_out_items(datasets[args.split], args.max_batches * args.batch_size)
         loader = torch.utils.data.DataLoader(datasets[args.split], batch_size=args.batch_size)

@@ -254,23 +254,32 @@ class _Features(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def kl_rows(p, q):
+    """KL(p_k || q_k) of each row pair, rows normalised to sum 1, with 0 log 0 = 0 and p log(p / 0) = inf (scipy's
+    `rel_entr` and `entropy`, which SaShiMi's evaluator uses)."""
+    p, q = p / p.sum(-1, keepdim=True), q / q.sum(-1, keepdim=True)
+    return (torch.special.xlogy(p, p) - torch.special.xlogy(p, q)).sum(-1)
+
+
+def pairs_score(p, q) -> float:
+    """exp(mean_k KL(p_k || q_k)): the modified inception score of the pairs (p_k, q_k)."""
+    return kl_rows(p, q).mean().exp().item()
+
+
 def modified_inception_score(probs, num_pairs=None, generator=None):
     """mIS = exp(mean over random pairs (i, j), i != j, of KL(p_i || p_j))."""
     n = len(probs)
     num_pairs = num_pairs or 10 * n
     i = torch.randint(0, n, (num_pairs,), generator=generator)
     j = (i + torch.randint(1, n, (num_pairs,), generator=generator)) % n
-    log_p = probs.clamp_min(1e-12).log()
-    kl = (probs[i] * (log_p[i] - log_p[j])).sum(-1)
-    return kl.mean().exp().item()
+    return pairs_score(probs[i], probs[j])
 
 
 def am_score(train_probs, gen_probs):
     """AM = KL(p_train_mean || p_gen_mean) + mean entropy of the generated p_i."""
-    p, q = train_probs.mean(0).clamp_min(1e-12), gen_probs.mean(0).clamp_min(1e-12)
-    kl = (p * (p.log() - q.log())).sum()
-    entropy = -(gen_probs * gen_probs.clamp_min(1e-12).log()).sum(-1).mean()
-    return (kl + entropy).item()
+    gen = gen_probs / gen_probs.sum(-1, keepdim=True)
+    entropy = -torch.special.xlogy(gen, gen).sum(-1).mean()
+    return (kl_rows(train_probs.mean(0), gen_probs.mean(0)) + entropy).item()
 
 
 @torch.no_grad()

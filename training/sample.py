@@ -19,7 +19,8 @@ import soundfile
 import torch
 from transformers import AutoModelForCausalLM
 
-from modeling_poolformer.audio import encode_audio, load_audio, save_spectrogram, write_wav
+from modeling_poolformer.audio import encode_audio
+from training.audio_files import load_audio, save_spectrogram, write_wav
 from training.utils import check_file, check_flags, check_local_or_hub, check_writable_folder, parse_arguments, positive
 
 

@@ -17,8 +17,10 @@ import torch
 import torch.nn.functional as F
 
 from modeling_poolformer import decode_audio
-from training.data import DIGITS, AudioSpec, AudioTokenDataset, DataArguments, load_splits
+from training.data import DataArguments, load_splits
 from training.metrics import DigitClassifier
+from training.splits import DIGITS
+from training.tokens import AudioSpec, AudioTokenDataset
 from training.utils import parse_arguments
 
 
