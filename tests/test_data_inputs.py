@@ -264,7 +264,7 @@ def test_a_stream_resumed_on_changed_files_is_refused(tmp_path, layout):
 
 @pytest.mark.slow  # two train.py launches (a minute on 2 loaded cores); the data-level refusal above is fast
 def test_train_refuses_to_resume_a_stream_whose_folder_changed(tmp_path):
-    from test_train import FAST, TRAIN, env
+    from helpers import FAST, TRAIN, env
 
     folder = noise_folder(tmp_path / "set", [f"{i:02d}.wav" for i in range(10)], seconds=0.1)
     common = [TRAIN, "--dataset", str(folder), *FAST, "--seq_len", "400", "--streaming", "--shuffle_buffer", "4",
@@ -281,8 +281,9 @@ def test_train_refuses_to_resume_a_stream_whose_folder_changed(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def test_evaluate_streaming_scores_the_first_batches_of_the_stream(tmp_path):
-    from conftest import hub_model
+@pytest.mark.integration
+def test_evaluate_streaming_scores_the_first_batches_of_the_stream(tmp_path, capsys):
+    from helpers import hub_model
     from training.evaluate import main as evaluate
     from training.metrics import DigitClassifier
 
@@ -300,5 +301,7 @@ def test_evaluate_streaming_scores_the_first_batches_of_the_stream(tmp_path):
     whole = common[: common.index("--max_batches")] + common[common.index("--max_batches") + 2 :]
     DigitClassifier().save(tmp_path / "classifier.safetensors")
     for argv in (whole, [*common, "--quality", "--classifier", str(tmp_path / "classifier.safetensors")]):
-        with pytest.raises(SystemExit, match="--streaming scores the first --max_batches batches"):
+        with pytest.raises(SystemExit) as exit_:  # a usage error: exit code 2, the message on stderr
             evaluate([*argv, "--streaming"])
+        assert exit_.value.code == 2
+        assert "evaluate.py: error: --streaming scores the first --max_batches batches" in capsys.readouterr().err

@@ -11,7 +11,7 @@ import pytest
 import soundfile
 import torch
 
-from conftest import ROOT
+from helpers import ROOT
 from modeling_poolformer import PoolformerConfig
 from training import arrow_memory, audio_index, audio_read, hub_data
 from training.audio_files import resample
@@ -159,6 +159,7 @@ def test_a_stream_of_nothing_readable_is_an_error(tmp_path):
         next(iter(stream(tmp_path / "bad", tmp_path, 0)))
 
 
+@pytest.mark.integration
 def test_two_processes_read_disjoint_items_that_cover_the_data(tmp_path):
     for split, n in (("train", 8), ("validation", 1)):  # one validation file: a single shard for 2 processes
         noise_files(tmp_path / "set" / split, n, 0.1, seed=len(split))
@@ -255,6 +256,7 @@ def test_read_rows_leave_no_mapped_pages(tmp_path):
     assert len(items) == 600 and rss_mb()["file"] - base < 3 + arrow_memory.RELEASE_EVERY * 0.1
 
 
+@pytest.mark.integration
 def test_converting_a_large_row_group_holds_a_batch_not_the_row_group(tmp_path):
     folder = parquet_of_clips(tmp_path / "pq", 1000, row_groups=1, use_dictionary=False, write_batch_size=16)
     script = ("import json, pyarrow as pa\n"
@@ -297,6 +299,7 @@ def test_a_parquet_stream_read_in_small_batches_resumes_exactly(tmp_path, monkey
         assert all(torch.equal(a, b["input_ids"]) for a, (b, _) in zip(items[k:], zip(again, range(40 - k)))), k
 
 
+@pytest.mark.integration
 def test_the_rss_sampler_sees_a_grandchild_and_its_phase(tmp_path):
     import importlib.util
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 from transformers import CompileConfig, GenerationConfig
 
-from conftest import HUB_CONFIGS, ROOT
+from helpers import HUB_CONFIGS, ROOT
 from modeling_poolformer import PoolformerConfig, PoolformerForCausalLM, linear_scan, sequential_scan
 from modeling_poolformer.outputs import CACHE_FIELD
 

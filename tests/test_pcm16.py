@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 import soundfile
 import torch
-from test_train import FAST, run
 
-from conftest import HUB_CONFIGS, ROOT
+from helpers import FAST, HUB_CONFIGS, ROOT, run
 from modeling_poolformer import PoolformerCache, PoolformerConfig, PoolformerForCausalLM
 from modeling_poolformer.audio import decode_audio, encode_audio, pcm_tokens, tokens_to_pcm16
 from modeling_poolformer.modeling_poolformer import PoolformerDualSoftmaxHead
@@ -225,6 +224,7 @@ def test_flac_baseline_on_known_signals():
     assert 8.0 <= flac_bits(items, 256, 16000)["flac_bits_per_sample"] < 8.1
 
 
+@pytest.mark.integration
 def test_train_evaluate_sample_16bit(pcm_folder, tmp_path):
     """train.py, evaluate.py (the model's bits beside FLAC's) and sample.py on a 16-bit model."""
     root, _ = pcm_folder

@@ -10,7 +10,8 @@ import sys
 
 import pytest
 import torch
-from test_train import FAST, TRAIN, env, run, summary
+
+from helpers import FAST, TRAIN, env, run, summary
 
 
 def train(args, timeout=600):
