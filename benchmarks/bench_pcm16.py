@@ -23,9 +23,10 @@ import soundfile
 import torch
 
 from modeling_poolformer import PoolformerConfig, PoolformerForCausalLM, encode_audio, nats_to_bits
-from modeling_poolformer.audio import resample
-from training.data import VOICES, DataArguments, build_datasets, espeak_renderer
+from training.audio_files import resample
+from training.data import DataArguments, build_datasets
 from training.metrics import FLAC_LEVEL, flac_bits
+from training.spoken_digits import VOICES, espeak_renderer
 
 from common import ROOT, params
 

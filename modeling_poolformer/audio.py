@@ -1,13 +1,11 @@
 """Audio around the model: the token codec (waveforms in [-1, 1] <-> 8-bit mu-law or linear tokens, as in SaShiMi),
-WAV writing (whole files and while `generate` samples), progress bars with the real-time factor, and reading any
-file soundfile can (wav, flac, ogg, ...) without FFmpeg.
+WAV writing (whole files and while `generate` samples) and progress bars with the real-time factor.
 
 The modeling file imports this module, so it travels with every saved model: a model loaded with remote code decodes
-and writes its own samples. Reading and resampling import soundfile and soxr when called, so loading a model needs
-neither.
+and writes its own samples. Reading, resampling and plotting audio files are the training scripts'
+(`training/audio_files.py`).
 """
 
-import io
 import math
 import queue
 import time
@@ -28,15 +26,11 @@ __all__ = [
     "decode_audio",
     "encode_audio",
     "float_to_pcm16",
-    "load_audio",
     "pcm_tokens",
-    "resample",
-    "save_spectrogram",
     "wav_paths",
     "WavWriter",
     "ProgressStreamer",
     "tokens_to_pcm16",
-    "write_wav",
 ]
 
 
@@ -305,65 +299,3 @@ class PoolformerAudioMixin:
         """A streamer for `generate(..., streamer=...)` that writes WAVs while sampling (and/or yields float chunks):
         `PoolformerAudioStreamer(self.config, path, **kwargs)`."""
         return PoolformerAudioStreamer(self.config, path, **kwargs)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Reading, resampling, plotting (training and evaluation)
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def resample(samples: np.ndarray, rate: int, target_rate: int) -> np.ndarray:
-    """Mono float waveform from `rate` to `target_rate` Hz (soxr, high quality)."""
-    if rate == target_rate:
-        return samples
-    import soxr
-
-    return soxr.resample(samples, rate, target_rate, quality="HQ").astype(np.float32)
-
-
-def load_audio(source: Union[str, Path, bytes], target_rate: int, max_seconds: float = None) -> np.ndarray:
-    """A file path or encoded bytes -> mono float32 waveform at `target_rate`. Raises `soundfile.LibsndfileError`
-    (a `RuntimeError`) on unreadable data."""
-    import soundfile
-
-    data = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else str(source)
-    samples, rate = soundfile.read(data, dtype="float32", always_2d=True)
-    if max_seconds is not None:
-        samples = samples[: int(round(max_seconds * rate))]
-    return resample(samples.mean(axis=1), rate, target_rate)
-
-
-def write_wav(path: Union[str, Path], samples, rate: int) -> Path:
-    """Writes a float waveform in [-1, 1] as 16-bit PCM WAV (the same writer as `model.save_wav` and the audio
-    streamer)."""
-    with WavWriter(path, rate) as writer:
-        tensor = samples.detach().cpu() if isinstance(samples, torch.Tensor) else torch.as_tensor(np.asarray(samples))
-        writer.write(tensor)
-    return Path(path)
-
-
-def save_spectrogram(waves, rate: int, path: Union[str, Path], titles=None) -> Path:
-    """One PNG with a log-magnitude spectrogram per waveform (rows of a grid)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    waves = [torch.as_tensor(np.asarray(w), dtype=torch.float32).reshape(-1) for w in waves]
-    n_fft = 512 if min(len(w) for w in waves) >= 512 else 64
-    waves = [torch.nn.functional.pad(w, (0, max(0, n_fft - len(w)))) for w in waves]  # very short clips: zeros
-    fig, axes = plt.subplots(len(waves), 1, figsize=(8, 1.8 * len(waves)), squeeze=False)
-    for i, (ax, samples) in enumerate(zip(axes[:, 0], waves)):
-        spec = torch.stft(samples, n_fft, hop_length=n_fft // 4, window=torch.hann_window(n_fft), return_complex=True)
-        db = 20 * torch.log10(spec.abs() + 1e-5)
-        ax.imshow(db.numpy(), origin="lower", aspect="auto", cmap="magma",
-                  extent=[0, len(samples) / rate, 0, rate / 2000], vmin=float(db.max()) - 80)
-        ax.set_ylabel("kHz")
-        ax.set_title(titles[i] if titles else f"sample {i}", fontsize=8)
-    axes[-1, 0].set_xlabel("seconds")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path

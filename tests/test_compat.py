@@ -14,7 +14,7 @@ import transformers
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from conftest import ROOT, hub_model
+from helpers import ROOT, hub_model
 from modeling_poolformer import PoolformerCache
 from modeling_poolformer.configuration_poolformer import TESTED_TRANSFORMERS
 from modeling_poolformer.outputs import CACHE_FIELD
@@ -59,6 +59,7 @@ def test_generate_takes_a_cache_by_either_name(name):
     assert torch.equal(out.sequences, whole)
 
 
+@pytest.mark.integration
 def test_a_release_outside_the_range_gets_one_clear_message(tmp_path):
     from modeling_poolformer.configuration_poolformer import check_transformers_version
 

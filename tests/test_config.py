@@ -3,7 +3,7 @@
 import pytest
 from transformers import AutoModelForCausalLM
 
-from conftest import HUB_CONFIG_NAMES, HUB_CONFIGS
+from helpers import HUB_CONFIG_NAMES, HUB_CONFIGS
 from modeling_poolformer import PoolformerConfig, PoolformerForCausalLM
 
 

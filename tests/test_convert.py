@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import ROOT
+from helpers import ROOT
 from modeling_poolformer import PoolformerConfig, PoolformerForCausalLM
 from modeling_poolformer.convert_flax_checkpoint import ConversionError, convert, main
 
@@ -58,6 +58,7 @@ def test_converted_model_reproduces_the_authors_logits(name, tmp_path, monkeypat
     assert (torch.cat(steps, dim=1) - want[:, : prefix + 24]).abs().max().item() <= 1e-4
 
 
+@pytest.mark.integration
 def test_cli_output_loads_in_a_fresh_process_with_remote_code(tmp_path):
     # the command as a user runs it, then a process that cannot import this repo: the code comes from the folder
     run = subprocess.run([sys.executable, "-m", "modeling_poolformer.convert_flax_checkpoint", "--checkpoint",

@@ -10,15 +10,8 @@ import soundfile
 from datasets import Audio, Dataset
 
 from modeling_poolformer import PoolformerConfig
-from training.data import (
-    AudioSpec,
-    AudioTokenDataset,
-    DataArguments,
-    build_datasets,
-    espeak_renderer,
-    load_splits,
-    make_spoken_digits,
-)
+from training.data import AudioSpec, AudioTokenDataset, DataArguments, build_datasets, load_splits
+from training.spoken_digits import espeak_renderer, make_spoken_digits
 
 
 def tone(path, seconds=0.25, rate=16000, freq=440.0):

@@ -18,6 +18,7 @@ from datasets import Audio, Dataset
 
 from modeling_poolformer import PoolformerConfig
 from modeling_poolformer.audio import encode_audio
+from training.audio_read import read_audio
 from training.data import (
     AudioSpec,
     AudioTokenDataset,
@@ -25,7 +26,6 @@ from training.data import (
     DataArguments,
     build_datasets,
     load_splits,
-    read_audio,
 )
 
 PCM16 = AudioSpec(quantization="pcm", levels=65536, bos=32768, seq_len=1600, mode="pad", minmax=False)
@@ -152,7 +152,7 @@ def clip_rates(splits):
 
 
 def test_the_built_in_digit_set_is_cached_per_sample_rate(cache_dir, tmp_path):
-    from training.data import make_spoken_digits
+    from training.spoken_digits import make_spoken_digits
 
     voices, variants = ("en-us", "en+m3", "en-us+f3"), ((150, 50),)
     # what an older version left after an 8 kHz model: the 8 kHz set under the 16 kHz name
@@ -174,7 +174,7 @@ def start_builder(fifo, cache):
     reading its header blocks until the process is killed."""
     import multiprocessing
 
-    from training.data import build_index
+    from training.audio_index import build_index
 
     os.mkfifo(fifo)
     builder = multiprocessing.get_context("fork").Process(target=build_index, args=(one_file_dataset(fifo), str(cache)))
@@ -185,7 +185,7 @@ def start_builder(fifo, cache):
 def test_a_killed_index_build_leaves_nothing_behind_and_live_builds_are_kept(tmp_path):
     import socket
 
-    from training.data import build_index
+    from training.audio_index import build_index
 
     cache, index = tmp_path / "cache", tmp_path / "cache" / "index"
     killed = start_builder(tmp_path / "a.wav", cache)
@@ -264,7 +264,7 @@ def test_a_stream_resumed_on_changed_files_is_refused(tmp_path, layout):
 
 @pytest.mark.slow  # two train.py launches (a minute on 2 loaded cores); the data-level refusal above is fast
 def test_train_refuses_to_resume_a_stream_whose_folder_changed(tmp_path):
-    from test_train import FAST, TRAIN, env
+    from helpers import FAST, TRAIN, env
 
     folder = noise_folder(tmp_path / "set", [f"{i:02d}.wav" for i in range(10)], seconds=0.1)
     common = [TRAIN, "--dataset", str(folder), *FAST, "--seq_len", "400", "--streaming", "--shuffle_buffer", "4",
@@ -281,8 +281,9 @@ def test_train_refuses_to_resume_a_stream_whose_folder_changed(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def test_evaluate_streaming_scores_the_first_batches_of_the_stream(tmp_path):
-    from conftest import hub_model
+@pytest.mark.integration
+def test_evaluate_streaming_scores_the_first_batches_of_the_stream(tmp_path, capsys):
+    from helpers import hub_model
     from training.evaluate import main as evaluate
     from training.metrics import DigitClassifier
 
@@ -300,5 +301,7 @@ def test_evaluate_streaming_scores_the_first_batches_of_the_stream(tmp_path):
     whole = common[: common.index("--max_batches")] + common[common.index("--max_batches") + 2 :]
     DigitClassifier().save(tmp_path / "classifier.safetensors")
     for argv in (whole, [*common, "--quality", "--classifier", str(tmp_path / "classifier.safetensors")]):
-        with pytest.raises(SystemExit, match="--streaming scores the first --max_batches batches"):
+        with pytest.raises(SystemExit) as exit_:  # a usage error: exit code 2, the message on stderr
             evaluate([*argv, "--streaming"])
+        assert exit_.value.code == 2
+        assert "evaluate.py: error: --streaming scores the first --max_batches batches" in capsys.readouterr().err

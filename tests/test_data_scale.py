@@ -11,17 +11,18 @@ import pytest
 import soundfile
 import torch
 
-from conftest import ROOT
+from helpers import ROOT
 from modeling_poolformer import PoolformerConfig
-from modeling_poolformer.audio import resample
-from training import data as data_module
+from training import arrow_memory, audio_index, audio_read, hub_data
+from training.audio_files import resample
+from training.audio_read import read_audio
 from training.data import (
+    STREAMING_DATASETS,
     AudioSpec,
     AudioTokenDataset,
     DataArguments,
     build_datasets,
     load_splits,
-    read_audio,
 )
 
 
@@ -54,7 +55,7 @@ def test_window_items_read_only_their_frames(tmp_path, monkeypatch):
     ds = AudioTokenDataset(splits["train"], AudioSpec(seq_len=16000, mode="window"), cache_dir=str(tmp_path / "cache"))
     reads = []
     real_read = soundfile.read
-    monkeypatch.setattr(data_module.soundfile, "read", lambda *a, **k: reads.append(k.get("frames")) or real_read(*a, **k))
+    monkeypatch.setattr(audio_read.soundfile, "read", lambda *a, **k: reads.append(k.get("frames")) or real_read(*a, **k))
     item = ds[len(ds) - 1]
     assert reads == [16000] and int(item["attention_mask"].sum()) == 16001
 
@@ -70,8 +71,8 @@ def test_the_index_reads_headers_once_and_is_cached(tmp_path, monkeypatch):
     assert [s for s in first.skipped + validation.skipped if "broken.wav" in s]
 
     headers = []
-    real_header = data_module._header
-    monkeypatch.setattr(data_module, "_header", lambda audio: headers.append(audio) or real_header(audio))
+    real_header = audio_index.read_header
+    monkeypatch.setattr(audio_index, "read_header", lambda audio: headers.append(audio) or real_header(audio))
     _, again = load_splits(str(folder), cache_dir=cache)
     second = AudioTokenDataset(again["train"], AudioSpec(seq_len=2000, mode="window"), cache_dir=cache)
     assert headers == [] and np.array_equal(first.index, second.index) and first.skipped == second.skipped
@@ -114,7 +115,7 @@ def test_parquet_bytes_index_without_loading_the_audio_column(tmp_path):
 
 needs_streaming = pytest.mark.skipif(
     __import__("packaging.version").version.Version(__import__("datasets").__version__)
-    < __import__("packaging.version").version.Version(data_module.STREAMING_DATASETS),
+    < __import__("packaging.version").version.Version(STREAMING_DATASETS),
     reason="--streaming needs a newer datasets")
 
 
@@ -158,6 +159,7 @@ def test_a_stream_of_nothing_readable_is_an_error(tmp_path):
         next(iter(stream(tmp_path / "bad", tmp_path, 0)))
 
 
+@pytest.mark.integration
 def test_two_processes_read_disjoint_items_that_cover_the_data(tmp_path):
     for split, n in (("train", 8), ("validation", 1)):  # one validation file: a single shard for 2 processes
         noise_files(tmp_path / "set" / split, n, 0.1, seed=len(split))
@@ -212,18 +214,18 @@ def test_parquet_is_read_in_bounded_batches_into_datasets_own_cache(tmp_path, mo
     import pyarrow.parquet as pq
 
     folder = parquet_of_clips(tmp_path / "pq", 24, seconds=0.05, row_groups=2)
-    monkeypatch.setattr(data_module, "READ_BATCH_BYTES", 5000)  # 2 or 3 clips of 0.05 s (1,644 bytes each)
+    monkeypatch.setattr(hub_data, "READ_BATCH_BYTES", 5000)  # 2 or 3 clips of 0.05 s (1,644 bytes each)
     builder = datasets.load_dataset_builder(str(folder), cache_dir=str(tmp_path / "c"))
     files = builder.config.data_files["train"]
-    tables = [t for _, t in data_module._read_parquet(builder, files, [None])]
+    tables = [t for _, t in hub_data._read_parquet(builder, files, [None])]
     assert max(t.num_rows for t in tables) <= 3 and len(tables) >= 8
     assert pa_concat(tables).equals(pq.read_table(files[0]).cast(tables[0].schema))
-    ours = data_module.load_tables(str(folder), cache_dir=str(tmp_path / "c"))["train"]
+    ours = hub_data.load_tables(str(folder), cache_dir=str(tmp_path / "c"))["train"]
     theirs = datasets.load_dataset(str(folder), cache_dir=str(tmp_path / "c"))["train"]
     assert ours.cache_files == theirs.cache_files  # load_dataset finds the same conversion: no second copy
     elsewhere = datasets.load_dataset(str(folder), cache_dir=str(tmp_path / "d"))["train"]
     assert ours.to_list() == elsewhere.to_list()
-    streamed = data_module.load_tables(str(folder), cache_dir=str(tmp_path / "e"), streaming=True)["train"]
+    streamed = hub_data.load_tables(str(folder), cache_dir=str(tmp_path / "e"), streaming=True)["train"]
     assert list(streamed) == elsewhere.to_list()
 
 
@@ -238,26 +240,27 @@ def test_read_rows_leave_no_mapped_pages(tmp_path):
 
     folder = parquet_of_clips(tmp_path / "pq", 600)  # 19 MB of WAV bytes
     cache = str(tmp_path / "cache")
-    data = data_module.load_tables(str(folder), cache_dir=cache)["train"].cast_column("audio", Audio(decode=False))
+    data = hub_data.load_tables(str(folder), cache_dir=cache)["train"].cast_column("audio", Audio(decode=False))
     files = [f["filename"] for f in data.cache_files]
     first = data[0]["audio"]["bytes"]
     base = rss_mb()["file"]
     for _ in data.iter(batch_size=100):  # every row read: its pages are mapped into this process
         pass
     assert rss_mb()["file"] - base > 10
-    assert data_module.release_mapped_pages(files) >= os.path.getsize(files[0]) // 2
+    assert arrow_memory.release_mapped_pages(files) >= os.path.getsize(files[0]) // 2
     assert rss_mb()["file"] - base < 3 and data[0]["audio"]["bytes"] == first  # still readable, from the page cache
     # the index is built and every item read without keeping the pages
     items = AudioTokenDataset(data, AudioSpec(seq_len=16000), cache_dir=cache)
     for i in range(len(items)):
         items[i]
-    assert len(items) == 600 and rss_mb()["file"] - base < 3 + data_module.RELEASE_EVERY * 0.1
+    assert len(items) == 600 and rss_mb()["file"] - base < 3 + arrow_memory.RELEASE_EVERY * 0.1
 
 
+@pytest.mark.integration
 def test_converting_a_large_row_group_holds_a_batch_not_the_row_group(tmp_path):
     folder = parquet_of_clips(tmp_path / "pq", 1000, row_groups=1, use_dictionary=False, write_batch_size=16)
     script = ("import json, pyarrow as pa\n"
-              "from training import data\n"
+              "from training import hub_data as data\n"
               "pool = pa.default_memory_pool()\n"
               f"apart = data.load_tables({str(folder)!r}, cache_dir={str(tmp_path / 'a')!r})\n"
               "out = {'rows_apart': len(apart['train']), 'pool_max_apart': pool.max_memory()}\n"
@@ -281,7 +284,7 @@ def test_converting_a_large_row_group_holds_a_batch_not_the_row_group(tmp_path):
 @needs_streaming
 def test_a_parquet_stream_read_in_small_batches_resumes_exactly(tmp_path, monkeypatch):
     folder = parquet_of_clips(tmp_path / "pq", 30, seconds=0.1, row_groups=3)
-    monkeypatch.setattr(data_module, "READ_BATCH_BYTES", 8000)  # 2 clips a batch: batches within and across groups
+    monkeypatch.setattr(hub_data, "READ_BATCH_BYTES", 8000)  # 2 clips a batch: batches within and across groups
     straight = stream(folder, tmp_path, 5, mode="pad", seq_len=1600)
     it = iter(straight)
     items = [next(it)["input_ids"] for _ in range(40)]  # more than a pass
@@ -296,6 +299,7 @@ def test_a_parquet_stream_read_in_small_batches_resumes_exactly(tmp_path, monkey
         assert all(torch.equal(a, b["input_ids"]) for a, (b, _) in zip(items[k:], zip(again, range(40 - k)))), k
 
 
+@pytest.mark.integration
 def test_the_rss_sampler_sees_a_grandchild_and_its_phase(tmp_path):
     import importlib.util
 

@@ -8,9 +8,8 @@ import textwrap
 
 import pytest
 import torch
-from test_train import FAST, env, run, summary
 
-from conftest import ROOT
+from helpers import FAST, ROOT, env, run, summary
 from training.data import load_splits
 from training.metrics import DigitClassifier, am_score, modified_inception_score, sample_quality
 from training.train_classifier import DigitClips
@@ -45,6 +44,7 @@ def evaluate(args):
     return proc
 
 
+@pytest.mark.integration
 def test_evaluate_nll_equals_training_validation_and_ignores_batch_size(trained, digits, tmp_path):
     val_bits = summary(trained)["val_bits_per_sample"]
     results = []
@@ -112,6 +112,7 @@ def test_mis_and_am_by_hand():
     assert am_score(confident, uniform) == pytest.approx(torch.log(torch.tensor(4.0)).item(), rel=1e-6)
 
 
+@pytest.mark.integration
 def test_evaluate_quality_protocol_end_to_end(trained, digits, classifier, tmp_path):
     out = tmp_path / "quality.json"
     evaluate(["--model", str(trained / "model"), "--dataset", str(digits), "--no_nll", "--quality",
@@ -123,6 +124,7 @@ def test_evaluate_quality_protocol_end_to_end(trained, digits, classifier, tmp_p
     assert sum(q["class_histogram"]) == 5
 
 
+@pytest.mark.integration
 def test_analyze_writes_stats_and_png(trained, digits, tmp_path):
     proc = subprocess.run([sys.executable, str(SCRIPTS / "analyze.py"), "--model", str(trained / "model"),
                            "--dataset", str(digits), "--num_clips", "4", "--seq_len", "1200",
@@ -139,6 +141,7 @@ def test_analyze_writes_stats_and_png(trained, digits, tmp_path):
     assert "|a| at r=1" in proc.stdout
 
 
+@pytest.mark.integration
 def test_validation_nll_counts_every_item_once_under_data_parallelism(tmp_path):
     # 5 items over 2 ranks (accelerate's debug launcher, in a fresh process: forking this one, with its thread
     # pools, can hang): accelerate repeats items to even out the last batch; they must not count twice
@@ -199,3 +202,24 @@ def test_evaluate_modules_load_and_match_the_scripts(trained, digits, classifier
     want = sample_quality(DigitClassifier.load(classifier[0]), waves[:10], waves)
     for key in ("fid", "is", "mis", "am"):
         assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), key
+
+
+@pytest.mark.parametrize("rate,n_fft", [(16000, 400), (8000, 256)])
+def test_the_mel_filterbank_is_the_htk_triangles_it_replaced(rate, n_fft):
+    # librosa's filters against the hand-written HTK triangles the classifier used before (float32, peak 1)
+    from training.metrics import N_MELS, mel_filterbank
+
+    def to_mel(f):
+        return 2595.0 * torch.log10(1.0 + f / 700.0)
+
+    def to_hz(m):
+        return 700.0 * (10 ** (m / 2595.0) - 1.0)
+
+    freqs = torch.linspace(0, rate / 2, n_fft // 2 + 1)
+    edges = to_hz(torch.linspace(to_mel(torch.tensor(20.0)), to_mel(torch.tensor(rate / 2)), N_MELS + 2))
+    lower, center, upper = edges[:-2], edges[1:-1], edges[2:]
+    want = torch.clamp(torch.minimum((freqs[:, None] - lower) / (center - lower),
+                                     (upper - freqs[:, None]) / (upper - center)), min=0.0)
+    got = mel_filterbank(n_fft // 2 + 1, N_MELS, rate)
+    assert got.shape == want.shape and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)

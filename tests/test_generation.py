@@ -15,7 +15,7 @@ import soundfile
 import torch
 from transformers import CompileConfig
 
-from conftest import MODEL_CONFIG_NAMES, ROOT, hub_config, hub_model
+from helpers import MODEL_CONFIG_NAMES, ROOT, hub_config, hub_model
 from modeling_poolformer import PoolformerAudioStreamer, PoolformerCache, decode_audio, encode_audio
 from modeling_poolformer.outputs import CACHE_FIELD
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 from transformers import CompileConfig, GenerationConfig
 
-from conftest import HUB_CONFIGS, ROOT
+from helpers import HUB_CONFIGS, ROOT
 from modeling_poolformer import PoolformerConfig, PoolformerForCausalLM, linear_scan, sequential_scan
 from modeling_poolformer.outputs import CACHE_FIELD
 
@@ -194,7 +194,7 @@ def test_train_py_bf16_run_exports_wav_samples(tmp_path):
     pytest.importorskip("datasets", reason="train.py needs the train extra (datasets)")
     import soundfile
 
-    from training.data import make_spoken_digits
+    from training.spoken_digits import make_spoken_digits
 
     def tones(text, voice, speed, pitch):  # a tone per digit and voice: SC09's layout without espeak-ng
         rate, f0 = 16000, 200.0 + 40 * len(text) + pitch + speed / 10

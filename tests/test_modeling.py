@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import MODEL_CONFIG_NAMES, ROOT, hub_config, hub_model
+from helpers import MODEL_CONFIG_NAMES, ROOT, hub_config, hub_model
 from modeling_poolformer import PoolformerConfig, PoolformerForCausalLM
 
 POOLED = [n for n in MODEL_CONFIG_NAMES if PoolformerConfig.from_pretrained(ROOT / "hub_configs" / n).pooling_factors]
@@ -28,6 +28,7 @@ def _fresh_env(tmp_path):
     return env
 
 
+@pytest.mark.integration
 def test_saved_folder_is_a_complete_repo_and_loads_with_remote_code(tmp_path):
     model = PoolformerForCausalLM(hub_config("sc09", layers_per_level=2)).eval()
     model.save_pretrained(tmp_path / "saved")
@@ -71,6 +72,7 @@ def test_saved_folder_is_a_complete_repo_and_loads_with_remote_code(tmp_path):
     assert ("triton scan from the saved folder" in run.stdout) == (importlib.util.find_spec("triton") is not None)
 
 
+@pytest.mark.integration
 def test_loading_without_trust_remote_code_fails_clearly(tmp_path):
     PoolformerForCausalLM(hub_config("tiny")).save_pretrained(tmp_path / "saved")
     script = textwrap.dedent(f"""
@@ -416,6 +418,7 @@ def _link_distributions(names, target):
 
 
 @pytest.mark.compat
+@pytest.mark.integration
 def test_loads_and_generates_with_only_torch_transformers_and_safetensors(tmp_path):
     # a virtual environment holding torch, transformers, safetensors and their own requirements, nothing else (the
     # installed distributions linked into its site-packages): the Hub folder still loads with remote code,

@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 import soundfile
 import torch
-from test_train import FAST, run
 
-from conftest import HUB_CONFIGS, ROOT
+from helpers import FAST, HUB_CONFIGS, ROOT, run
 from modeling_poolformer import PoolformerCache, PoolformerConfig, PoolformerForCausalLM
 from modeling_poolformer.audio import decode_audio, encode_audio, pcm_tokens, tokens_to_pcm16
 from modeling_poolformer.modeling_poolformer import PoolformerDualSoftmaxHead
@@ -187,7 +186,7 @@ def test_stereo_and_resampled_16bit_are_rounded_not_scaled(tmp_path):
     want = np.round((left.astype(np.float64) + right) / 2).astype(np.int64)
     assert torch.equal(ds[0]["input_ids"][1:], torch.from_numpy(want) + 32768)
     with pytest.raises(ValueError, match="integer samples need a 16-bit pcm spec"):
-        from training.data import quantize
+        from training.tokens import quantize
 
         quantize(left, AudioSpec(quantization="mu-law"))
 
@@ -225,6 +224,7 @@ def test_flac_baseline_on_known_signals():
     assert 8.0 <= flac_bits(items, 256, 16000)["flac_bits_per_sample"] < 8.1
 
 
+@pytest.mark.integration
 def test_train_evaluate_sample_16bit(pcm_folder, tmp_path):
     """train.py, evaluate.py (the model's bits beside FLAC's) and sample.py on a 16-bit model."""
     root, _ = pcm_folder

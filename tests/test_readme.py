@@ -9,7 +9,9 @@ import subprocess
 import sys
 import textwrap
 
-from conftest import ROOT, hub_model
+import pytest
+
+from helpers import ROOT, hub_model
 
 PRELUDE = """
 import torch
@@ -31,6 +33,7 @@ def test_the_readme_has_python_snippets():
     assert len(readme_snippets()) >= 3
 
 
+@pytest.mark.integration
 def test_readme_snippets_run(tmp_path):
     from training.metrics import DigitClassifier
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import hub_config
+from helpers import hub_config
 from modeling_poolformer import PoolformerForCausalLM
 from modeling_poolformer.modeling_poolformer import PoolformerRGLRU, _SqrtBoundedGrad
 from modeling_poolformer.rglru import CHECKPOINT, fused_rglru, numba_rglru_kernels, rglru_op

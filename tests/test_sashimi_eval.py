@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT
+from helpers import ROOT
 from training.sashimi_eval import CifarResNeXt, classify, load_resnext, natural_key, sashimi_quality
 
 pytest.importorskip("librosa")
@@ -114,6 +114,7 @@ def _sc09_folder(tmp_path):
     return root
 
 
+@pytest.mark.integration
 def test_evaluate_py_runs_sashimis_evaluator_on_an_sc09_folder(tmp_path):
     # the fixture laid out as SC09 (digit folders, validation/testing lists): evaluate.py --quality with the
     # ResNeXt file prints the reference script's numbers
@@ -121,7 +122,7 @@ def test_evaluate_py_runs_sashimis_evaluator_on_an_sc09_folder(tmp_path):
     import subprocess
     import sys
 
-    from conftest import hub_model
+    from helpers import hub_model
 
     root = _sc09_folder(tmp_path)
     hub_model().save_pretrained(tmp_path / "model")
@@ -194,8 +195,9 @@ def test_clips_of_another_rate_reach_the_classifier_at_16khz():
         assert np.linalg.norm(mel_features(clip.numpy()) - want) / np.linalg.norm(want) < 0.2 * off
 
 
+@pytest.mark.integration
 def test_evaluate_py_resamples_generated_clips_of_an_8khz_model(tmp_path, capsys):
-    from conftest import hub_model
+    from helpers import hub_model
     from training.evaluate import main
 
     root = _sc09_folder(tmp_path)

@@ -73,7 +73,7 @@ def test_scan_argument_errors():
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_model_logits_agree_across_scan_implementations(implementation):
-    from conftest import hub_config
+    from helpers import hub_config
     from modeling_poolformer import PoolformerForCausalLM
 
     torch.manual_seed(0)
@@ -141,7 +141,7 @@ def test_triton_scan_gradcheck(dtype):
 @needs_triton
 @pytest.mark.slow  # the interpreter runs the whole model's scans in numpy: ~25 s
 def test_model_with_triton_scan_equals_numba_or_loop():
-    from conftest import hub_config
+    from helpers import hub_config
     from modeling_poolformer import PoolformerForCausalLM
 
     ref = PoolformerForCausalLM(hub_config("tiny", scan_implementation="loop")).train()
@@ -170,7 +170,7 @@ def _loss_and_grads(model, ids, forward=None):
 
 @pytest.mark.slow
 def test_compiled_training_step_is_one_graph_and_equals_eager():
-    from conftest import hub_model
+    from helpers import hub_model
 
     torch._dynamo.reset()
     model = hub_model("tiny").train()
@@ -186,7 +186,7 @@ def test_compiled_training_step_is_one_graph_and_equals_eager():
 
 
 def test_bf16_autocast_training_keeps_the_recurrence_in_fp32(monkeypatch):
-    from conftest import hub_model
+    from helpers import hub_model
     from modeling_poolformer import scan as scan_module
 
     seen, scan = [], scan_module._scan

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import CompileConfig
 
-from conftest import HUB_CONFIG_NAMES, HUB_CONFIGS, hub_config
+from helpers import HUB_CONFIG_NAMES, HUB_CONFIGS, hub_config
 from modeling_poolformer import PoolformerConfig, PoolformerForCausalLM
 
 pytestmark = pytest.mark.slow

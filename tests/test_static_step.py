@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import CompileConfig
 
-from conftest import hub_model
+from helpers import hub_model
 from modeling_poolformer import PoolformerCache
 from modeling_poolformer.outputs import CACHE_FIELD
 from modeling_poolformer.static_step import PoolformerStaticStep, step_kinds

@@ -2,7 +2,6 @@
 
 import json
 import math
-import os
 import shutil
 import signal
 import subprocess
@@ -14,26 +13,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import ROOT
+from helpers import FAST, ROOT, TRAIN, env, run, summary
 from hub_server import HubServer
-
-TRAIN = str(ROOT / "training" / "train.py")
-FAST = ["--seq_len", "1200", "--batch_size", "4", "--num_samples", "1", "--sample_seconds", "0.02",
-        "--log_with", "none", "--warmup_steps", "2"]
-
-
-def env(**extra):
-    e = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "HF_ENDPOINT"))}
-    e.update(HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    e.update(extra)
-    return e
-
-
-def run(args, timeout=600, **extra_env):
-    proc = subprocess.run([sys.executable, TRAIN, *args], capture_output=True, text=True, timeout=timeout,
-                          env=env(**extra_env))
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return proc
 
 
 def tensorboard_scalars(out: Path, tag: str) -> dict:
@@ -49,11 +30,8 @@ def tensorboard_scalars(out: Path, tag: str) -> dict:
     return values
 
 
-def summary(out):
-    return json.loads((Path(out) / "train_summary.json").read_text())
-
-
 @pytest.mark.compat
+@pytest.mark.integration
 def test_embedded_default_loss_goes_down_and_exports(cache_dir, tmp_path):
     out = tmp_path / "run"
     run(["--cache_dir", str(cache_dir), "--output_dir", str(out), "--max_steps", "40", "--eval_every", "40",
@@ -72,6 +50,7 @@ def test_embedded_default_loss_goes_down_and_exports(cache_dir, tmp_path):
 
 
 @pytest.mark.compat
+@pytest.mark.integration
 def test_kill_and_resume_equals_uninterrupted(cache_dir, tmp_path):
     common = ["--dataset", str(cache_dir / "spoken_digits_v1"), *FAST, "--max_steps", "8", "--save_every", "100",
               "--eval_every", "100", "--max_eval_batches", "1", "--dropout", "0.1", "--lr_schedule", "cosine",
@@ -109,6 +88,7 @@ def test_sigterm_checkpoints_and_resumes(cache_dir, tmp_path):
     assert summary(out)["steps"] == steps[-1] + 2
 
 
+@pytest.mark.integration
 def test_two_process_data_parallel_on_cpu(cache_dir, tmp_path):
     out = tmp_path / "ddp"
     data = ["--dataset", str(cache_dir / "spoken_digits_v1"), "--seq_len", "1200"]
@@ -146,6 +126,7 @@ def test_two_process_data_parallel_on_cpu(cache_dir, tmp_path):
 
 
 @pytest.mark.compat
+@pytest.mark.integration
 def test_push_to_hub_and_load_back(cache_dir, tmp_path):
     server = HubServer().start()
     try:
@@ -173,6 +154,7 @@ def test_push_to_hub_and_load_back(cache_dir, tmp_path):
         server.stop()
 
 
+@pytest.mark.integration
 def test_bad_arguments_fail_before_training(tmp_path, capsys):
     from training.data import DataArguments
     from training.train import ModelArguments, TrainArguments
@@ -239,6 +221,7 @@ def test_a_damaged_checkpoint_fails_naming_the_file(cache_dir, tmp_path):
     assert "pytorch_model.bin" not in proc.stderr
 
 
+@pytest.mark.integration
 def test_sigterm_to_the_launcher_checkpoints_and_leaves_no_process(cache_dir, tmp_path):
     # `accelerate launch` with one process exits at once on SIGTERM; the training process notices and stops cleanly
     out = tmp_path / "run"
@@ -266,6 +249,7 @@ def _cmdline(proc_dir):
         return ""
 
 
+@pytest.mark.integration
 def test_bf16_mixed_precision_run(cache_dir, tmp_path):
     """`--mixed_precision bf16` trains under bf16 autocast (the recurrence stays fp32 inside) and exports."""
     out = tmp_path / "run"

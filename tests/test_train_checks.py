@@ -10,7 +10,8 @@ import sys
 
 import pytest
 import torch
-from test_train import FAST, TRAIN, env, run, summary
+
+from helpers import FAST, TRAIN, env, run, summary
 
 
 def train(args, timeout=600):
@@ -63,7 +64,8 @@ def test_skipped_fp16_updates_keep_the_loss_scaler_usable():
     from torch.optim.swa_utils import AveragedModel
     from transformers import get_scheduler
 
-    from training.train import Progress, apply_update
+    from training.checkpoints import Progress
+    from training.train import apply_update
 
     accelerator = Accelerator(cpu=True)
     accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
@@ -108,7 +110,8 @@ def test_resume_refuses_changed_settings_and_says_what_changed(cache_dir, tmp_pa
     proc = train([*args, "--batch_size", "2", "--resume_from_checkpoint", "latest"])
     assert proc.returncode == 2 and "batch_size: 4 in the checkpoint, 2 now" in proc.stderr, proc.stderr[-2000:]
     # the stored settings against others, as train.py compares them
-    from training.train import UsageError, check_resume
+    from training.checkpoints import check_resume
+    from training.utils import UsageError
 
     checkpoint = out / "checkpoints" / "step_00000002"
     stored = json.loads((checkpoint / "run_args.json").read_text())
@@ -130,16 +133,16 @@ def test_resume_refuses_changed_settings_and_says_what_changed(cache_dir, tmp_pa
 
 def test_one_run_at_a_time_per_output_dir(tmp_path):
     # the lock train.py's main process takes (an OS lock: a second holder, in any process, is refused)
-    from training.train import _lock
+    from training.output_dir import try_lock
 
-    first, error = _lock(tmp_path / "run")
+    first, error = try_lock(tmp_path / "run")
     assert first is not None and error is None
-    second, error = _lock(tmp_path / "run")
+    second, error = try_lock(tmp_path / "run")
     assert second is None and "in use by another train.py" in error
     assert (tmp_path / "run" / ".train.lock").exists()  # the refused one leaves the holder's file alone
     first.release()  # released, and its file removed
     assert not (tmp_path / "run" / ".train.lock").exists()
-    third, error = _lock(tmp_path / "run")
+    third, error = try_lock(tmp_path / "run")
     assert third is not None and error is None
     third.release()
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == []
@@ -187,7 +190,7 @@ def test_a_checkpoint_cut_short_by_the_disk_leaves_nothing_half_written(tmp_path
     # writes fail with EFBIG): a clear error, no temporary folder, the earlier checkpoint untouched
     from accelerate import Accelerator
 
-    from training.train import Progress, save_checkpoint
+    from training.checkpoints import Progress, save_checkpoint
 
     accelerator = Accelerator(cpu=True, project_dir=str(tmp_path))
     accelerator.prepare(torch.nn.Linear(512, 512))  # the model save_state writes (1 MB)

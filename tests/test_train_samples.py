@@ -6,9 +6,12 @@ import shutil
 import subprocess
 import sys
 
-from conftest import HUB_CONFIGS, ROOT
+import pytest
+
+from helpers import HUB_CONFIGS, ROOT
 
 
+@pytest.mark.integration
 def test_failed_sample_writing_still_exports_then_exits_nonzero(cache_dir, tmp_path):
     # a generation setting that loads but that generate refuses: 4 samples cannot come from 2 beams
     config = tmp_path / "tiny-two-beams"

@@ -17,7 +17,6 @@ states the protocol used.
 """
 
 import json
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,10 +27,20 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from modeling_poolformer import decode_audio, nats_to_bits
-from modeling_poolformer.audio import resample
+from training.audio_files import resample
 from training.data import DataArguments, build_datasets
 from training.metrics import DigitClassifier, flac_bits, nll_bits, sample_quality
-from training.utils import at_least, check_file, check_flags, check_local_or_hub, check_writable_folder, parse_arguments, positive
+from training.utils import (
+    UsageError,
+    at_least,
+    check_file,
+    check_flags,
+    check_local_or_hub,
+    check_writable_folder,
+    parse_arguments,
+    positive,
+    usage_exit,
+)
 
 SASHIMI_RATE = 16000  # SaShiMi's evaluator loads every clip with librosa at 16 kHz
 
@@ -46,7 +55,12 @@ class EvaluateArguments:
     no_flac: bool = field(default=False, metadata={"help": "skip FLAC's bits/sample on the same clips"})
     quality: bool = field(default=False, metadata={"help": "SC09 sample quality: FID, IS, mIS, AM"})
     classifier: Optional[str] = field(default=None, metadata={
-        "help": "digit classifier checkpoint (.safetensors, or a torch state dict)"})
+        "help": "digit classifier checkpoint: SaShiMi's resnext.pth, or train_classifier.py's (.safetensors, or a torch "
+                "state dict with --evaluator small)"})
+    evaluator: Optional[Literal["sashimi", "small"]] = field(default=None, metadata={
+        "help": "what scores --quality: sashimi (SaShiMi's ResNeXt and evaluator: comparable with published numbers) "
+                "or small (train_classifier.py's DigitClassifier); default: small for a .safetensors --classifier, "
+                "else sashimi"})
     num_generate: int = field(default=256, metadata={"help": "generated clips (the thesis protocol uses 10240)"})
     seconds: float = field(default=1.0, metadata={"help": "length of generated clips"})
     generate_batch_size: int = 64
@@ -74,11 +88,13 @@ class EvaluateArguments:
         if Path(self.out).is_dir():
             raise ValueError(f"--out {self.out}: a folder; expected the path of the JSON file to write")
         check_writable_folder(str(Path(self.out).parent), "--out")
-        self.classifier_kind = self.classifier_rate = None
+        self.classifier_rate = None
         if self.quality:  # every input of the quality scores, before the NLL, FLAC and generation run
             check_file(self.classifier, "--classifier")
-            self.classifier_kind, self.classifier_rate = classifier_kind(self.classifier)
-            if self.threshold and self.classifier_kind != "sashimi":
+            if self.evaluator is None:
+                self.evaluator = "small" if Path(self.classifier).suffix == ".safetensors" else "sashimi"
+            self.classifier_rate = classifier_rate(self.classifier, self.evaluator)
+            if self.threshold and self.evaluator != "sashimi":
                 raise ValueError(f"--threshold needs SaShiMi's ResNeXt classifier; --classifier {self.classifier} is "
                                  "this project's small digit classifier")
             if self.sample_dir:
@@ -95,27 +111,23 @@ class EvaluateArguments:
                                  f"need at least 2 (FID's covariance of one clip is undefined)")
 
 
-def usage_error(message: str):
-    """A problem with the arguments or the data found after parsing: the message on stderr, exit code 2."""
-    print(f"evaluate.py: error: {message}", file=sys.stderr)
-    raise SystemExit(2)
-
-
-def classifier_kind(path) -> tuple:
-    """("sashimi", 16000) for SaShiMi's ResNeXt, ("small", its sample rate) for a DigitClassifier of
-    train_classifier.py; a ValueError naming the file otherwise (checked before any compute)."""
-    from training.sashimi_eval import load_resnext
-
+def classifier_rate(path, evaluator: str) -> int:
+    """The sample rate of the classifier that `--evaluator` names, loaded from `path` (checked before any compute):
+    16 kHz for SaShiMi's ResNeXt, its own for a DigitClassifier of train_classifier.py; a ValueError naming the file
+    when it is not that kind of checkpoint."""
     try:
-        load_resnext(path)
-        return "sashimi", SASHIMI_RATE
-    except ValueError as not_resnext:
-        try:
-            return "small", int(DigitClassifier.load(path).config["sample_rate"])
-        except Exception as e:  # noqa: BLE001 - safetensors, torch and json each raise their own
-            raise ValueError(f"--classifier {path}: not a classifier checkpoint: neither SaShiMi's ResNeXt "
-                             f"(resnext.pth: {not_resnext}) nor a DigitClassifier of train_classifier.py "
-                             f"(a .safetensors file or a torch state dict: {type(e).__name__}: {e})") from None
+        if evaluator == "sashimi":
+            from training.sashimi_eval import load_resnext
+
+            load_resnext(path)
+            return SASHIMI_RATE
+        return int(DigitClassifier.load(path).config["sample_rate"])
+    except Exception as e:  # noqa: BLE001 - the unpickler, safetensors, torch and json each raise their own
+        expected = ("SaShiMi's ResNeXt (resnext.pth; --evaluator small for a DigitClassifier state dict)"
+                    if evaluator == "sashimi" else "a DigitClassifier of train_classifier.py (a .safetensors file or "
+                    "a torch state dict)")
+        raise ValueError(f"--classifier {path}: not a classifier checkpoint: expected {expected} ({type(e).__name__}: "
+                         f"{e})") from None
 
 
 def scored_clips(count: int, trim: bool, threshold: bool) -> int:
@@ -173,12 +185,12 @@ def generate_clips(model, args, target_rate: int = SASHIMI_RATE):
 def quality_references(args, datasets) -> dict:
     """What the quality scores compare against, checked before any compute: SaShiMi's evaluator takes the train and
     test splits' clips (their files or bytes), the small classifier the train split."""
-    needed = ("train", "test") if args.classifier_kind == "sashimi" else ("train",)
+    needed = ("train", "test") if args.evaluator == "sashimi" else ("train",)
     missing = [split for split in needed if split not in datasets]
     if missing:
-        usage_error(f"--quality with --classifier {args.classifier} needs the dataset's {' and '.join(needed)} "
-                    f"split(s); it has {sorted(datasets)}")
-    if args.classifier_kind == "sashimi":
+        raise UsageError(f"--quality with --classifier {args.classifier} needs the dataset's {' and '.join(needed)} "
+                         f"split(s); it has {sorted(datasets)}")
+    if args.evaluator == "sashimi":
         return {split: sashimi_items(datasets[split].data) for split in needed}
     return {}
 
@@ -193,7 +205,7 @@ def sample_quality_of(model, args, datasets, spec, splits) -> dict:
         clips, gen_nll, protocol = None, None, f"the WAVs in {args.sample_dir}"
     else:
         clips, gen_nll, protocol = generate_clips(model, args, args.classifier_rate)
-    if args.classifier_kind == "small":
+    if args.evaluator == "small":
         return small_classifier_quality(model, args, datasets, spec, clips, gen_nll, protocol)
     samples = args.sample_dir or [c.numpy() for c in clips]
     quality = sashimi_quality(args.classifier, splits["train"], splits["test"], samples, threshold=args.threshold)
@@ -214,8 +226,8 @@ def sashimi_items(data) -> list:
     import io
 
     if "path" not in data.column_names:
-        usage_error("SaShiMi's evaluator needs SC09 clips labelled by digit (an SC09 folder, krandiash/sc09, or "
-                    "--protocol sc09 on a Speech Commands dataset)")
+        raise UsageError("SaShiMi's evaluator needs SC09 clips labelled by digit (an SC09 folder, krandiash/sc09, or "
+                         "--protocol sc09 on a Speech Commands dataset)")
     items = []
     for name, audio in zip(data["path"], data["audio"]):
         if audio.get("bytes"):
@@ -228,7 +240,7 @@ def sashimi_items(data) -> list:
 def small_classifier_quality(model, args, datasets, spec, clips, gen_nll, protocol) -> dict:
     """FID/IS/mIS/AM with this project's small digit classifier: for users without SaShiMi's ResNeXt; not
     comparable with published numbers."""
-    from modeling_poolformer.audio import load_audio
+    from training.audio_files import load_audio
     from training.sashimi_eval import sample_files
     from training.train_classifier import DigitClips
 
@@ -255,54 +267,65 @@ def small_classifier_quality(model, args, datasets, spec, clips, gen_nll, protoc
 
 def main(argv=None):
     args, data_args = parse_arguments((EvaluateArguments, DataArguments), argv, __doc__)
+    try:
+        return evaluate(args, data_args)
+    except UsageError as e:
+        usage_exit(e, "evaluate.py")
+
+
+def evaluate(args: EvaluateArguments, data_args: DataArguments) -> dict:
+    """The NLL (and FLAC beside it) and the quality scores the flags ask for, written to --out."""
     out = Path(args.out).resolve()
     print(f"evaluate.py: the results go to {out}")
     torch.manual_seed(args.seed)
     if data_args.streaming and (args.max_batches is None or args.quality):  # a stream has no length, nor an index
-        raise SystemExit("evaluate.py: error: --streaming scores the first --max_batches batches of the split's stream "
-                         "(pass --max_batches), without --quality (its reference clips need the indexed training "
-                         "split); for the whole split, leave --streaming out")
+        raise UsageError("--streaming scores the first --max_batches batches of the split's stream (pass "
+                         "--max_batches), without --quality (its reference clips need the indexed training split); for "
+                         "the whole split, leave --streaming out")
     model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True).to(args.device).eval()
     config = model.config
     protocol, spec, datasets = build_datasets(data_args, config)
     if spec.quantization != config.quantization:
-        raise SystemExit(f"evaluate.py: error: protocol {protocol} quantises with {spec.quantization}, the model with "
-                         f"{config.quantization}: its NLL would not be comparable (--protocol generic uses the "
-                         "model's)")
+        raise UsageError(f"protocol {protocol} quantises with {spec.quantization}, the model with "
+                         f"{config.quantization}: its NLL would not be comparable (--protocol generic uses the model's)")
     result = {"model": args.model, "dataset": data_args.dataset or "built-in spoken digits", "protocol": protocol,
               "quantization": spec.quantization, "minmax": spec.minmax, "seq_len": spec.seq_len, "mode": spec.mode}
     references = quality_references(args, datasets) if args.quality else {}
-
     if not args.no_nll:
-        if args.split not in datasets:
-            raise SystemExit(f"the dataset has no {args.split!r} split; it has {sorted(datasets)}")
-        if data_args.streaming:  # the first --max_batches batches of the stream, held as a list
-            from training.data import held_out_items
-
-            datasets[args.split] = held_out_items(datasets[args.split], args.max_batches * args.batch_size)
-        loader = torch.utils.data.DataLoader(datasets[args.split], batch_size=args.batch_size)
-        start = time.perf_counter()
-        bits, nats, count = nll_bits(model, loader, max_batches=args.max_batches, progress=True)
-        result.update(split=args.split, nll_bits_per_sample=bits, nll_nats_total=nats, predicted_samples=count,
-                      items=len(datasets[args.split]) if args.max_batches is None else min(
-                          len(datasets[args.split]), args.max_batches * args.batch_size),
-                      nll_convention="total NLL over unmasked predicted samples / their count (bits)",
-                      nll_seconds=time.perf_counter() - start)
-        print(f"{args.split}: {bits:.4f} bits/sample over {count} samples")
-        if not args.no_flac and config.vocab_size in (256, 65536):
-            # the items the NLL was taken on, their tokens as PCM (16-bit samples, or 8-bit codes)
-            split = datasets[args.split]
-            result.update(flac_bits((split[i] for i in range(result["items"])), config.vocab_size, config.sample_rate))
-            result["model_to_flac_ratio"] = bits / result["flac_bits_per_sample"]
-            print(f"{args.split}: FLAC {result['flac_bits_per_sample']:.4f} bits/sample on the same clips; model / FLAC "
-                  f"= {result['model_to_flac_ratio']:.4f} (< 1: the model codes them in fewer bits)")
-
+        result.update(split_nll(model, args, data_args, datasets))
     if args.quality:
         result["quality"] = sample_quality_of(model, args, datasets, spec, references)
-
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
+    return result
+
+
+def split_nll(model, args, data_args, datasets) -> dict:
+    """The split's NLL in bits per sample and, for 8- and 16-bit models, FLAC's bits on the same items."""
+    config = model.config
+    if args.split not in datasets:
+        raise UsageError(f"--split {args.split}: the dataset has no such split; it has {sorted(datasets)}")
+    if data_args.streaming:  # the first --max_batches batches of the stream, held as a list
+        from training.stream import held_out_items
+
+        datasets[args.split] = held_out_items(datasets[args.split], args.max_batches * args.batch_size)
+    loader = torch.utils.data.DataLoader(datasets[args.split], batch_size=args.batch_size)
+    start = time.perf_counter()
+    bits, nats, count = nll_bits(model, loader, max_batches=args.max_batches, progress=True)
+    result = dict(split=args.split, nll_bits_per_sample=bits, nll_nats_total=nats, predicted_samples=count,
+                  items=len(datasets[args.split]) if args.max_batches is None else min(
+                      len(datasets[args.split]), args.max_batches * args.batch_size),
+                  nll_convention="total NLL over unmasked predicted samples / their count (bits)",
+                  nll_seconds=time.perf_counter() - start)
+    print(f"{args.split}: {bits:.4f} bits/sample over {count} samples")
+    if not args.no_flac and config.vocab_size in (256, 65536):
+        # the items the NLL was taken on, their tokens as PCM (16-bit samples, or 8-bit codes)
+        split = datasets[args.split]
+        result.update(flac_bits((split[i] for i in range(result["items"])), config.vocab_size, config.sample_rate))
+        result["model_to_flac_ratio"] = bits / result["flac_bits_per_sample"]
+        print(f"{args.split}: FLAC {result['flac_bits_per_sample']:.4f} bits/sample on the same clips; model / FLAC "
+              f"= {result['model_to_flac_ratio']:.4f} (< 1: the model codes them in fewer bits)")
     return result
 
 

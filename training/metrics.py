@@ -147,21 +147,13 @@ def flac_bits(items, levels: int, sample_rate: int) -> dict:
 
 
 def mel_filterbank(n_freqs, n_mels, sample_rate, f_min=20.0, f_max=None):
-    """Triangular filters on the HTK mel scale: (n_freqs, n_mels)."""
-    f_max = f_max or sample_rate / 2
+    """Triangular filters on the HTK mel scale, m = 2595 log10(1 + f / 700), unnormalised (peak 1): (n_freqs,
+    n_mels), from librosa (the `eval` extra)."""
+    import librosa
 
-    def to_mel(f):
-        return 2595.0 * torch.log10(1.0 + f / 700.0)
-
-    def to_hz(m):
-        return 700.0 * (10 ** (m / 2595.0) - 1.0)
-
-    freqs = torch.linspace(0, sample_rate / 2, n_freqs)
-    edges = to_hz(torch.linspace(to_mel(torch.tensor(f_min)), to_mel(torch.tensor(f_max)), n_mels + 2))
-    lower, center, upper = edges[:-2], edges[1:-1], edges[2:]
-    up = (freqs[:, None] - lower) / (center - lower)
-    down = (upper - freqs[:, None]) / (upper - center)
-    return torch.clamp(torch.minimum(up, down), min=0.0)
+    mel = librosa.filters.mel(sr=sample_rate, n_fft=2 * (n_freqs - 1), n_mels=n_mels, fmin=f_min,
+                              fmax=f_max or sample_rate / 2, htk=True, norm=None, dtype=np.float64)
+    return torch.from_numpy(mel.T).float()
 
 
 class LogMel(nn.Module):
@@ -254,23 +246,32 @@ class _Features(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def kl_rows(p, q):
+    """KL(p_k || q_k) of each row pair, rows normalised to sum 1, with 0 log 0 = 0 and p log(p / 0) = inf (scipy's
+    `rel_entr` and `entropy`, which SaShiMi's evaluator uses)."""
+    p, q = p / p.sum(-1, keepdim=True), q / q.sum(-1, keepdim=True)
+    return (torch.special.xlogy(p, p) - torch.special.xlogy(p, q)).sum(-1)
+
+
+def pairs_score(p, q) -> float:
+    """exp(mean_k KL(p_k || q_k)): the modified inception score of the pairs (p_k, q_k)."""
+    return kl_rows(p, q).mean().exp().item()
+
+
 def modified_inception_score(probs, num_pairs=None, generator=None):
     """mIS = exp(mean over random pairs (i, j), i != j, of KL(p_i || p_j))."""
     n = len(probs)
     num_pairs = num_pairs or 10 * n
     i = torch.randint(0, n, (num_pairs,), generator=generator)
     j = (i + torch.randint(1, n, (num_pairs,), generator=generator)) % n
-    log_p = probs.clamp_min(1e-12).log()
-    kl = (probs[i] * (log_p[i] - log_p[j])).sum(-1)
-    return kl.mean().exp().item()
+    return pairs_score(probs[i], probs[j])
 
 
 def am_score(train_probs, gen_probs):
     """AM = KL(p_train_mean || p_gen_mean) + mean entropy of the generated p_i."""
-    p, q = train_probs.mean(0).clamp_min(1e-12), gen_probs.mean(0).clamp_min(1e-12)
-    kl = (p * (p.log() - q.log())).sum()
-    entropy = -(gen_probs * gen_probs.clamp_min(1e-12).log()).sum(-1).mean()
-    return (kl + entropy).item()
+    gen = gen_probs / gen_probs.sum(-1, keepdim=True)
+    entropy = -torch.special.xlogy(gen, gen).sum(-1).mean()
+    return (kl_rows(train_probs.mean(0), gen_probs.mean(0)) + entropy).item()
 
 
 @torch.no_grad()

@@ -19,7 +19,8 @@ import soundfile
 import torch
 from transformers import AutoModelForCausalLM
 
-from modeling_poolformer.audio import encode_audio, load_audio, save_spectrogram, write_wav
+from modeling_poolformer.audio import encode_audio
+from training.audio_files import load_audio, save_spectrogram, write_wav
 from training.utils import check_file, check_flags, check_local_or_hub, check_writable_folder, parse_arguments, positive
 
 
@@ -59,23 +60,11 @@ class SampleArguments:
                 raise ValueError(f"--prompt {self.prompt}: not a readable audio file ({e})") from None
 
 
-def main(argv=None):
-    (args,) = parse_arguments(SampleArguments, argv, __doc__)
-    model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True).to(args.device).eval()
-    config = model.config
-    rate = config.sample_rate
-    new_tokens = max(1, int(round(args.seconds * rate)))
-
-    prompt = torch.full((1, 1), config.bos_token_id, dtype=torch.long)
-    if args.prompt:
-        wave = load_audio(args.prompt, rate, max_seconds=args.prompt_seconds)
-        tokens = encode_audio(torch.from_numpy(wave), config.quantization, config.vocab_size)
-        prompt = torch.cat([prompt, tokens[None]], dim=1)
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+def generate(model, args, prompt, new_tokens: int, out: Path) -> tuple:
+    """(paths, waveforms) of --num_samples clips generated --batch_size at a time, their WAVs written (while
+    generating with --stream)."""
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
-    waves, paths, start = [], [], time.perf_counter()
+    waves, paths = [], []
     for first in range(0, args.num_samples, args.batch_size):
         count = min(args.batch_size, args.num_samples - first)
         batch_paths = [out / f"sample_{first + i:04d}.wav" for i in range(count)]
@@ -96,9 +85,29 @@ def main(argv=None):
         )
         for path, row in zip(batch_paths, model.tokens_to_waveform(sequences)):
             if not args.stream:
-                write_wav(path, row, rate)
+                write_wav(path, row, model.config.sample_rate)
             paths.append(path)
             waves.append(row)
+    return paths, waves
+
+
+def main(argv=None):
+    (args,) = parse_arguments(SampleArguments, argv, __doc__)
+    model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True).to(args.device).eval()
+    config = model.config
+    rate = config.sample_rate
+    new_tokens = max(1, int(round(args.seconds * rate)))
+
+    prompt = torch.full((1, 1), config.bos_token_id, dtype=torch.long)
+    if args.prompt:
+        wave = load_audio(args.prompt, rate, max_seconds=args.prompt_seconds)
+        tokens = encode_audio(torch.from_numpy(wave), config.quantization, config.vocab_size)
+        prompt = torch.cat([prompt, tokens[None]], dim=1)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    paths, waves = generate(model, args, prompt, new_tokens, out)
     elapsed = time.perf_counter() - start
     png = save_spectrogram(waves[:8], rate, out / "spectrograms.png", titles=[p.name for p in paths[:8]])
     info = {

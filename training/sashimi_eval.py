@@ -28,7 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-CLASSES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+from training import metrics
+from training.metrics import pairs_score
+from training.splits import DIGITS
+
+CLASSES = DIGITS  # the classifier's labels: the SC09 digits, in order
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -207,19 +211,13 @@ def inception_score(probs: np.ndarray) -> float:
 
 
 def modified_inception_score(probs: np.ndarray, pairs: int = 10000) -> float:
-    from scipy.special import rel_entr
-
     np.random.seed(0)  # the script's pairs, drawn one call at a time as it draws them
     index = np.array([np.random.choice(np.arange(len(probs)), size=2, replace=True) for _ in range(pairs)])
-    p, q = probs[index[:, 0]], probs[index[:, 1]]
-    kls = rel_entr(p / p.sum(axis=1, keepdims=True), q / q.sum(axis=1, keepdims=True)).sum(axis=1)  # KL(p_i || p_j)
-    return float(np.exp(np.mean(kls)))
+    return pairs_score(torch.from_numpy(probs[index[:, 0]]), torch.from_numpy(probs[index[:, 1]]))
 
 
 def am_score(probs_data: np.ndarray, probs_gen: np.ndarray) -> float:
-    from scipy.stats import entropy
-
-    return float(entropy(probs_data.mean(axis=0), probs_gen.mean(axis=0)) + np.mean(entropy(probs_gen, axis=1)))
+    return metrics.am_score(torch.from_numpy(probs_data), torch.from_numpy(probs_gen))
 
 
 def scores(features_ref, probs_ref, features, probs) -> dict:

@@ -17,9 +17,11 @@ import torch
 import torch.nn.functional as F
 
 from modeling_poolformer import decode_audio
-from training.data import DIGITS, AudioSpec, AudioTokenDataset, DataArguments, load_splits
+from training.data import DataArguments, load_splits
 from training.metrics import DigitClassifier
-from training.utils import parse_arguments
+from training.splits import DIGITS
+from training.tokens import AudioSpec, AudioTokenDataset
+from training.utils import UsageError, parse_arguments, usage_exit
 
 
 class DigitClips(torch.utils.data.Dataset):
@@ -64,8 +66,8 @@ class ClassifierArguments:
 def main(argv=None):
     args, data_args = parse_arguments((ClassifierArguments, DataArguments), argv, __doc__)
     if data_args.protocol not in ("auto", "sc09") or data_args.seq_len or data_args.mode or data_args.no_minmax:
-        raise SystemExit("train_classifier.py: error: the classifier reads SC09 clips as they are (--protocol sc09; "
-                         "--seq_len, --mode and --no_minmax do not apply)")
+        usage_exit(UsageError("the classifier reads SC09 clips as they are (--protocol sc09; --seq_len, --mode and "
+                              "--no_minmax do not apply)"), "train_classifier.py")
     torch.manual_seed(args.seed)
 
     _, splits = load_splits(data_args.dataset, "sc09", data_args.audio_column, data_args.cache_dir,

@@ -9,6 +9,17 @@ from pathlib import Path
 from transformers import HfArgumentParser
 
 
+class UsageError(ValueError):
+    """A problem with the arguments (or a train.py run's output folder) found before any long compute: the scripts
+    print it as `<script>: error: <message>` and exit with code 2, as argparse does for its own errors."""
+
+
+def usage_exit(error: Exception, script: str):
+    """Report a usage error the scripts' one way: the message on stderr, exit code 2."""
+    print(f"{script}: error: {error}", file=sys.stderr)
+    raise SystemExit(2) from None
+
+
 def parse_arguments(dataclass_types, argv=None, description=None):
     """transformers' `HfArgumentParser` over the dataclasses; a `ValueError` from a dataclass's `__post_init__`
     becomes a usage error (exit code 2, the message on stderr), like argparse's own."""
@@ -79,6 +90,12 @@ def check_writable_folder(value: str, flag: str):
             pass
     except OSError as e:
         raise ValueError(f"{flag} {value}: cannot write into {existing} ({e.strerror or e})") from None
+
+
+def cache_root(cache_dir=None) -> Path:
+    """Where the scripts cache what they make (the rendered spoken digits, file indexes): `--cache_dir`, else
+    ~/.cache/poolformer-hf."""
+    return Path(cache_dir or Path.home() / ".cache" / "poolformer-hf")
 
 
 def tune_cpu_allocator(long_sequences: bool = False):
