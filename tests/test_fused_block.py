@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
-from conftest import hub_config
+from helpers import hub_config
 from modeling_poolformer import PoolformerForCausalLM
 from modeling_poolformer.fused_block import gated_output
 from modeling_poolformer.gelu_gate import gelu_gate, gelu_gate_backward, numba_gate_kernels

@@ -11,7 +11,7 @@ import warnings
 
 import pytest
 
-from conftest import ROOT
+from helpers import ROOT
 
 PACKAGE = ROOT / "modeling_poolformer"
 MODULES = sorted(p.stem for p in PACKAGE.glob("*.py"))  # "__init__": the package itself
