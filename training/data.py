@@ -55,7 +55,7 @@ from training.utils import check_flags, check_local_or_hub
 logger = logging.getLogger(__name__)
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".aiff", ".aif", ".mp3")
-PROTOCOLS = ("auto", "sc09", "beethoven", "youtubemix", "generic")
+PROTOCOLS = ("auto", "sc09", "beethoven", "youtubemix", "generic", "bytes", "enwik8")  # the last two: text_data.py
 SPLITS = ("train", "validation", "test")
 # the protocol's own settings; None means "take the model config's"
 PROTOCOL_DEFAULTS = {
@@ -97,6 +97,11 @@ class DataArguments:
         "help": "with --streaming: items in the shuffle buffer (0: stream order); checkpoints hold the buffer"})
     preprocessing_num_workers: Optional[int] = field(default=None, metadata={
         "help": "processes that read the file headers for the index (default: up to 8 for 10,000 files or more)"})
+    text_column: str = field(default="text", metadata={
+        "help": "byte models: the text (or binary) column of a Hub or parquet dataset"})
+    separator_byte: Optional[int] = field(default=None, metadata={
+        "help": "byte models, protocol bytes: the byte between documents (default: the model's start byte, 0); -1: "
+                "none, for datasets whose rows are lines that keep their newline (wikitext)"})
 
     def __post_init__(self):
         if self.seq_len is not None and self.seq_len < 1:
@@ -109,7 +114,9 @@ class DataArguments:
                 raise ValueError(f"--streaming needs datasets >= {STREAMING_DATASETS} (older releases do not resume a "
                                  f"stream exactly), this is {datasets.__version__}: pip install -U datasets")
         check_flags(self, [("shuffle_buffer", lambda v: isinstance(v, int) and v >= 0, "an int >= 0"),
-                           ("preprocessing_num_workers", lambda v: isinstance(v, int) and v >= 1, "an int >= 1")])
+                           ("preprocessing_num_workers", lambda v: isinstance(v, int) and v >= 1, "an int >= 1"),
+                           ("separator_byte", lambda v: isinstance(v, int) and -1 <= v <= 255,
+                            "an int in [0, 255], or -1 for none")])
         if self.dataset is not None:
             check_local_or_hub(self.dataset, "--dataset")
 
@@ -1068,7 +1075,14 @@ def build_datasets(data_args: DataArguments, config, rank: int = 0, world_size: 
     """(protocol, spec, {split: AudioTokenDataset, or AudioTokenStream with --streaming}). The spec's quantisation is
     the protocol's (the model config's for `generic`), except that a pcm model (16-bit) reads every protocol's
     split as pcm, never min-max scaled: its samples are the files' own. The config is only read: a caller whose
-    model quantises otherwise decides what to do."""
+    model quantises otherwise decides what to do. Byte models and the byte protocols go to `text_data`."""
+    from training.text_data import build_byte_datasets, is_byte_data
+
+    if is_byte_data(data_args.protocol, config):
+        return build_byte_datasets(data_args, config, rank, world_size, seed)
+    if config.quantization == "bytes":
+        raise ValueError(f"--protocol {data_args.protocol} is an audio protocol; this is a byte model "
+                         "(quantization='bytes'): use --protocol bytes or enwik8 (or auto)")
     protocol, splits = load_splits(data_args.dataset, data_args.protocol, data_args.audio_column, data_args.cache_dir,
                                    config.sample_rate, data_args.dataset_config, streaming=data_args.streaming)
     defaults = PROTOCOL_DEFAULTS[protocol]
