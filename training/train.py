@@ -43,6 +43,7 @@ from modeling_poolformer import PoolformerConfig, PoolformerForCausalLM, audio_g
 from modeling_poolformer.audio import save_spectrogram, write_wav
 from training.data import AudioTokenStream, DataArguments, build_datasets, held_out_items
 from training.metrics import nll_bits
+from training.text_samples import data_card_line
 from training.utils import at_least, check_flags, parse_arguments, positive, tune_cpu_allocator
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -93,6 +94,7 @@ class TrainArguments:
     sample_every: int = field(default=0, metadata={"help": "write WAV samples every N steps (0: only at the end)"})
     num_samples: int = 4
     sample_seconds: float = 1.0
+    sample_bytes: int = field(default=512, metadata={"help": "byte models: bytes per text sample"})
     resume_from_checkpoint: Optional[str] = field(default=None, metadata={
         "help": "a checkpoint folder, or 'latest' (the newest of this output_dir's run)"})
     stop_after_steps: Optional[int] = field(default=None, metadata={
@@ -112,7 +114,7 @@ class TrainArguments:
     def __post_init__(self):
         check_flags(self, [
             *[(name, at_least(1), "an int >= 1") for name in (
-                "batch_size", "gradient_accumulation_steps", "eval_every", "save_every", "num_samples",
+                "batch_size", "gradient_accumulation_steps", "eval_every", "save_every", "num_samples", "sample_bytes",
                 "checkpoints_total_limit", "max_steps", "max_eval_batches", "stop_after_steps", "log_every")],
             *[(name, at_least(0), "an int >= 0") for name in ("warmup_steps", "sample_every", "num_workers")],
             ("num_epochs", positive, "a number > 0"),
@@ -656,7 +658,12 @@ def evaluate(run: Run) -> float:
 
 
 def write_samples(model, args, folder, seed):
-    """Unconditional samples from the zero token at temperature 1: WAVs and a spectrogram PNG."""
+    """Unconditional samples from the zero token at temperature 1: WAVs and a spectrogram PNG (text files for a byte
+    model)."""
+    if model.config.quantization == "bytes":
+        from training.text_samples import write_text_samples
+
+        return write_text_samples(model, args.num_samples, args.sample_bytes, folder, seed)
     model.eval()
     new_tokens = max(1, int(args.sample_seconds * model.config.sample_rate))
     logger.info("generating %d samples of %d steps into %s%s", args.num_samples, new_tokens, folder,
@@ -819,16 +826,21 @@ def model_card(run: Run, val_bits: float, sample_names: list, sample_error: Opti
     data = run.data_args.dataset or "built-in spoken digits (espeak-ng, SC09 layout)"
     card_data = ModelCardData(
         library_name="transformers", license="apache-2.0",
-        tags=["audio", "poolformer", "rg-lru", "raw-audio", "custom_code"],
+        tags=(["text", "bytes", "byte-level"] if config.quantization == "bytes" else ["audio", "raw-audio"])
+        + ["poolformer", "rg-lru", "custom_code"],
         datasets=[run.data_args.dataset] if run.data_args.dataset and not Path(run.data_args.dataset).exists() else None,
     )
+    data_line = data_card_line(spec) if config.quantization == "bytes" else (
+        f"{spec.sample_rate} Hz, {spec.levels.bit_length() - 1}-bit {spec.quantization}, per-clip min-max\n  "
+        f"{'on' if spec.minmax else 'off'}, items of {spec.seq_len} samples ({spec.mode})")
     content = f"""---
 {card_data.to_yaml()}
 ---
 
 # Poolformer ({Path(run.model_args.model_config).name})
 
-A raw-audio language model (Poolformer, arXiv 2510.02206): RG-LRU recurrences in pooling SkipBlocks.
+A {"byte-level (raw bytes)" if config.quantization == "bytes" else "raw-audio"} language model (Poolformer, arXiv \
+2510.02206): RG-LRU recurrences in pooling SkipBlocks.
 Load it with `AutoModelForCausalLM.from_pretrained(repo, trust_remote_code=True)`; these are the EMA weights.
 
 ## Model
@@ -841,15 +853,15 @@ Load it with `AutoModelForCausalLM.from_pretrained(repo, trust_remote_code=True)
 ## Data
 
 - dataset: {data} (protocol {run.protocol})
-- {spec.sample_rate} Hz, {spec.levels.bit_length() - 1}-bit {spec.quantization}, per-clip min-max
-  {'on' if spec.minmax else 'off'}, items of {spec.seq_len} samples ({spec.mode})
+- {data_line}
 
 ## Training
 
 - optimizer steps: {progress.step} (skipped updates: {progress.skipped}), batch {args.batch_size} per process x
   {args.gradient_accumulation_steps} accumulation x {run.accelerator.num_processes} processes, lr {args.learning_rate}
   ({args.lr_schedule}, {args.warmup_steps if args.warmup_steps is not None else 'auto'} warm-up), EMA {args.ema_decay}
-- validation NLL: {val_bits:.4f} bits/sample (EMA weights, mean over all unmasked samples)
+- validation NLL: {val_bits:.4f} bits/{"byte" if config.quantization == "bytes" else "sample"} (EMA weights, mean over \
+all unmasked {"bytes" if config.quantization == "bytes" else "samples"})
 
 ## Samples
 
