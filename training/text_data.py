@@ -360,11 +360,16 @@ class ByteTokenStream(AudioTokenStream):
             yield token_item(torch.from_numpy(np.frombuffer(tail, dtype=np.uint8).astype(np.int64)), self.spec)
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "carry": self._carry, "joined": self._joined}
+        """The audio stream's state, plus the bytes of the unfinished window (a uint8 tensor: checkpoints are read
+        with `weights_only`) and whether a document was read (the next one is preceded by the separator)."""
+        carry = torch.from_numpy(np.frombuffer(self._carry, dtype=np.uint8).copy())
+        return {**super().state_dict(), "carry": carry, "joined": self._joined}
 
     def load_state_dict(self, state: dict):
         super().load_state_dict(state)
-        self._carry, self._joined = bytes(state["carry"]), bool(state["joined"])
+        carry = state["carry"]
+        self._carry = carry.numpy().tobytes() if isinstance(carry, torch.Tensor) else bytes(carry)
+        self._joined = bool(state["joined"])
 
 
 def build_byte_datasets(data_args, config, rank: int = 0, world_size: int = 1, seed: int = 0) -> tuple:
