@@ -22,6 +22,9 @@ min-max scaled per clip, quantised, and prefixed with the zero token. A 16-bit m
 no min-max scaling), rounded only where channels are mixed, the audio is resampled or the file holds floats.
 Padding is masked out of the loss (`labels = -100`). Files that cannot be read or are empty are skipped and counted,
 never a crash mid-epoch.
+
+Byte models (`quantization="bytes"`) and the `bytes` and `enwik8` protocols read text as raw bytes instead:
+`training/text_data.py`, which `build_datasets` hands them to.
 """
 
 import functools
