@@ -32,7 +32,8 @@ from training.data import DataArguments, build_datasets
 
 from common import ROOT, params
 
-SEQ_LEN, BATCH = 2048, 8
+SEQ_LEN, BATCH = 2048, 8  # the full run's windows and batch
+QUICK_SEQ_LEN, QUICK_BATCH = 512, 4  # --quick: a few CPU minutes buy a few hundred steps of 2,048 bytes each
 LR, LR_END = 2e-3, 1e-4
 BODY = dict(quantization="bytes", embedding="learned", hidden_size=64, lru_width=64, num_gate_blocks=8,
             pooling_groups=64, dropout=0.0)
@@ -72,14 +73,14 @@ def gpt2(layers: int, length: int):
                                       eos_token_id=None, attn_implementation="sdpa"))
 
 
-def models() -> dict:
+def models(seq_len: int) -> dict:
     """name -> build(length): a fresh model. GPT-2's layers are chosen to match the Poolformer's size at the training
-    length (its position table included: SEQ_LEN x 64 weights); for longer windows only its position table grows."""
+    length `seq_len` (its position table included: seq_len x 64 weights); for longer windows only that table grows."""
     target = params(PoolformerForCausalLM(PoolformerConfig(**POOLED)))
-    layers = min(range(1, 13), key=lambda n: abs(params(gpt2(n, SEQ_LEN)) - target))
-    return {"Poolformer [2, 4, 4]": lambda length=SEQ_LEN: PoolformerForCausalLM(PoolformerConfig(**POOLED)),
-            "Poolformer, no pooling": lambda length=SEQ_LEN: PoolformerForCausalLM(PoolformerConfig(**FLAT)),
-            f"GPT-2 ({layers} layers)": lambda length=SEQ_LEN: gpt2(layers, max(length, SEQ_LEN))}
+    layers = min(range(1, 13), key=lambda n: abs(params(gpt2(n, seq_len)) - target))
+    return {"Poolformer [2, 4, 4]": lambda length=seq_len: PoolformerForCausalLM(PoolformerConfig(**POOLED)),
+            "Poolformer, no pooling": lambda length=seq_len: PoolformerForCausalLM(PoolformerConfig(**FLAT)),
+            f"GPT-2 ({layers} layers)": lambda length=seq_len: gpt2(layers, max(length, seq_len))}
 
 
 def collate(items):
@@ -102,7 +103,7 @@ def held_out_bits(model, batches) -> float:
     return nats_to_bits(nats) / count
 
 
-def train_for(name, model, train_set, val_batches, budget_s):
+def train_for(name, model, train_set, val_batches, budget_s, batch_size):
     """AdamW on random training windows until `budget_s` CPU seconds of training steps (evaluations not counted);
     warm-up over 50 steps, then a cosine in CPU time from 2e-3 to 1e-4 at the deadline, so every model anneals by
     its deadline however many steps it fits in."""
@@ -114,7 +115,7 @@ def train_for(name, model, train_set, val_batches, budget_s):
         if trained >= next_eval:
             curve.append((step, trained, held_out_bits(model, val_batches)))
             next_eval += budget_s / 4
-        order = torch.randint(len(train_set), (BATCH,), generator=generator)
+        order = torch.randint(len(train_set), (batch_size,), generator=generator)
         batch = collate([train_set[int(i)] for i in order])
         cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, trained / budget_s)))
         for group in opt.param_groups:
@@ -145,9 +146,9 @@ def step_cost(build, length: int) -> dict:
     return {"cpu_s": time.process_time() - cpu, "wall_s": time.perf_counter() - start}
 
 
-def cost_vs_length(quick: bool) -> list:
+def cost_vs_length(seq_len: int) -> list:
     rows = []
-    for name, build in models().items():
+    for name, build in models(seq_len).items():
         previous = None
         for length in LENGTHS:
             growth = 16 if name.startswith("GPT-2") else 4  # attention's cost grows with the square of the length
@@ -162,31 +163,32 @@ def cost_vs_length(quick: bool) -> list:
 
 
 def bench_bytes(quick: bool) -> dict:
-    budget = 60 if quick else 600
+    seq_len, batch = (QUICK_SEQ_LEN, QUICK_BATCH) if quick else (SEQ_LEN, BATCH)
+    budget = 90 if quick else 600
     root = build_corpus(ROOT / "benchmarks" / "data_cache" / f"stdlib_bytes_py{sys.version_info[0]}{sys.version_info[1]}")
     config = PoolformerConfig(**POOLED)
-    args = DataArguments(dataset=str(root), seq_len=SEQ_LEN, cache_dir=str(ROOT / "benchmarks" / "data_cache"))
+    args = DataArguments(dataset=str(root), seq_len=seq_len, cache_dir=str(ROOT / "benchmarks" / "data_cache"))
     _, spec, sets = build_datasets(args, config)
-    val_count = 8 if quick else 32
-    val_batches = [collate([sets["validation"][i] for i in range(s, min(s + BATCH, val_count))])
-                   for s in range(0, val_count, BATCH)]
-    test_count = 24 if quick else len(sets["test"])
+    val_count = 16 if quick else 32
+    val_batches = [collate([sets["validation"][i] for i in range(s, min(s + batch, val_count))])
+                   for s in range(0, val_count, batch)]
+    test_count = 128 if quick else len(sets["test"])
     test_items = [sets["test"][i] for i in range(test_count)]
-    test_batches = [collate(test_items[s : s + BATCH]) for s in range(0, len(test_items), BATCH)]
+    test_batches = [collate(test_items[s : s + batch]) for s in range(0, len(test_items), batch)]
     compressors = compressor_bits([item_bytes(item) for item in test_items])
     rows, curves = [], {}
-    for name, build in models().items():
+    for name, build in models(seq_len).items():
         torch.manual_seed(0)
         model = build()
-        curves[name], wall = train_for(name, model, sets["train"], val_batches, budget)
+        curves[name], wall = train_for(name, model, sets["train"], val_batches, budget, batch)
         steps, seconds, _ = curves[name][-1]
         bits = held_out_bits(model, test_batches)
         rows.append({"model": name, "params": params(model), "steps": steps, "train_cpu_s": seconds, "train_wall_s": wall,
                      "bits_per_byte": bits, "vs_xz_per_window": bits / compressors["xz"]["per_window"]})
-    return {"budget_cpu_s": budget, "seq_len": SEQ_LEN, "batch": BATCH, "rows": rows, "curves": curves,
+    return {"budget_cpu_s": budget, "seq_len": seq_len, "batch": batch, "rows": rows, "curves": curves,
             "compressors": compressors, "test_windows": len(test_items), "train_bytes": sets["train"].num_bytes,
             "corpus": f"Python {sys.version.split()[0]} standard library: top-level modules + pydoc topics",
-            "cost": cost_vs_length(quick), "threads": torch.get_num_threads()}
+            "cost": cost_vs_length(seq_len), "threads": torch.get_num_threads()}
 
 
 def markdown(b: dict) -> list:

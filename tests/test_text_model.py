@@ -122,6 +122,7 @@ def test_streamer_matches_decode_text_while_generate_samples(tmp_path):
         model.generate(prompt, max_new_tokens=2, streamer=model.text_streamer())
 
 
+@pytest.mark.compat
 def test_saved_byte_model_reloads_by_remote_code_and_generates_text(tmp_path):
     model = hub_model("tiny-bytes")
     model.save_pretrained(tmp_path / "saved")
