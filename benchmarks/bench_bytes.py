@@ -13,8 +13,9 @@ windows (`training/compressors.py`): each window coded alone (the fair compariso
 and the whole held-out text as one stream. Then how one training step's cost grows with the window length, 1k .. 64k
 bytes, for each model (B = 1, forward + backward).
 
-The budget is CPU time of the training steps (`time.process_time`, every thread of the process), not wall time: on a
-machine shared with other work, wall time measures the neighbours too.
+The budget is CPU time of the training steps (`time.process_time`) on one thread, not wall time: on a machine shared
+with other work, wall time measures the neighbours too, and so does the CPU time of several threads (an OpenMP
+thread spinning at a barrier while its partner waits for a core burns CPU seconds without computing).
 """
 
 import math
@@ -66,9 +67,10 @@ def build_corpus(root: Path) -> Path:
 
 
 def gpt2(layers: int, length: int):
+    """A GPT-2 for windows of `length` bytes after the start byte (`length + 1` positions)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    return GPT2LMHeadModel(GPT2Config(vocab_size=256, n_embd=64, n_layer=layers, n_head=4, n_positions=length,
+    return GPT2LMHeadModel(GPT2Config(vocab_size=256, n_embd=64, n_layer=layers, n_head=4, n_positions=length + 1,
                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0,
                                       eos_token_id=None, attn_implementation="sdpa"))
 
@@ -164,6 +166,28 @@ def cost_vs_length(seq_len: int) -> list:
 
 def bench_bytes(quick: bool) -> dict:
     seq_len, batch = (QUICK_SEQ_LEN, QUICK_BATCH) if quick else (SEQ_LEN, BATCH)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # CPU seconds that are compute, whatever else runs on the machine
+    numba_threads = _numba_threads(1)  # the numba scan's own thread pool too
+    try:
+        return _bench_bytes(quick, seq_len, batch)
+    finally:
+        torch.set_num_threads(threads)
+        _numba_threads(numba_threads)
+
+
+def _numba_threads(count):
+    try:
+        import numba
+    except ImportError:
+        return None
+    previous = numba.get_num_threads()
+    if count is not None:
+        numba.set_num_threads(count)
+    return previous
+
+
+def _bench_bytes(quick: bool, seq_len: int, batch: int) -> dict:
     budget = 90 if quick else 600
     root = build_corpus(ROOT / "benchmarks" / "data_cache" / f"stdlib_bytes_py{sys.version_info[0]}{sys.version_info[1]}")
     config = PoolformerConfig(**POOLED)

@@ -16,10 +16,14 @@ DEFAULT_NUM_BYTES = 512
 
 
 def model_quantization(model: str) -> str:
-    """The `quantization` of a saved model folder or Hub repo's config, read without loading the model."""
+    """The `quantization` of a saved model folder or Hub repo's config, read without loading the model; None when the
+    config cannot be read here (loading the model then says why)."""
     from transformers import PretrainedConfig
 
-    config, _ = PretrainedConfig.get_config_dict(model)
+    try:
+        config, _ = PretrainedConfig.get_config_dict(model)
+    except (OSError, ValueError):
+        return None
     return config.get("quantization", "mu-law")
 
 
