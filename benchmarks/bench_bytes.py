@@ -36,6 +36,7 @@ from common import ROOT, params
 SEQ_LEN, BATCH = 2048, 8  # the full run's windows and batch
 QUICK_SEQ_LEN, QUICK_BATCH = 512, 4  # --quick: a few CPU minutes buy a few hundred steps of 2,048 bytes each
 LR, LR_END = 2e-3, 1e-4
+QUICK_BUDGET_S, BUDGET_S = 90, 600  # CPU seconds of training per model
 BODY = dict(quantization="bytes", embedding="learned", hidden_size=64, lru_width=64, num_gate_blocks=8,
             pooling_groups=64, dropout=0.0)
 POOLED = dict(BODY, pooling_factors=[2, 4, 4], layers_per_level=1)
@@ -188,7 +189,7 @@ def _numba_threads(count):
 
 
 def _bench_bytes(quick: bool, seq_len: int, batch: int) -> dict:
-    budget = 90 if quick else 600
+    budget = QUICK_BUDGET_S if quick else BUDGET_S
     root = build_corpus(ROOT / "benchmarks" / "data_cache" / f"stdlib_bytes_py{sys.version_info[0]}{sys.version_info[1]}")
     config = PoolformerConfig(**POOLED)
     args = DataArguments(dataset=str(root), seq_len=seq_len, cache_dir=str(ROOT / "benchmarks" / "data_cache"))
