@@ -110,6 +110,7 @@ def train_for(name, model, train_set, val_batches, budget_s, batch_size):
     """AdamW on random training windows until `budget_s` CPU seconds of training steps (evaluations not counted);
     warm-up over 50 steps, then a cosine in CPU time from 2e-3 to 1e-4 at the deadline, so every model anneals by
     its deadline however many steps it fits in."""
+    torch.set_num_threads(1)  # held for every model, whatever the code before it set
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=1e-4)
     generator = torch.Generator().manual_seed(0)
     curve, step, trained, wall, next_eval = [], 0, 0.0, 0.0, 0.0
@@ -141,6 +142,7 @@ def train_for(name, model, train_set, val_batches, budget_s, batch_size):
 def step_cost(build, length: int) -> dict:
     """CPU and wall seconds of one training step (B = 1, forward + backward) at `length` bytes, after one untimed."""
     torch.manual_seed(0)
+    torch.set_num_threads(1)
     model = build(length)
     ids = torch.randint(0, 256, (1, length))
     model(input_ids=ids, labels=ids).loss.backward()
@@ -213,7 +215,7 @@ def _bench_bytes(quick: bool, seq_len: int, batch: int) -> dict:
     return {"budget_cpu_s": budget, "seq_len": seq_len, "batch": batch, "rows": rows, "curves": curves,
             "compressors": compressors, "test_windows": len(test_items), "train_bytes": sets["train"].num_bytes,
             "corpus": f"Python {sys.version.split()[0]} standard library: top-level modules + pydoc topics",
-            "cost": cost_vs_length(seq_len), "threads": torch.get_num_threads()}
+            "cost": cost_vs_length(seq_len), "threads": 1}
 
 
 def markdown(b: dict) -> list:
