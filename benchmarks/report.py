@@ -149,6 +149,10 @@ def markdown(results):
         lines += ["", "Learning curves: `pcm16_curve.png` beside these results.", ""]
     if "traffic" in results:
         lines += traffic_markdown(results["traffic"])
+    if "bytes" in results:
+        from bench_bytes import markdown as bytes_markdown
+
+        lines += bytes_markdown(results["bytes"])
     return "\n".join(lines)
 
 

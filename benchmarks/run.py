@@ -1,6 +1,6 @@
 """Poolformer benchmarks, every comparison measured side by side in one run on this machine.
 
-    python benchmarks/run.py [--quick] [--out benchmarks/results] [--only scan,train,peers,generate,length,data,pcm16,traffic]
+    python benchmarks/run.py [--quick] [--out benchmarks/results] [--only scan,train,peers,generate,length,data,pcm16,traffic,bytes]
 
 Writes `<out>/results.md` (the tables) and `<out>/results.json`; sections left out of `--only` keep the results an
 earlier run wrote there. Sections:
@@ -30,6 +30,9 @@ earlier run wrote there. Sections:
    composite of torch ops it replaces (bf16 autocast, B=1, T=4000): bytes saved for the backward and bytes written per
    token, ops per step, where the bytes go, CPU training tokens/s; on a CUDA machine also batch 32 at T=16000 (tokens/s,
    peak memory, SC09 epochs/h) and GPT-2 across T = 4k .. 64k.
+9. bytes: byte models on the Python standard library's own text (built offline): held-out bits/byte of a Poolformer,
+   its no-pooling ablation and a GPT-2 of equal size, each trained for the same CPU seconds, against gzip -9, bz2 -9
+   and xz -9e on the same windows (each alone, and the whole); one training step's cost at 1k .. 64k bytes.
 
 On a CUDA machine every section runs on the GPU, with the GPU's sizes: the scan compares the Triton kernel with the
 chunked torch scan; training runs under bf16 autocast (the recurrence stays fp32) at T=16000 for all models, with
@@ -51,6 +54,7 @@ import torch
 
 from training.utils import tune_cpu_allocator
 
+from bench_bytes import bench_bytes
 from bench_data import bench_data, child_startup
 from bench_generate import bench_generate, child_generate, child_generate_cuda
 from bench_length import bench_length, one_step
@@ -91,6 +95,7 @@ def main():
                 "data": lambda quick: bench_data(quick, args.data_clips and [int(n) for n in args.data_clips.split(",")])}
     out = Path(args.out)
     sections["pcm16"] = lambda quick: bench_pcm16(quick, out)
+    sections["bytes"] = bench_bytes
     out.mkdir(parents=True, exist_ok=True)
     if (out / "results.json").is_file():  # sections not run this time keep their earlier results
         earlier = json.loads((out / "results.json").read_text())

@@ -9,7 +9,7 @@ stack: every sc09 variant has 36 pairs, like the sc09 model (4 SkipBlocks x 8 + 
 import json
 from pathlib import Path
 
-from modeling_poolformer import PoolformerConfig, audio_generation_config
+from modeling_poolformer import PoolformerConfig, audio_generation_config, text_generation_config
 
 HERE = Path(__file__).resolve().parent
 SC09 = dict(pooling_factors=[2, 4, 4, 5], layers_per_level=4, hidden_size=128, dropout=0.2)
@@ -46,6 +46,15 @@ CONFIGS.update({
     "tiny-16bit": dict(CONFIGS["tiny"], **PCM16),
 })
 
+# raw bytes (UTF-8 text, enwik8): the same bodies with a learned byte embedding (the Fourier features of a value
+# order bytes by their code, which means nothing for characters); no sample rate, no audio codec; sequences start
+# with the byte 0 (NUL), the document separator of the byte data (training/text_data.py)
+BYTES = dict(quantization="bytes", embedding="learned")
+CONFIGS.update({
+    "enwik8": dict(SC09, **BYTES),
+    "tiny-bytes": dict(CONFIGS["tiny"], **BYTES),
+})
+
 # clip lengths in samples: what generation produces by default
 SECONDS = {"beethoven": 8, "youtubemix": 8, "beethoven-16bit": 8, "youtubemix-16bit": 8}
 
@@ -59,7 +68,10 @@ def main():
         for key in ("auto_map", "transformers_version"):
             data.pop(key, None)
         (out / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        gen_data = audio_generation_config(config, seconds=SECONDS.get(name, 1)).to_diff_dict()
+        if config.quantization == "bytes":
+            gen_data = text_generation_config(config).to_diff_dict()
+        else:
+            gen_data = audio_generation_config(config, seconds=SECONDS.get(name, 1)).to_diff_dict()
         gen_data.pop("transformers_version", None)
         (out / "generation_config.json").write_text(json.dumps(gen_data, indent=2, sort_keys=True) + "\n")
         print(f"{name}: wrote {out.relative_to(HERE.parent)}")

@@ -4,7 +4,7 @@ folder also loads without `trust_remote_code` in a process that imported it."""
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .audio import PoolformerAudioStreamer, decode_audio, encode_audio
-from .configuration_poolformer import PoolformerConfig, audio_generation_config
+from .configuration_poolformer import PoolformerConfig, audio_generation_config, text_generation_config
 from .modeling_poolformer import (
     PoolformerCache,
     PoolformerForCausalLM,
@@ -13,6 +13,7 @@ from .modeling_poolformer import (
     nats_to_bits,
 )
 from .scan import linear_scan, sequential_scan
+from .text import PoolformerTextStreamer, decode_text, encode_text
 
 # `save_pretrained` then writes `auto_map` and copies the modeling files: a saved folder is a complete Hub repo
 PoolformerConfig.register_for_auto_class()
@@ -30,10 +31,14 @@ __all__ = [
     "PoolformerForCausalLM",
     "PoolformerModel",
     "PoolformerPreTrainedModel",
+    "PoolformerTextStreamer",
     "audio_generation_config",
     "decode_audio",
+    "decode_text",
     "encode_audio",
+    "encode_text",
     "linear_scan",
     "nats_to_bits",
     "sequential_scan",
+    "text_generation_config",
 ]

@@ -279,6 +279,9 @@ class PoolformerAudioMixin:
         """(B, T) or (T,) token ids -> float32 waveforms in [-1, 1] with this model's quantisation. The leading zero
         token that `generate` starts from is dropped when `drop_bos`. Tokens that `forward` would refuse (not an
         integer tensor, or outside `[0, vocab_size)`) raise a ValueError instead of being clipped into audio."""
+        if self.config.quantization == "bytes":
+            raise ValueError("this is a byte model (quantization='bytes'): its tokens are text, not audio; use "
+                             "decode_text / text_streamer")
         tokens = _checked_tokens(tokens, self.config.vocab_size)
         if drop_bos and tokens.shape[-1] > 1:
             tokens = tokens[..., 1:]

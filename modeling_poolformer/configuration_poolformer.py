@@ -37,7 +37,8 @@ _POOLINGS = ("conv", "linear")
 _SHIFTS = ("fine", "coarse")
 _SKIPS = ("short", "long")
 _EMBEDDINGS = ("sinusoidal", "learned", "mlp")
-_QUANTIZATIONS = ("mu-law", "linear", "pcm")
+_QUANTIZATIONS = ("mu-law", "linear", "pcm", "bytes")
+BYTES_START = 0  # the start symbol (and default document separator) of byte models: NUL, which UTF-8 text never holds
 _OUTPUT_HEADS = ("softmax", "dual-softmax")
 # the values of `scan_implementation`, which `scan.linear_scan` takes too
 SCAN_IMPLEMENTATIONS = ("auto", "numba", "loop", "chunked", "triton")
@@ -121,8 +122,8 @@ class PoolformerConfig(PretrainedConfig):
         embedding (`str`, defaults to `"sinusoidal"`):
             Token embedding (the author's `input_transform`). `"sinusoidal"` (`"sine"`): fixed Fourier features of
             the sample value, `[cos(v * w_k), sin(v * w_k)]` with `w_k = 10000^(-k / (D/2))`, no learned weights;
-            `"learned"` (`"embed"`): an `nn.Embedding`; `"mlp"`: a Linear(1 -> D) of the value scaled to
-            `2 v / vocab_size - 1`.
+            `"learned"` (`"embed"`): an `nn.Embedding` (the byte models', `hub_configs/enwik8`); `"mlp"`: a
+            Linear(1 -> D) of the value scaled to `2 v / vocab_size - 1`.
         dropout (`float`, defaults to 0.2):
             Dropout on the output of every residual block.
         sqrt_max_gradient (`float`, defaults to 200.0):
@@ -160,7 +161,13 @@ class PoolformerConfig(PretrainedConfig):
             How waveforms map to tokens: `"mu-law"` (mu = vocab_size - 1) or `"linear"`, SaShiMi's codecs of a
             float waveform; `"pcm"`: the file's own linear PCM values, offset to be non-negative (token = sample +
             vocab_size / 2; at vocab_size 65,536 the 16-bit samples themselves, read from WAV/FLAC without a float
-            round trip). `training/data.py` never min-max scales PCM.
+            round trip). `training/data.py` never min-max scales PCM. `"bytes"`: the tokens are not audio but raw
+            bytes (UTF-8 text, or any file), vocab_size 256; `model.decode_text` turns them into text and
+            `model.text_streamer()` prints them while `generate` samples (`text.py`). Byte models start every
+            sequence with `bos_token_id` 0 (NUL, which text does not contain), the byte that also separates
+            documents in the training data (`training/text_data.py`), and use the `"learned"` embedding: a value's
+            Fourier features order bytes by their code, which says nothing about the characters they stand for.
+            `sample_rate` is ignored.
         output_head (`str`, defaults to `"softmax"`):
             `"softmax"`: one Linear(D -> vocab_size) and a softmax. `"dual-softmax"` (*extension*, for 16-bit PCM;
             WaveRNN's dual softmax, arXiv 1802.08435): with n = sqrt(vocab_size), token v has a coarse part
@@ -170,7 +177,7 @@ class PoolformerConfig(PretrainedConfig):
             values; the loss is `-log p(c) - log p(f | c)` per sample. vocab_size must be a square.
         bos_token_id (`int`, *optional*):
             The "zero" token that starts every sequence: by default the middle of the range, `vocab_size // 2`
-            (128 at 8 bits, 32768, the sample 0, at 16 bits).
+            (128 at 8 bits, 32768, the sample 0, at 16 bits); 0 (NUL) for `quantization="bytes"`.
         eos_token_id (`int` or `list[int]`, *optional*):
             A value that ends generation when sampled. None (default): audio has no end token, generation runs for
             `max_new_tokens`.
@@ -270,7 +277,7 @@ class PoolformerConfig(PretrainedConfig):
         self.quantization = quantization
         self.output_head = output_head
         if bos_token_id is None:
-            bos_token_id = vocab_size // 2 if _is_int(vocab_size) else 128
+            bos_token_id = BYTES_START if quantization == "bytes" else vocab_size // 2 if _is_int(vocab_size) else 128
         # set here: transformers' config takes none of them (and drops `use_cache` from its kwargs)
         self.eos_token_id = list(eos_token_id) if isinstance(eos_token_id, tuple) else eos_token_id
         self.pad_token_id = pad_token_id
@@ -290,6 +297,11 @@ class PoolformerConfig(PretrainedConfig):
         out = super().from_dict(config_dict, **kwargs)
         (out[0] if isinstance(out, tuple) else out).validate_poolformer()
         return out
+
+    @property
+    def modality(self) -> str:
+        """`"text"` for byte models (`quantization="bytes"`: raw bytes, decoded as UTF-8), else `"audio"`."""
+        return "text" if self.quantization == "bytes" else "audio"
 
     @property
     def num_levels(self):
@@ -420,7 +432,8 @@ _RULES = (
     ("activation_checkpointing", _is_bool, "True or False"),
     ("checkpoint_chunk_size", lambda v, c: _is_int(v, 0), "an int >= 0 (0 = off)"),
     ("sample_rate", lambda v, c: _is_int(v, 1), "a positive int (Hz)"),
-    ("quantization", _one_of(*_QUANTIZATIONS), f"one of {_QUANTIZATIONS}"),
+    ("quantization", lambda v, c: v in _QUANTIZATIONS and (v != "bytes" or c.vocab_size == 256),
+     f"one of {_QUANTIZATIONS}; 'bytes' needs vocab_size 256 (one token per byte value)"),
     ("output_head", lambda v, c: v in _OUTPUT_HEADS and (v == "softmax" or math.isqrt(c.vocab_size) ** 2 == c.vocab_size),
      f"one of {_OUTPUT_HEADS}; 'dual-softmax' needs a square vocab_size (65536 = 256 x 256 for 16-bit PCM)"),
     ("bos_token_id", lambda v, c: _is_int(v, 0) and v < c.vocab_size, "an int in [0, vocab_size={c.vocab_size})"),
@@ -465,4 +478,11 @@ def audio_generation_config(config: PoolformerConfig, seconds: float = 1.0) -> G
                             max_new_tokens=int(round(config.sample_rate * seconds)))
 
 
-__all__ = ["SCAN_IMPLEMENTATIONS", "PoolformerConfig", "audio_generation_config"]
+def text_generation_config(config: PoolformerConfig, new_bytes: int = 512) -> GenerationConfig:
+    """The generation settings of a byte model (`quantization="bytes"`): sample the full distribution at temperature
+    1 from the start byte, `new_bytes` bytes per call; no end token (the separator byte is also the start symbol)."""
+    return GenerationConfig(do_sample=True, temperature=1.0, top_k=0, bos_token_id=config.bos_token_id,
+                            max_new_tokens=new_bytes)
+
+
+__all__ = ["SCAN_IMPLEMENTATIONS", "PoolformerConfig", "audio_generation_config", "text_generation_config"]

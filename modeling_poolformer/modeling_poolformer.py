@@ -2,7 +2,8 @@
 
 The file reads like the thesis' figure, top to bottom: the value embedding, the RG-LRU, residual blocks and their
 stacks, pooling, the SkipBlock, the model and the LM head (with generation). The cache that generation carries lives
-in `cache_poolformer.py`, the scan kernels in `scan.py` and the audio codec and WAV output in `audio.py`.
+in `cache_poolformer.py`, the scan kernels in `scan.py`, the audio codec and WAV output in `audio.py`, text in and out
+of byte models in `text.py`.
 
 Every module runs in "streaming" form: it takes a chunk of new time steps and reads and updates its state in the
 cache (RG-LRU states, DownPool buffers, queues of UpPool outputs), or starts from zeros without one. A full forward
@@ -36,6 +37,7 @@ from .outputs import CACHE_FIELD, PoolformerCausalLMOutput, PoolformerModelOutpu
 from .rglru import fused_rglru, fused_rglru_available
 from .scan import resolve_scan_implementation, scan_op
 from .static_step import StaticStepStore
+from .text import PoolformerTextMixin
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Token embedding
@@ -895,12 +897,14 @@ class PoolformerDualSoftmaxHead(nn.Module):
         return (coarse + fine).view(targets.shape)
 
 
-class PoolformerForCausalLM(PoolformerPreTrainedModel, PoolformerGenerationMixin, GenerationMixin, PoolformerAudioMixin):
+class PoolformerForCausalLM(PoolformerPreTrainedModel, PoolformerGenerationMixin, GenerationMixin, PoolformerAudioMixin,
+                            PoolformerTextMixin):
     """Poolformer with a LayerNorm'd Linear(D -> vocab) head, or the dual softmax of `PoolformerDualSoftmaxHead`
     (`config.output_head`, 16-bit PCM). logits[:, t] predicts input_ids[:, t + 1]; sequences start with the zero
     token (`config.bos_token_id`, 128 at 8 bits, 32768 at 16). `generate` (`generation.PoolformerGenerationMixin`) is
     transformers' with a compiled decoding step around it; `save_wav`, `tokens_to_waveform` and `audio_streamer`
-    come from `audio.PoolformerAudioMixin`."""
+    come from `audio.PoolformerAudioMixin`, and for byte models (`quantization="bytes"`) `encode_text`,
+    `decode_text` and `text_streamer` from `text.PoolformerTextMixin`."""
 
     stack_step = staticmethod(run_blocks)  # what `generate` compiles: one residual stack's step (any stack)
 

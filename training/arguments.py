@@ -50,6 +50,7 @@ class TrainArguments:
     sample_every: int = field(default=0, metadata={"help": "write WAV samples every N steps (0: only at the end)"})
     num_samples: int = 4
     sample_seconds: float = 1.0
+    sample_bytes: int = field(default=512, metadata={"help": "byte models: bytes per text sample"})
     resume_from_checkpoint: Optional[str] = field(default=None, metadata={
         "help": "a checkpoint folder, or 'latest' (the newest of this output_dir's run)"})
     stop_after_steps: Optional[int] = field(default=None, metadata={
@@ -69,7 +70,7 @@ class TrainArguments:
     def __post_init__(self):
         check_flags(self, [
             *[(name, at_least(1), "an int >= 1") for name in (
-                "batch_size", "gradient_accumulation_steps", "eval_every", "save_every", "num_samples",
+                "batch_size", "gradient_accumulation_steps", "eval_every", "save_every", "num_samples", "sample_bytes",
                 "checkpoints_total_limit", "max_steps", "max_eval_batches", "stop_after_steps", "log_every")],
             *[(name, at_least(0), "an int >= 0") for name in ("warmup_steps", "sample_every", "num_workers")],
             ("num_epochs", positive, "a number > 0"),

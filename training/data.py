@@ -22,6 +22,9 @@ min-max scaled per clip, quantised, and prefixed with the zero token. A 16-bit m
 no min-max scaling), rounded only where channels are mixed, the audio is resampled or the file holds floats.
 Padding is masked out of the loss (`labels = -100`). Files that cannot be read or are empty are skipped and counted,
 never a crash mid-epoch.
+
+Byte models (`quantization="bytes"`) and the `bytes` and `enwik8` protocols read text as raw bytes instead:
+`training/text_data.py`, which `build_datasets` hands them to.
 """
 
 import logging
@@ -49,7 +52,7 @@ from training.utils import cache_root, check_flags, check_local_or_hub
 
 logger = logging.getLogger(__name__)
 
-PROTOCOLS = ("auto", "sc09", "beethoven", "youtubemix", "generic")
+PROTOCOLS = ("auto", "sc09", "beethoven", "youtubemix", "generic", "bytes", "enwik8")  # the last two: text_data.py
 # the protocol's own settings; None means "take the model config's"
 PROTOCOL_DEFAULTS = {
     "sc09": dict(quantization="mu-law", mode="pad", seq_len=16000),
@@ -88,6 +91,11 @@ class DataArguments:
         "help": "with --streaming: items in the shuffle buffer (0: stream order); checkpoints hold the buffer"})
     preprocessing_num_workers: Optional[int] = field(default=None, metadata={
         "help": "processes that read the file headers for the index (default: up to 8 for 10,000 files or more)"})
+    text_column: str = field(default="text", metadata={
+        "help": "byte models: the text (or binary) column of a Hub or parquet dataset"})
+    separator_byte: Optional[int] = field(default=None, metadata={
+        "help": "byte models, protocol bytes: the byte between documents (default: the model's start byte, 0); -1: "
+                "none, for datasets whose rows are lines that keep their newline (wikitext)"})
 
     def __post_init__(self):
         if self.seq_len is not None and self.seq_len < 1:
@@ -100,7 +108,9 @@ class DataArguments:
                 raise ValueError(f"--streaming needs datasets >= {STREAMING_DATASETS} (older releases do not resume a "
                                  f"stream exactly), this is {datasets.__version__}: pip install -U datasets")
         check_flags(self, [("shuffle_buffer", lambda v: isinstance(v, int) and v >= 0, "an int >= 0"),
-                           ("preprocessing_num_workers", lambda v: isinstance(v, int) and v >= 1, "an int >= 1")])
+                           ("preprocessing_num_workers", lambda v: isinstance(v, int) and v >= 1, "an int >= 1"),
+                           ("separator_byte", lambda v: isinstance(v, int) and -1 <= v <= 255,
+                            "an int in [0, 255], or -1 for none")])
         if self.dataset is not None:
             check_local_or_hub(self.dataset, "--dataset")
 
@@ -161,7 +171,14 @@ def build_datasets(data_args: DataArguments, config, rank: int = 0, world_size: 
     """(protocol, spec, {split: AudioTokenDataset, or AudioTokenStream with --streaming}). The spec's quantisation is
     the protocol's (the model config's for `generic`), except that a pcm model (16-bit) reads every protocol's
     split as pcm, never min-max scaled: its samples are the files' own. The config is only read: a caller whose
-    model quantises otherwise decides what to do."""
+    model quantises otherwise decides what to do. Byte models and the byte protocols go to `text_data`."""
+    from training.text_data import build_byte_datasets, is_byte_data
+
+    if is_byte_data(data_args.protocol, config):
+        return build_byte_datasets(data_args, config, rank, world_size, seed)
+    if config.quantization == "bytes":
+        raise ValueError(f"--protocol {data_args.protocol} is an audio protocol; this is a byte model "
+                         "(quantization='bytes'): use --protocol bytes or enwik8 (or auto)")
     protocol, splits = load_splits(data_args.dataset, data_args.protocol, data_args.audio_column, data_args.cache_dir,
                                    config.sample_rate, data_args.dataset_config, streaming=data_args.streaming)
     defaults = PROTOCOL_DEFAULTS[protocol]

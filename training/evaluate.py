@@ -9,7 +9,10 @@ per-sample average over the split, independent of the batch size), with the mode
 Beside it: FLAC's bits/sample on the same clips (each coded alone at FLAC's highest level, audio frames only: the
 stream header is excluded, frame headers are included) and the ratio model / FLAC. A model's NLL in bits is the
 size a lossless coder driven by it would reach, so below 1 the model compresses the clips better than FLAC. For a
-16-bit model both code the 16-bit samples; for an 8-bit one, FLAC codes its 8-bit tokens.
+16-bit model both code the 16-bit samples; for an 8-bit one, FLAC codes its 8-bit tokens. A byte model
+(`quantization="bytes"`) reports bits per byte beside gzip -9, bz2 -9 and xz -9e on the same bytes, each on the
+whole split and on every window alone (the fair comparison: the model sees each window alone;
+`training/compressors.py`).
 Quality follows SaShiMi: N unconditional clips at temperature 1 from the zero token, optionally trimmed to the
 clips whose NLL under the model ranks between 40% and 95% (`--trim`); features and class probabilities from
 the digit classifier of `train_classifier.py`; reference statistics from the training split. The JSON result
@@ -52,7 +55,8 @@ class EvaluateArguments:
     batch_size: int = 8
     max_batches: Optional[int] = field(default=None, metadata={"help": "evaluate only the first batches (an estimate)"})
     no_nll: bool = field(default=False, metadata={"help": "skip the NLL"})
-    no_flac: bool = field(default=False, metadata={"help": "skip FLAC's bits/sample on the same clips"})
+    no_flac: bool = field(default=False, metadata={
+        "help": "skip FLAC's bits/sample on the same clips (byte models: gzip/bz2/xz's bits/byte)"})
     quality: bool = field(default=False, metadata={"help": "SC09 sample quality: FID, IS, mIS, AM"})
     classifier: Optional[str] = field(default=None, metadata={
         "help": "digit classifier checkpoint: SaShiMi's resnext.pth, or train_classifier.py's (.safetensors, or a torch "
@@ -301,6 +305,23 @@ def evaluate(args: EvaluateArguments, data_args: DataArguments) -> dict:
     return result
 
 
+def byte_baselines(split, items: int, model_bits: float) -> dict:
+    """gzip -9, bz2 -9, xz -9e on the items the NLL was taken on: the whole as one stream and each window alone (the
+    fair comparison: the model sees each window alone), beside the model's bits/byte (`training/compressors.py`)."""
+    from training.compressors import LABELS, compressor_bits, item_bytes
+
+    report = compressor_bits([item_bytes(split[i]) for i in range(items)])
+    print(f"compressors on the same {report['bytes']} bytes, bits/byte (container headers excluded; per window = each "
+          "window coded alone, as the model sees it: the fair comparison)")
+    for name, label in LABELS.items():
+        r = report[name]
+        print(f"  {label:8s} per window {r['per_window']:.4f}  whole split {r['whole']:.4f}  (file {r['file']:.4f})  "
+              f"model / per window = {model_bits / r['per_window']:.4f}")
+    return {"nll_bits_per_byte": model_bits, "compressors": report,
+            "compressors_fair_comparison": "per_window: each window coded alone, as the model scores it",
+            "model_to_xz_per_window_ratio": model_bits / report["xz"]["per_window"]}
+
+
 def split_nll(model, args, data_args, datasets) -> dict:
     """The split's NLL in bits per sample and, for 8- and 16-bit models, FLAC's bits on the same items."""
     config = model.config
@@ -318,8 +339,12 @@ def split_nll(model, args, data_args, datasets) -> dict:
                       len(datasets[args.split]), args.max_batches * args.batch_size),
                   nll_convention="total NLL over unmasked predicted samples / their count (bits)",
                   nll_seconds=time.perf_counter() - start)
-    print(f"{args.split}: {bits:.4f} bits/sample over {count} samples")
-    if not args.no_flac and config.vocab_size in (256, 65536):
+    unit = "byte" if config.quantization == "bytes" else "sample"
+    print(f"{args.split}: {bits:.4f} bits/{unit} over {count} {unit}s")
+    if config.quantization == "bytes":  # a byte model: the standard library's compressors on the same bytes
+        if not args.no_flac:
+            result.update(byte_baselines(datasets[args.split], result["items"], bits))
+    elif not args.no_flac and config.vocab_size in (256, 65536):
         # the items the NLL was taken on, their tokens as PCM (16-bit samples, or 8-bit codes)
         split = datasets[args.split]
         result.update(flac_bits((split[i] for i in range(result["items"])), config.vocab_size, config.sample_rate))

@@ -12,12 +12,16 @@ from huggingface_hub import ModelCard, ModelCardData
 from training.audio_files import save_spectrogram, write_wav
 from training.checkpoints import write_json
 from training.data import AudioTokenStream
+from training.text_samples import data_card_line, write_text_samples
 
 logger = logging.getLogger("train")
 
 
 def write_samples(model, args, folder, seed):
-    """Unconditional samples from the zero token at temperature 1: WAVs and a spectrogram PNG."""
+    """Unconditional samples from the zero token at temperature 1: WAVs and a spectrogram PNG (text files for a byte
+    model)."""
+    if model.config.quantization == "bytes":
+        return write_text_samples(model, args.num_samples, args.sample_bytes, folder, seed)
     model.eval()
     new_tokens = max(1, int(args.sample_seconds * model.config.sample_rate))
     logger.info("generating %d samples of %d steps into %s%s", args.num_samples, new_tokens, folder,
@@ -50,21 +54,26 @@ def skipped_files(dataset) -> int:
 
 def model_card(run, val_bits: float, sample_names: list, sample_error: Optional[str] = None) -> ModelCard:
     args, config, spec, progress = run.args, run.ema.module.config, run.data.spec, run.progress
-    dataset = run.data.name
+    dataset, text = run.data.name, config.quantization == "bytes"
     card_data = ModelCardData(
         library_name="transformers", license="apache-2.0",
-        tags=["audio", "poolformer", "rg-lru", "raw-audio", "custom_code"],
+        tags=(["text", "bytes", "byte-level"] if text else ["audio", "raw-audio"]) + ["poolformer", "rg-lru", "custom_code"],
         datasets=[dataset] if dataset and not Path(dataset).exists() else None,
     )
     samples = (f"Writing samples failed: {sample_error}" if sample_error else
                "Unconditional, temperature 1, from the zero token: " + ", ".join(f"`samples/{n}`" for n in sample_names))
+    data_line = data_card_line(spec) if text else (
+        f"{spec.sample_rate} Hz, {spec.levels.bit_length() - 1}-bit {spec.quantization}, per-clip min-max\n  "
+        f"{'on' if spec.minmax else 'off'}, items of {spec.seq_len} samples ({spec.mode})")
+    unit = "byte" if text else "sample"
     return ModelCard(f"""---
 {card_data.to_yaml()}
 ---
 
 # Poolformer ({Path(run.model_config).name})
 
-A raw-audio language model (Poolformer, arXiv 2510.02206): RG-LRU recurrences in pooling SkipBlocks.
+A {"byte-level (raw bytes)" if text else "raw-audio"} language model (Poolformer, arXiv 2510.02206): RG-LRU \
+recurrences in pooling SkipBlocks.
 Load it with `AutoModelForCausalLM.from_pretrained(repo, trust_remote_code=True)`; these are the EMA weights.
 
 ## Model
@@ -77,15 +86,14 @@ Load it with `AutoModelForCausalLM.from_pretrained(repo, trust_remote_code=True)
 ## Data
 
 - dataset: {dataset or "built-in spoken digits (espeak-ng, SC09 layout)"} (protocol {run.data.protocol})
-- {spec.sample_rate} Hz, {spec.levels.bit_length() - 1}-bit {spec.quantization}, per-clip min-max
-  {'on' if spec.minmax else 'off'}, items of {spec.seq_len} samples ({spec.mode})
+- {data_line}
 
 ## Training
 
 - optimizer steps: {progress.step} (skipped updates: {progress.skipped}), batch {args.batch_size} per process x
   {args.gradient_accumulation_steps} accumulation x {run.accelerator.num_processes} processes, lr {args.learning_rate}
   ({args.lr_schedule}, {args.warmup_steps if args.warmup_steps is not None else 'auto'} warm-up), EMA {args.ema_decay}
-- validation NLL: {val_bits:.4f} bits/sample (EMA weights, mean over all unmasked samples)
+- validation NLL: {val_bits:.4f} bits/{unit} (EMA weights, mean over all unmasked {unit}s)
 
 ## Samples
 

@@ -6,7 +6,10 @@
 
 Unconditional samples start from the zero token (128); a prompt WAV is resampled to the model's rate, quantised with
 the model's codec and continued. With --stream every WAV is written while it is generated (a valid file at any
-moment; the bar shows the real-time factor).
+moment; the bar shows the real-time factor). A byte model (`quantization="bytes"`) takes `--prompt "text"` and
+writes text (`training/sample_text.py`):
+
+    python training/sample.py --model DIR_OR_REPO --prompt "The history of " --num_bytes 400 --out samples/
 """
 
 import json
@@ -30,7 +33,10 @@ class SampleArguments:
     out: str = field(metadata={"help": "output folder"})
     num_samples: int = 4
     seconds: float = field(default=1.0, metadata={"help": "length of each generated clip (after any prompt)"})
-    prompt: Optional[str] = field(default=None, metadata={"help": "a WAV (or FLAC, ...) file to continue"})
+    prompt: Optional[str] = field(default=None, metadata={
+        "help": "a WAV (or FLAC, ...) file to continue; for a byte model, the text to continue"})
+    num_bytes: Optional[int] = field(default=None, metadata={
+        "help": "byte models: bytes generated per sample (default: the model's generation config, 512)"})
     prompt_seconds: float = field(default=0.5, metadata={"help": "how much of the prompt file to use"})
     temperature: float = 1.0
     top_k: int = field(default=0, metadata={"help": "0 = off"})
@@ -52,7 +58,12 @@ class SampleArguments:
             raise ValueError("--top_p must be in (0, 1]")
         check_local_or_hub(self.model, "--model")
         check_writable_folder(self.out, "--out")  # before a batch is generated
-        if self.prompt is not None:  # before the model is loaded
+        if self.num_bytes is not None and self.num_bytes < 1:
+            raise ValueError("--num_bytes must be >= 1")
+        from training.sample_text import model_quantization
+
+        self.text = model_quantization(self.model) == "bytes"  # a byte model: --prompt is text
+        if self.prompt is not None and not self.text:  # before the model is loaded
             check_file(self.prompt, "--prompt")
             try:
                 soundfile.info(self.prompt)
@@ -94,6 +105,10 @@ def generate(model, args, prompt, new_tokens: int, out: Path) -> tuple:
 def main(argv=None):
     (args,) = parse_arguments(SampleArguments, argv, __doc__)
     model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True).to(args.device).eval()
+    if args.text:
+        from training.sample_text import sample_text
+
+        return sample_text(args, model)
     config = model.config
     rate = config.sample_rate
     new_tokens = max(1, int(round(args.seconds * rate)))
