@@ -221,3 +221,38 @@ def test_train_py_bf16_run_exports_wav_samples(tmp_path):
         assert rate == 16000 and wave.shape == (4800,)  # the zero token it starts from is not audio
     loaded = PoolformerForCausalLM.from_pretrained(out / "model").to(CUDA).eval()
     assert loaded.generate(max_new_tokens=4, do_sample=False).shape == (1, 5)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The residual blocks' fused gated output: the Triton GELU-gate kernels against the numba ones, and fp32 training of
+# sc09 with the fused switch against the composite, on the GPU
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("approximate", ["tanh", "none"])
+def test_cuda_gelu_gate_kernels_equal_numba(dtype, approximate):
+    from modeling_poolformer.gelu_gate import gelu_gate, gelu_gate_backward
+
+    b, g, grad = (torch.randn(3, 4000, 256, dtype=torch.float64) * 3 for _ in range(3))
+    b, g, grad = (t.to(dtype) for t in (b, g, grad))
+    want = [gelu_gate(b, g, approximate, "numba"), *gelu_gate_backward(grad, b, g, approximate, "numba")]
+    got = [gelu_gate(b.to(CUDA), g.to(CUDA), approximate, "triton"),
+           *gelu_gate_backward(grad.to(CUDA), b.to(CUDA), g.to(CUDA), approximate, "triton")]
+    for x, y in zip(got, want):
+        rtol = 2**-7 if dtype == torch.bfloat16 else 1e-5  # one bf16 ulp (rounding of two fp32 results)
+        torch.testing.assert_close(x.cpu().double(), y.double(), rtol=rtol, atol=1e-5 * y.abs().max().item())
+
+
+def test_cuda_fused_blocks_training_equals_composite():
+    torch.manual_seed(0)
+    composite_model = sc09(fused_rglru=False, dropout=0.0).train()
+    fused_model = sc09(fused_rglru=True, dropout=0.0).train()
+    fused_model.load_state_dict(composite_model.state_dict())
+    ids = torch.randint(0, 256, (2, 4000), device=CUDA)
+    outputs = [m(ids, labels=ids) for m in (composite_model, fused_model)]
+    for out in outputs:
+        out.loss.backward()
+    torch.testing.assert_close(outputs[1].logits, outputs[0].logits, rtol=1e-4, atol=1e-4)
+    for (n, a), (_, b) in zip(composite_model.named_parameters(), fused_model.named_parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-5, msg=n)
