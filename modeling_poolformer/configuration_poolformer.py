@@ -1,6 +1,7 @@
 """Poolformer configuration (arXiv 2510.02206): a raw-audio language model built from RG-LRU recurrences
 nested in pooling SkipBlocks."""
 
+import difflib
 import math
 import warnings
 
@@ -447,27 +448,15 @@ _FIELDS = tuple(field for field, _, _ in _RULES)
 
 
 def _warn_near_misses(kwargs: dict):
-    """Configs keep unknown keys (transformers' rule); one that is a typo of a field (one edit away) is warned
-    about, since the field then silently keeps its default."""
+    """Configs keep unknown keys (transformers' rule); one that is close to a field's name (difflib's ratio >= 0.85:
+    a dropped, doubled, swapped or wrong letter in a name of this length) is warned about, since the field then
+    silently keeps its default."""
     for key in kwargs:
         if key in _FIELDS:
             continue
-        for field in _FIELDS:
-            if _one_edit_apart(key, field):
-                warnings.warn(f"PoolformerConfig: unknown key {key!r} is kept but not used; did you mean {field!r}?",
-                              UserWarning, stacklevel=3)
-
-
-def _one_edit_apart(a: str, b: str) -> bool:
-    """Whether one insertion, deletion, substitution or swap of neighbours turns `a` into `b`."""
-    if a == b or abs(len(a) - len(b)) > 1:
-        return False
-    if len(a) == len(b):
-        diff = [i for i, (x, y) in enumerate(zip(a, b)) if x != y]
-        return len(diff) == 1 or (len(diff) == 2 and diff[1] == diff[0] + 1 and a[diff[0]] == b[diff[1]]
-                                  and a[diff[1]] == b[diff[0]])
-    short, long = (a, b) if len(a) < len(b) else (b, a)
-    return any(long[:i] + long[i + 1:] == short for i in range(len(long)))
+        for field in difflib.get_close_matches(key, _FIELDS, n=1, cutoff=0.85):
+            warnings.warn(f"PoolformerConfig: unknown key {key!r} is kept but not used; did you mean {field!r}?",
+                          UserWarning, stacklevel=3)
 
 
 def audio_generation_config(config: PoolformerConfig, seconds: float = 1.0) -> GenerationConfig:

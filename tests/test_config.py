@@ -120,7 +120,7 @@ def test_every_error_comes_from_the_rule_table():
     assert {f for f, _ in INVALID} <= {field for field, _, _ in _RULES}
 
 
-def test_a_key_one_edit_from_a_field_warns():
+def test_a_key_close_to_a_field_warns():
     for typo, field in [("pooling_group", "pooling_groups"), ("drpout", "dropout"), ("hiden_size", "hidden_size"),
                         ("causal_shfit", "causal_shift")]:
         with pytest.warns(UserWarning, match=f"unknown key '{typo}'.*did you mean '{field}'"):
