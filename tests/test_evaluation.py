@@ -59,6 +59,7 @@ def test_evaluate_nll_equals_training_validation_and_ignores_batch_size(trained,
     assert results[0]["predicted_samples"] == results[1]["predicted_samples"] > 0
 
 
+@pytest.mark.integration  # a heavy end-to-end check: the integration tier
 def test_classifier_beats_chance_and_reloads(classifier, tmp_path):
     path, accuracy = classifier
     assert accuracy["validation"] >= 0.5 and accuracy["test"] >= 0.3  # chance is 0.1
@@ -74,6 +75,7 @@ def test_classifier_beats_chance_and_reloads(classifier, tmp_path):
         DigitClassifier.load(tmp_path / "other.pt")
 
 
+@pytest.mark.integration  # a heavy end-to-end check: the integration tier
 def test_metric_sanity_on_real_audio(classifier, digits):
     model = DigitClassifier.load(classifier[0])
     _, splits = load_splits(str(digits), "sc09")
@@ -175,6 +177,7 @@ def test_validation_nll_counts_every_item_once_under_data_parallelism(tmp_path):
     assert result["shared"][0] == pytest.approx(result["alone"][0], rel=1e-6)
 
 
+@pytest.mark.integration  # a heavy end-to-end check: the integration tier
 def test_evaluate_modules_load_and_match_the_scripts(trained, digits, classifier):
     # bits_per_sample and sc09_quality through `evaluate.load`, against the code the scripts use
     import evaluate

@@ -256,6 +256,7 @@ def test_prefill_and_steps_with_gradients_equal_the_composite():
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.integration  # a heavy end-to-end check: the integration tier
 @needs_triton
 def test_model_training_with_triton_kernels_equals_composite():
     # scan_implementation="triton": the fused RG-LRU and the gate kernels in Triton's interpreter

@@ -263,6 +263,7 @@ def test_dict_outputs_and_streamer():
     assert isinstance(cache, PoolformerCache) and cache.get_seq_length() == 6
 
 
+@pytest.mark.integration  # a heavy end-to-end check: the integration tier
 @pytest.mark.compat
 @pytest.mark.parametrize("name,graphs", [("tiny", 1), ("sc09-pool-2", 2)])
 def test_compiled_decoding_equals_eager_with_one_graph_per_stack_shape(name, graphs):
