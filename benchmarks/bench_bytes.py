@@ -31,7 +31,7 @@ from modeling_poolformer import PoolformerConfig, PoolformerForCausalLM, nats_to
 from training.compressors import LABELS, compressor_bits, item_bytes
 from training.data import DataArguments, build_datasets
 
-from common import ROOT, params
+from .common import ROOT, params
 
 SEQ_LEN, BATCH = 2048, 8  # the full run's windows and batch
 QUICK_SEQ_LEN, QUICK_BATCH = 512, 4  # --quick: a few CPU minutes buy a few hundred steps of 2,048 bytes each

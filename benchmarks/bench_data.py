@@ -18,7 +18,7 @@ import torch
 
 from modeling_poolformer import PoolformerConfig
 
-from common import ROOT, SC09, poolformer, run_child
+from .common import ROOT, SC09, poolformer, run_child
 
 RATE = 16000
 
@@ -86,7 +86,7 @@ def train_memory(folder: Path, work: Path, streaming: bool = False, runs=("cold"
     is up to the end of set-up (splits, index, model), "training" the rest; "all" the whole run."""
     import os
 
-    from rss import run_sampled
+    from .rss import run_sampled
 
     cache = work / "train_cache"
     shutil.rmtree(cache, ignore_errors=True)
@@ -138,7 +138,7 @@ def loader_tokens_per_s(dataset, workers, batches=40, batch_size=8):
 def bench_data(quick: bool, clips=None) -> dict:
     from training.data import AudioSpec, AudioTokenDataset, DataArguments, build_datasets, load_splits
 
-    from bench_train import train_tokens_per_s
+    from .bench_train import train_tokens_per_s
 
     work = ROOT / "benchmarks" / "data_cache"
     sizes = (1000, 20000)

@@ -13,7 +13,7 @@ import torch
 
 from training.utils import tune_cpu_allocator
 
-from common import DEVICE, SC09, best_of, build_model, run_child, sync
+from .common import DEVICE, SC09, best_of, build_model, run_child, sync
 
 # samples/s wanted on one H200 (issue #32): 1/8, 4 and 16 real-time streams
 CUDA_TARGETS = {1: 2000, 64: 64000, 512: 256000}

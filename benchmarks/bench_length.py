@@ -4,13 +4,12 @@ process, with the transformer beside it until it runs out of memory or time."""
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import time
 
 import torch
 
-from common import AUTOCAST, DEVICE, RUN, build_model, peak_gb, poolformer, reset_peak, sync
+from .common import AUTOCAST, CHILD, DEVICE, ROOT, build_model, peak_gb, poolformer, reset_peak, sync
 
 CHUNK = 16000  # Poolformer's time chunk for checkpointing beyond one chunk (per-block checkpointing below it)
 
@@ -42,7 +41,7 @@ def one_step(kind, length):
 def measure_step(kind, length, timeout):
     """Runs `one_step` in a child and reads its peak RSS from wait4 (ru_maxrss is in KB on Linux)."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen([sys.executable, str(RUN), "--child", "step", kind, str(length)], stdout=out,
+        proc = subprocess.Popen([*CHILD, "step", kind, str(length)], cwd=ROOT, stdout=out,
                                 stderr=err, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**20)})
         deadline = time.time() + timeout
         while True:

@@ -28,7 +28,7 @@ from training.data import DataArguments, build_datasets
 from training.metrics import FLAC_LEVEL, flac_bits
 from training.spoken_digits import VOICES, espeak_renderer
 
-from common import ROOT, params
+from .common import ROOT, params
 
 RATE = 16000
 # our own sentences (no third-party text); the last two are the test split, the two before them validation

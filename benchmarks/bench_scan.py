@@ -5,7 +5,7 @@ import torch
 from modeling_poolformer import linear_scan, sequential_scan
 from modeling_poolformer.scan import numba_kernels, triton_available
 
-from common import DEVICE, best_of
+from .common import DEVICE, best_of
 
 
 def bench_scan(quick):

@@ -7,7 +7,7 @@ import torch
 
 from training.utils import tune_cpu_allocator
 
-from common import (
+from .common import (
     AUTOCAST,
     DEVICE,
     ROOT,

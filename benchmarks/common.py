@@ -12,7 +12,8 @@ import torch
 from modeling_poolformer import PoolformerConfig, PoolformerForCausalLM
 
 ROOT = Path(__file__).resolve().parent.parent
-RUN = Path(__file__).with_name("run.py")  # children run `run.py --child ...`
+# each measurement that needs a fresh process runs `python -m benchmarks.child MODE ...` from the project root
+CHILD = [sys.executable, "-m", "benchmarks.child"]
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SC09 = ROOT / "hub_configs" / "sc09"
@@ -121,8 +122,7 @@ def build_model(name, length):
 
 def run_child(args, timeout):
     try:
-        proc = subprocess.run([sys.executable, str(RUN), "--child", *map(str, args)], capture_output=True, text=True,
-                              timeout=timeout)
+        proc = subprocess.run([*CHILD, *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     except subprocess.TimeoutExpired:  # a row, not the end of the run
         return {"error": f"over {timeout} s"}
     if proc.returncode != 0:

@@ -6,8 +6,8 @@ loop against `generate` with one CUDA graph per kind of step (over the eager ker
 the default), with the first call (compile + capture) timed apart, against the targets (`--cuda_only` skips the CPU
 part):
 
-    python benchmarks/generation.py [--new_tokens 640] [--batch_sizes 1 16 64] [--threads 1 2] [--json out.json]
-    python benchmarks/generation.py --cuda_only [--cuda_new_tokens 4800] [--cuda_batch_sizes 1 64 512]
+    python -m benchmarks.generation [--new_tokens 640] [--batch_sizes 1 16 64] [--threads 1 2] [--json out.json]
+    python -m benchmarks.generation --cuda_only [--cuda_new_tokens 4800] [--cuda_batch_sizes 1 64 512]
 """
 
 import argparse
@@ -22,7 +22,7 @@ from transformers import CompileConfig
 from modeling_poolformer import PoolformerConfig, PoolformerForCausalLM
 
 # sections beside this script (its folder is on sys.path)
-from bench_generate import CUDA_TARGETS, REALTIME, cuda_generation_row, eager_loop
+from .bench_generate import CUDA_TARGETS, REALTIME, cuda_generation_row, eager_loop
 
 
 def amortised_blocks(config):

@@ -3,7 +3,7 @@
 T = 16,000, bf16 autocast; the composite and the fused RG-LRU) beside GPT-2 at the same tokens per batch, and table
 4b's generation rows (batch 1, 64, 512) with CUDA graphs, sharing one inductor cache.
 
-    python benchmarks/gpu_probe.py [--out benchmarks/results] [--only scan,train,generate] [--new_tokens 1600]
+    python -m benchmarks.gpu_probe [--out benchmarks/results] [--only scan,train,generate] [--new_tokens 1600]
 
 Each figure is appended to `<out>/gpu_probe.jsonl` as soon as it is measured, so that a run stopped at its time limit
 keeps what it finished; an error is recorded in place of its figure."""
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from bench_scan import bench_scan
-from bench_train import _cuda_row
-from common import ROOT, SC09, build_model, poolformer
+from .bench_scan import bench_scan
+from .bench_train import _cuda_row
+from .common import ROOT, SC09, build_model, poolformer
 
 
 def main():
@@ -28,7 +28,7 @@ def main():
     p.add_argument("--new_tokens", type=int, default=1600, help="tokens generated per timed call")
     args = p.parse_args()
     if not torch.cuda.is_available():
-        raise SystemExit("gpu_probe.py needs a CUDA device; `python benchmarks/run.py` measures the CPU")
+        raise SystemExit("gpu_probe.py needs a CUDA device; `python -m benchmarks.run` measures the CPU")
     args.out.mkdir(parents=True, exist_ok=True)
     log = (args.out / "gpu_probe.jsonl").open("a")
     device = torch.cuda.get_device_name()
@@ -57,7 +57,7 @@ def main():
     if "generate" in only:
         from transformers import GenerationConfig
 
-        from bench_generate import cuda_generation_row
+        from .bench_generate import cuda_generation_row
 
         torch.manual_seed(0)
         model = build_model("Poolformer sc09", args.new_tokens + 1)[0].to("cuda").eval()

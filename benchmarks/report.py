@@ -2,8 +2,8 @@
 
 import math
 
-from bench_generate import PEERS
-from bench_length import CHUNK
+from .bench_generate import PEERS
+from .bench_length import CHUNK
 
 
 def gb(x):
@@ -64,6 +64,8 @@ def markdown(results):
                 lines.append(f"| {r['model']} | - | - | {r['error']} | - | - | - |")
                 continue
             speed = f"{r['poolformer_speedup']:.2f}x" if "poolformer_speedup" in r else "-"
+            if "(no " in r.get("kernels", ""):  # a peer measured without the kernels it is built for: not a fair race
+                speed += ", against a peer without its kernels"
             lines.append(f"| {r['model']} | {r.get('kernels', '-')} | {r['params']:,} | {r['tokens_per_s']:.0f} | "
                          f"{r['step_s']:.2f} | {gb(r.get('peak_gb'))} | {speed} |")
         lines.append("")
@@ -150,7 +152,7 @@ def markdown(results):
     if "traffic" in results:
         lines += traffic_markdown(results["traffic"])
     if "bytes" in results:
-        from bench_bytes import markdown as bytes_markdown
+        from .bench_bytes import markdown as bytes_markdown
 
         lines += bytes_markdown(results["bytes"])
     return "\n".join(lines)

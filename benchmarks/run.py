@@ -1,6 +1,6 @@
 """Poolformer benchmarks, every comparison measured side by side in one run on this machine.
 
-    python benchmarks/run.py [--quick] [--out benchmarks/results] [--only scan,train,peers,generate,length,data,pcm16,traffic,bytes]
+    python -m benchmarks.run [--quick] [--out benchmarks/results] [--only scan,train,peers,generate,length,data,pcm16,traffic,bytes]
 
 Writes `<out>/results.md` (the tables) and `<out>/results.json`; sections left out of `--only` keep the results an
 earlier run wrote there. Sections:
@@ -41,7 +41,7 @@ those packages are installed (the tables say which ran); peak memory is `torch.c
 one command is
 
     pip install -e ".[train]" && pip install mamba-ssm causal-conv1d flash-attn --no-build-isolation
-    python benchmarks/run.py --out benchmarks/results-gpu
+    python -m benchmarks.run --out benchmarks/results-gpu
 """
 
 import argparse
@@ -54,15 +54,15 @@ import torch
 
 from training.utils import tune_cpu_allocator
 
-from bench_bytes import bench_bytes
-from bench_data import bench_data, child_startup
-from bench_generate import bench_generate, child_generate, child_generate_cuda
-from bench_length import bench_length, one_step
-from bench_pcm16 import bench_pcm16
-from bench_scan import bench_scan
-from bench_train import bench_peers, bench_traffic, bench_train, child_train
-from common import DEVICE, ROOT
-from report import markdown
+from .bench_bytes import bench_bytes
+from .bench_data import bench_data
+from .bench_generate import bench_generate
+from .bench_length import bench_length
+from .bench_pcm16 import bench_pcm16
+from .bench_scan import bench_scan
+from .bench_train import bench_peers, bench_traffic, bench_train
+from .common import DEVICE, ROOT
+from .report import markdown
 
 
 def main():
@@ -72,19 +72,7 @@ def main():
     p.add_argument("--only", default="scan,train,peers,generate,length")
     p.add_argument("--data_clips", default=None, help="section 6's parquet sizes for train.py's memory, e.g. "
                    "6000,30000 (default: 6000,30000,90000; --quick: 6000)")
-    p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.child:
-        mode, *rest = args.child
-        if mode == "train":
-            return child_train(rest[0], int(rest[1]), int(rest[2]))
-        if mode == "generate_cuda":
-            return child_generate_cuda(int(rest[0]), int(rest[1]))
-        if mode == "generate":
-            return child_generate(rest[0], int(rest[1]), int(rest[2]))
-        if mode == "data":
-            return child_startup(*rest)
-        return one_step(rest[0], int(rest[1]))
     tune_cpu_allocator()  # train.py's CPU setting, for every model alike
     torch.manual_seed(0)
     device = torch.cuda.get_device_name() if DEVICE == "cuda" else f"CPU {platform.processor() or platform.machine()}"

@@ -1,0 +1,1 @@
+"""Poolformer's benchmarks: `python -m benchmarks.run` (see run.py), run from the project root."""
