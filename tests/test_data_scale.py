@@ -301,12 +301,7 @@ def test_a_parquet_stream_read_in_small_batches_resumes_exactly(tmp_path, monkey
 
 @pytest.mark.integration
 def test_the_rss_sampler_sees_a_grandchild_and_its_phase(tmp_path):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("rss", ROOT / "benchmarks" / "rss.py")
-    rss = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(rss)
-    run_sampled = rss.run_sampled
+    from benchmarks.rss import run_sampled
 
     grandchild = ("import time; b = bytearray(120 << 20); b[::4096] = b'x' * len(b[::4096]); "
                   "print('filled', flush=True); time.sleep(1.5)")
