@@ -1,4 +1,4 @@
-"""The GPU figures that a short lease of one GPU affords, in one process and about two minutes (after
+"""The GPU figures that a few minutes on one GPU afford, in one process and about two minutes (after
 `python -m pytest -m gpu`): section 1's scan against the copy bound, section 8's thesis-batch training rows (batch 32,
 T = 16,000, bf16 autocast; the composite and the fused RG-LRU) beside GPT-2 at the same tokens per batch, and table
 4b's generation rows (batch 1, 64, 512) with CUDA graphs, sharing one inductor cache.
