@@ -2,6 +2,8 @@
 transformers' recurrent and attention peers of matched size, each in its own process."""
 
 import json
+import time
+import weakref
 
 import torch
 
@@ -20,16 +22,40 @@ from .common import (
     poolformer,
     reset_peak,
     run_child,
+    sync,
 )
+
+COMPILE_MODES = {
+    False: "eager",
+    True: "torch.compile(model)",
+    "blocks": "each residual block compiled (block.compile())",
+    "graphs": "torch.compile(model, mode='reduce-overhead'): CUDA graphs of the compiled step",
+}
+
+
+def compiled_forward(model, compile):
+    """The forward a training step calls: the model itself (`compile` False), compiled whole (True, what
+    `accelerate launch --dynamo_backend inductor` does), compiled block by block ("blocks", in place: the rest runs
+    eagerly) or compiled whole with CUDA graphs ("graphs")."""
+    if compile == "blocks":
+        from modeling_poolformer.modeling_poolformer import PoolformerResidualBlock
+
+        for block in model.modules():
+            if isinstance(block, PoolformerResidualBlock):
+                block.compile()
+        return model
+    if compile == "graphs":
+        return torch.compile(model, mode="reduce-overhead")
+    return torch.compile(model) if compile else model
 
 
 def train_tokens_per_s(model, batch, length, repeats=2, compile=False):
     """(tokens/s, step seconds, peak GB) of full training steps (forward, backward, AdamW), after a warm-up step
-    (which compiles, with `compile`)."""
+    (which compiles, with `compile`: one of COMPILE_MODES; "graphs" takes two warm-up steps, the second captures)."""
     model.to(DEVICE).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.randint(0, 256, (batch, length), device=DEVICE)
-    forward = torch.compile(model) if compile else model
+    forward = compiled_forward(model, compile)
 
     def step():
         with AUTOCAST:
@@ -39,7 +65,7 @@ def train_tokens_per_s(model, batch, length, repeats=2, compile=False):
         opt.zero_grad(set_to_none=True)
 
     reset_peak()
-    t = best_of(step, repeats=repeats)
+    t = best_of(step, repeats=repeats, warmup=2 if compile == "graphs" else 1)
     peak = peak_gb()
     model.to("cpu")
     return batch * length / t, t, peak
@@ -100,11 +126,30 @@ def bench_peers(quick):
 class _TrafficCounter(torch.utils._python_dispatch.TorchDispatchMode):
     """Sums the bytes every aten op writes (its outputs, or the tensors it mutates; views write nothing) and counts
     the ops that write. A custom operator of this package is entered, so that what runs inside it counts too, and
-    there every buffer it allocates counts as written (its kernels fill them)."""
+    there every buffer it allocates counts as written (its kernels fill them).
+
+    It also follows the memory the step holds: every storage an op creates is live until it is freed (a finalizer on
+    the storage, which torch keeps one Python object per), and `peak` is the most that was live at once: the peak a
+    GPU's allocator would see for the same op graph, less its rounding and caching."""
 
     def __init__(self):
         super().__init__()
         self.ops, self.bytes, self.by_op, self.last_op, self.inside = 0, 0, {}, "", 0
+        self.live, self.peak, self.tracked = 0, 0, set()
+
+    def _track(self, t: torch.Tensor):
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key in self.tracked or storage.nbytes() == 0:
+            return
+        self.tracked.add(key)
+        self.live += storage.nbytes()
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(storage, self._free, key, storage.nbytes())
+
+    def _free(self, key, nbytes):
+        self.tracked.discard(key)
+        self.live -= nbytes
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -120,6 +165,9 @@ class _TrafficCounter(torch.utils._python_dispatch.TorchDispatchMode):
             return out
         out = func(*args, **kwargs)
         self.last_op = name
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and not func.is_view:
+                self._track(t)
         if func.is_view or (name.startswith("aten::empty") and not self.inside):
             return out
         inputs = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
@@ -173,7 +221,7 @@ def step_traffic(model, batch, length, dtype=torch.bfloat16):
     tokens = batch * length
     activations = sum(n for n, param in saved.values() if not param)
     top = lambda d: {k: v / tokens / 1e3 for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:12]}  # noqa: E731
-    return {"saved_kb_per_token": activations / tokens / 1e3,
+    return {"saved_kb_per_token": activations / tokens / 1e3, "peak_kb_per_token": counter.peak / tokens / 1e3,
             "saved_with_params_kb_per_token": sum(n for n, _ in saved.values()) / tokens / 1e3,
             "saved_tensors": len(saved), "written_kb_per_token": counter.bytes / tokens / 1e3,
             "written_forward_kb_per_token": forward_bytes / tokens / 1e3, "ops": counter.ops,
@@ -192,24 +240,62 @@ def composite_blocks(model):
     return model
 
 
-def _cuda_row(make, batch, length):
+def _cuda_row(make, batch, length, compile=False):
     """tokens/s, step s, peak GB and SC09 epochs/h of one model on the GPU (bf16 autocast), or the error."""
     try:
-        tps, t, peak = train_tokens_per_s(make(), batch, length, repeats=2)
+        tps, t, peak = train_tokens_per_s(make(), batch, length, repeats=2, compile=compile)
     except torch.OutOfMemoryError:
         return {"error": "out of memory"}
     finally:
         torch.cuda.empty_cache()
+        torch._dynamo.reset()
     return {"tokens_per_s": tps, "step_s": t, "peak_gb": peak, "epochs_per_h": tps * 3600 / SC09_EPOCH_TOKENS}
+
+
+def profile_step(model, batch, length, top=25):
+    """Where one training step's time goes (after a warm-up step): torch.profiler's kernels (CUDA; the ops on a CPU)
+    by self time, their total, how many ran, and the step's wall time; under the benchmark's autocast."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model.to(DEVICE).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ids = torch.randint(0, 256, (batch, length), device=DEVICE)
+
+    def step():
+        with AUTOCAST:
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
+    sync()
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        step()
+        sync()
+    wall = time.perf_counter() - start
+    model.to("cpu")
+    device_time = "self_device_time_total" if DEVICE == "cuda" else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, device_time) > 0]
+    if DEVICE == "cuda":  # kernels and copies run on the device; the ops that launched them have device time too
+        events = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    total = sum(getattr(e, device_time) for e in events)
+    events.sort(key=lambda e: -getattr(e, device_time))
+    return {"wall_s": wall, "device_busy_s": total / 1e6, "launches": sum(e.count for e in events),
+            "top": [{"name": e.key[:120], "ms": getattr(e, device_time) / 1e3, "count": e.count,
+                     "share": getattr(e, device_time) / total} for e in events[:top]]}
 
 
 def bench_traffic(quick):
     """Before (composite), the fused RG-LRU alone, and after (the fused RG-LRU and residual blocks): bytes and ops
-    per training step under bf16 autocast on the CPU
-    (the GPU's op graph: the measurement runs on CPU tensors everywhere), and training tokens/s on this machine (fp32
-    on a CPU, its training setting). On a CUDA machine also the thesis recipe (batch 32, T = 16,000, bf16 autocast):
-    tokens/s, peak memory and SC09 epochs/h, and GPT-2 (SDPA or flash attention, parameters matched) at 512k tokens
-    per batch across T = 4k .. 64k."""
+    per training step under bf16 autocast on the CPU (the GPU's op graph: the measurement runs on CPU tensors
+    everywhere), the most memory the step held at once, scaled to the thesis batch (32 x 16,000 tokens) as a
+    prediction of the GPU's peak, and training tokens/s on this machine (fp32 on a CPU, its training setting). On a
+    CUDA machine also the thesis recipe (batch 32, T = 16,000, bf16 autocast): tokens/s, peak memory and SC09
+    epochs/h, eager and compiled, and GPT-2 (SDPA or flash attention, parameters matched) at 512k tokens per batch
+    across T = 4k .. 64k."""
     length = 1000 if quick else 4000
     rows = []
     configs = (("sc09", SC09), ("sc09-no-pooling", ROOT / "hub_configs" / "sc09-no-pooling"))
@@ -220,18 +306,20 @@ def bench_traffic(quick):
             if label == "fused RG-LRU":
                 composite_blocks(model)
             row = {"model": name, "rglru": label, **step_traffic(model, 1, length)}
+            row["predicted_thesis_batch_gb"] = row["peak_kb_per_token"] * 32 * 16000 / 1e6
             if DEVICE == "cpu":
                 row["cpu_tokens_per_s"] = train_tokens_per_s(model, 1, length, repeats=2)[0]
             rows.append(row)
             print(f"  {name} {row['rglru']}: saved {row['saved_kb_per_token']:.1f} KB/token, written "
-                  f"{row['written_kb_per_token']:.1f} KB/token, {row['ops']} ops", flush=True)
+                  f"{row['written_kb_per_token']:.1f} KB/token, peak {row['peak_kb_per_token']:.1f} KB/token, "
+                  f"{row['ops']} ops", flush=True)
     result = {"batch": 1, "length": length, "dtype": "bf16 autocast", "rows": rows}
     if DEVICE == "cuda":
         gpu_length = 4000 if quick else 16000
         result["gpu"] = {"batch": 32, "length": gpu_length, "rows": [
-            {"model": name, "rglru": "fused" if fused else "composite",
-             **_cuda_row(lambda: poolformer(path, dropout=0.0, fused_rglru=fused), 32, gpu_length)}
-            for name, path in configs for fused in (False, True)]}
+            {"model": name, "rglru": "fused" if fused else "composite", "compile": COMPILE_MODES[compile],
+             **_cuda_row(lambda: poolformer(path, dropout=0.0, fused_rglru=fused), 32, gpu_length, compile)}
+            for name, path in configs for fused, compile in ((False, False), (True, False), (True, True))]}
         gpt2 = []
         for length in (4096, 8192, 16384, 32768, 65536):
             batch = max(1, 32 * 16384 // length)

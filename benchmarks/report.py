@@ -162,11 +162,14 @@ def traffic_markdown(t):
     lines = [f"**8. Memory traffic of a training step, fused RG-LRU vs the composite** (forward + backward, "
              f"{t['dtype']}, B={t['batch']}, T={t['length']}; saved = distinct storages autograd keeps for the backward, "
              "parameters excluded; written = output bytes of every aten op, views excluded, the ops inside the "
-             "custom operators included; tokens/s: fp32 training steps with AdamW on this machine)", "",
-             "| model | RG-LRU | saved (KB/token) | saved tensors | written (KB/token) | ops | tokens/s |",
-             "|---|---|---|---|---|---|---|"]
+             "custom operators included; peak = the most the step's tensors held at once, and that per token times "
+             "32 x 16,000 tokens, the thesis batch; tokens/s: fp32 training steps with AdamW on this machine)", "",
+             "| model | RG-LRU | saved (KB/token) | saved tensors | written (KB/token) | ops | peak (KB/token) | "
+             "peak at the thesis batch (GB) | tokens/s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['model']} | {r['rglru']} | {r['saved_kb_per_token']:.1f} | {r['saved_tensors']:,} | "
-              f"{r['written_kb_per_token']:.1f} | {r['ops']:,} | {r.get('cpu_tokens_per_s', float('nan')):,.0f} |"
+              f"{r['written_kb_per_token']:.1f} | {r['ops']:,} | {r.get('peak_kb_per_token', float('nan')):.1f} | "
+              f"{r.get('predicted_thesis_batch_gb', float('nan')):.1f} | {r.get('cpu_tokens_per_s', float('nan')):,.0f} |"
               for r in t["rows"]]
     for r in t["rows"]:
         if r["model"] == "sc09":
@@ -178,8 +181,10 @@ def traffic_markdown(t):
     if "gpu" in t:
         g = t["gpu"]
         lines += [f"GPU, batch {g['batch']}, T={g['length']}, bf16 autocast:", "",
-                  "| model | RG-LRU | tokens/s | step (s) | peak GPU memory (GB) | SC09 epochs/h |", "|---|---|---|---|---|---|"]
-        lines += [f"| {r['model']} | {r['rglru']} | " + (f"{r['error']} | - | - | - |" if "error" in r else
+                  "| model | RG-LRU | compiled | tokens/s | step (s) | peak GPU memory (GB) | SC09 epochs/h |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['model']} | {r['rglru']} | {r.get('compile', 'eager')} | " +
+                  (f"{r['error']} | - | - | - |" if "error" in r else
                   f"{r['tokens_per_s']:,.0f} | {r['step_s']:.2f} | {gb(r['peak_gb'])} | {r['epochs_per_h']:.1f} |")
                   for r in g["rows"]]
         lines += ["", "| T | batch | GPT-2 tokens/s | GPT-2 peak GB | Poolformer sc09 tokens/s | Poolformer peak GB |",

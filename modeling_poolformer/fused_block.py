@@ -29,7 +29,9 @@ GELU_APPROXIMATIONS = {"gelu": "none", "gelu_pytorch_tanh": "tanh", "gelu_new": 
 def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     """The dtype a linear on x computes in: autocast's if it is on, else the promoted one."""
     device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else torch.result_type(x, weight)
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return torch.promote_types(x.dtype, weight.dtype)  # (not result_type: a compiled graph would break on it)
 
 
 class _GatedOutput(torch.autograd.Function):

@@ -172,6 +172,7 @@ _BLOCK = 1024
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+@torch.compiler.assume_constant_result  # a compiled graph bakes the choice in instead of tracing numba's import
 def gate_implementation(scan_implementation: str, device_type: str) -> str:
     """The gate kernels of a resolved scan implementation's family: "numba" on CPU, "triton" on CUDA (or in the
     interpreter); torch ops otherwise (the torch scans, or the package missing)."""

@@ -343,25 +343,34 @@ def run_blocks(stack: "PoolformerResidualStack", x: torch.Tensor, state, inputs_
     return x
 
 
-class PoolformerResidualStack(nn.ModuleList):
+class PoolformerResidualStack(nn.Module):
     """A stack of residual blocks: `pairs` x (RG-LRU block, MLP block), run in order. It is one row of
     `config.block_stacks` (its `role`, `level` and `pairs`), and its position there, `stack_idx`, is where its state
-    lives in the cache; each RG-LRU's `layer_idx` is its position among the stack's RG-LRUs."""
+    lives in the cache; each RG-LRU's `layer_idx` is its position among the stack's RG-LRUs.
+
+    The blocks are its children "0", "1", ... and it indexes and iterates like a list, but it is not an
+    `nn.ModuleList`: tools that take a ModuleList for a plain container of repeated layers (accelerate's regional
+    compilation) would replace it by one and lose this forward."""
 
     def __init__(self, config: PoolformerConfig, role: str, level: int):
+        super().__init__()
         self.stack_idx = config.block_stack_index(role, level)
         _, _, pairs = config.block_stacks[self.stack_idx]
-        blocks = []
         for i in range(pairs):
-            blocks.append(PoolformerResidualBlock(config, role, level, layer_idx=i))
-            blocks.append(PoolformerResidualBlock(config, role, level))
-        super().__init__(blocks)
+            self.add_module(str(2 * i), PoolformerResidualBlock(config, role, level, layer_idx=i))
+            self.add_module(str(2 * i + 1), PoolformerResidualBlock(config, role, level))
         self.role, self.level = role, level
 
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def __iter__(self):
+        return iter(self._modules.values())
+
     def __getitem__(self, idx):
-        if isinstance(idx, slice):  # a plain list of blocks (ModuleList would call this class's constructor)
+        if isinstance(idx, slice):
             return nn.ModuleList(list(self._modules.values())[idx])
-        return super().__getitem__(idx)
+        return list(self._modules.values())[idx]
 
     def forward(self, x: torch.Tensor, cache: Optional["PoolformerCache"] = None, inputs_out=None, skips_in=None):
         if cache is None:

@@ -262,3 +262,45 @@ def test_model_training_with_triton_kernels_equals_composite():
     # scan_implementation="triton": the fused RG-LRU and the gate kernels in Triton's interpreter
     models = _pair("tiny", scan_implementation="triton")
     _assert_same_training(models, torch.randint(0, 256, (1, 70)))
+
+
+@pytest.mark.integration  # compiles the training graph three times (about a minute on 2 cores)
+def test_compiled_fused_training_equals_eager():
+    # the fused ops are opaque calls in one graph (fullgraph: no break), whether the model compiles whole (what
+    # `accelerate launch --dynamo_backend inductor` does, and its regional compilation too: a stack is no ModuleList)
+    # or block by block (`block.compile()`)
+    from accelerate.utils import compile_regions
+
+    model = PoolformerForCausalLM(hub_config("tiny", fused_rglru=True, dropout=0.0))
+    ids = torch.randint(0, 256, (2, 300))
+    logits, grads = _train_step(model, ids)
+    torch._dynamo.reset()
+    try:
+        for compile in ("regions", "blocks"):
+            model.zero_grad(set_to_none=True)
+            if compile == "regions":
+                compiled = compile_regions(model, fullgraph=True)
+                assert isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule)  # the whole model, one graph
+            else:
+                compiled = model
+                for block in model.modules():
+                    if isinstance(block, PoolformerResidualBlock):
+                        block.compile(fullgraph=True)
+            got_logits, _ = _train_step(compiled, ids)
+            torch.testing.assert_close(got_logits, logits, rtol=1e-5, atol=1e-5)
+            for n, p in model.named_parameters():
+                torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-6, msg=n)
+    finally:
+        torch._dynamo.reset()
+
+
+def test_a_residual_stack_indexes_like_a_list_but_is_no_module_list():
+    from modeling_poolformer.modeling_poolformer import PoolformerResidualStack
+
+    model = PoolformerForCausalLM(hub_config("tiny"))
+    stack = next(m for m in model.modules() if isinstance(m, PoolformerResidualStack))
+    assert not isinstance(stack, torch.nn.ModuleList)
+    blocks = list(stack)
+    assert len(stack) == len(blocks) > 1 and stack[0] is blocks[0] and stack[-1] is blocks[-1]
+    assert list(stack[1:]) == blocks[1:]
+    assert [name for name, _ in stack.named_children()] == [str(i) for i in range(len(blocks))]  # checkpoint keys

@@ -256,3 +256,33 @@ def test_cuda_fused_blocks_training_equals_composite():
     torch.testing.assert_close(outputs[1].logits, outputs[0].logits, rtol=1e-4, atol=1e-4)
     for (n, a), (_, b) in zip(composite_model.named_parameters(), fused_model.named_parameters()):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize("compile", ["model", "blocks"])
+def test_cuda_compiled_fused_training_equals_eager(compile):
+    # inductor around the fused ops (opaque calls): the whole model (accelerate's --dynamo_backend inductor) or each
+    # residual block, fp32, against the same model eager
+    from modeling_poolformer.modeling_poolformer import PoolformerResidualBlock
+
+    model = sc09(fused_rglru=True, dropout=0.0).train()
+    ids = torch.randint(0, 256, (2, 4000), device=CUDA)
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    want = [out.logits.detach()] + [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    torch._dynamo.reset()
+    try:
+        if compile == "model":
+            forward = torch.compile(model, fullgraph=True)
+        else:
+            forward = model
+            for block in model.modules():
+                if isinstance(block, PoolformerResidualBlock):
+                    block.compile(fullgraph=True)
+        out = forward(ids, labels=ids)
+        out.loss.backward()
+    finally:
+        torch._dynamo.reset()
+    got = [out.logits.detach()] + [p.grad for p in model.parameters()]
+    for x, y in zip(got, want):
+        torch.testing.assert_close(x, y, rtol=1e-3, atol=1e-4)
