@@ -10,17 +10,20 @@ linear's gradients in bf16, cast to the parameters' dtype by autograd), so the g
 the rounding of act inside one kernel instead of two ops.
 
 `PoolformerResidualBlock` runs its gated GELU blocks through it when the config's `fused_rglru` switch is on and
-gradients are recorded (without gradients nothing is saved, and the composite runs).
+gradients are recorded (without gradients nothing is saved, and the composite runs). It keeps h itself neither:
+`recomputed_in_backward` hands every linear that saves h a recipe instead, h = Norm(x) from the x the norm saves
+anyway, run again when the backward pass needs h.
 """
 
-from typing import Optional
+import contextlib
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
 from .gelu_gate import gelu_gate, gelu_gate_backward
 
-__all__ = ["GELU_APPROXIMATIONS", "gated_output"]
+__all__ = ["GELU_APPROXIMATIONS", "gated_output", "recomputed_in_backward"]
 
 # the activations this covers (transformers' names -> torch's gelu `approximate`)
 GELU_APPROXIMATIONS = {"gelu": "none", "gelu_pytorch_tanh": "tanh", "gelu_new": "tanh"}
@@ -93,3 +96,67 @@ def gated_output(b: Optional[torch.Tensor], h: torch.Tensor, gate: torch.nn.Line
     params = [None if p is None else p.to(dtype) for linear in linears for p in (linear.weight, linear.bias)]
     params += [None, None] * (layer is None)
     return _GatedOutput.apply(b, h, *params, GELU_APPROXIMATIONS[hidden_act], implementation)
+
+
+class _Recomputed:
+    """What autograd keeps of a tensor that `recomputed_in_backward` recomputes: the view that was saved, and a holder
+    shared by every save of the tensor, so that one backward pass recomputes it once for all of them."""
+
+    def __init__(self, holder: dict, t: torch.Tensor):
+        self.holder, self.shape, self.stride, self.offset = holder, t.shape, t.stride(), t.storage_offset()
+
+
+def _active_hooks():
+    """The innermost (pack, unpack) saved-tensor hooks active now, or None: hooks nest without chaining, so a
+    context that installs its own must pass on what it does not handle. (torch has no public accessor.)"""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    if top is None:
+        return None
+    try:
+        return top(False)
+    except TypeError:  # older releases take no argument
+        return top()
+
+
+@contextlib.contextmanager
+def recomputed_in_backward(tensor: torch.Tensor, recompute: Callable[..., torch.Tensor], inputs: tuple,
+                           parameters=()):
+    """Autograd saves, for the ops run inside this context, a recipe for `tensor` (any view of its storage) instead
+    of the tensor: `recompute(*inputs)`, called once when the backward pass first unpacks it, must return the same
+    values (the same ops on the same inputs; `parameters`, which it reads too, and `inputs` are checked for in-place
+    changes as autograd checks what it saves). The recomputed tensor is dropped once every save of it was unpacked.
+
+    Hooks active around this context (activation checkpointing's, `torch.autograd.graph.save_on_cpu`) get every
+    other saved tensor, and `inputs` too, as saved tensors: under checkpointing the recipe keeps no input alive."""
+    storage = tensor.untyped_storage().data_ptr()
+    outer = _active_hooks()
+    holder = {"saves": 0, "value": None, "inputs": None}
+    versions = [t._version for t in parameters]
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() != storage:
+            return outer[0](t) if outer else t
+        if holder["inputs"] is None:  # the recipe's inputs, saved once, as autograd would save them
+            holder["inputs"] = [(outer[0](x) if outer else x, x._version) for x in inputs]
+        holder["saves"] += 1
+        return _Recomputed(holder, t)
+
+    def unpack(packed):
+        if not isinstance(packed, _Recomputed):
+            return outer[1](packed) if outer else packed
+        if holder["value"] is None:
+            kept = [(outer[1](x) if outer else x, version) for x, version in holder["inputs"]]
+            if [t._version for t in parameters] != versions or any(
+                    outer is None and x._version != version for x, version in kept):
+                raise RuntimeError("a tensor needed to recompute a block's normalised input for the backward pass "
+                                   "was modified in place after the forward pass")
+            with torch.no_grad():
+                holder["value"] = recompute(*(x for x, _ in kept))
+        value = holder["value"]
+        holder["saves"] -= 1
+        if holder["saves"] == 0:
+            holder["value"] = None
+        return value.as_strided(packed.shape, packed.stride, packed.offset)
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield

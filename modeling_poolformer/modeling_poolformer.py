@@ -30,7 +30,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from .audio import PoolformerAudioMixin
 from .cache_poolformer import PoolformerCache, PoolformerResidualStackState
 from .configuration_poolformer import PoolformerConfig
-from .fused_block import GELU_APPROXIMATIONS, gated_output
+from .fused_block import GELU_APPROXIMATIONS, gated_output, recomputed_in_backward
 from .gelu_gate import gate_implementation
 from .generation import PoolformerGenerationMixin, eager_steps
 from .outputs import CACHE_FIELD, PoolformerCausalLMOutput, PoolformerModelOutput, cache_argument, nats_to_bits
@@ -318,16 +318,26 @@ class PoolformerResidualBlock(GradientCheckpointingLayer):
 
     def _fused_forward(self, x: torch.Tensor, state) -> torch.Tensor:
         """`Linear_out(b * act(g))` of `forward`, saving less for the backward pass: h is cast once to the linears'
-        compute dtype (autocast would cast it once per linear), and the gated output (`fused_block.gated_output`)
-        keeps only b and h (only h in an MLP block, whose b it computes), recomputing the rest in the backward."""
+        compute dtype (autocast would cast it once per linear), the gated output (`fused_block.gated_output`) keeps
+        only b and h (only h in an MLP block, whose b it computes), recomputing the rest in the backward, and h is
+        not kept either: the backward recomputes it from x, which the norm keeps (`recomputed_in_backward`). A
+        checkpointed block keeps nothing to begin with, and a compiled graph chooses what it keeps itself."""
         device = x.device.type
-        h = self.norm(x)
-        h = h.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else h
+        cast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+        def normalised(x):
+            h = self.norm(x)
+            return h if cast is None else h.to(cast)
+
+        h = normalised(x)
         kernels = gate_implementation(resolve_scan_implementation(self.scan_implementation, device), device)
-        if isinstance(self.layer, PoolformerRGLRU):
-            b = self.layer.recurrence(self.layer.input_proj(h), state, x.dtype)
-            return gated_output(b, h, self.gate_proj, self.out_proj, self.hidden_act, implementation=kernels)
-        return gated_output(None, h, self.gate_proj, self.out_proj, self.hidden_act, self.layer, kernels)
+        keep_h = (self.gradient_checkpointing and self.training) or torch.compiler.is_compiling()
+        recipe = recomputed_in_backward(h, normalised, (x,), tuple(self.norm.parameters()))
+        with contextlib.nullcontext() if keep_h else recipe:
+            if isinstance(self.layer, PoolformerRGLRU):
+                b = self.layer.recurrence(self.layer.input_proj(h), state, x.dtype)
+                return gated_output(b, h, self.gate_proj, self.out_proj, self.hidden_act, implementation=kernels)
+            return gated_output(None, h, self.gate_proj, self.out_proj, self.hidden_act, self.layer, kernels)
 
 
 def run_blocks(stack: "PoolformerResidualStack", x: torch.Tensor, state, inputs_out=None, skips_in=None):

@@ -163,6 +163,62 @@ def test_gated_output_saves_only_b_and_h(mlp):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# recomputed_in_backward: the blocks' normalised input h recomputed from x in the backward pass instead of kept
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _block_grads(block, x, recompute, autocast=False):
+    """The gradients of a fused block's output and the storages autograd kept, with or without the recipe for h."""
+    x = x.detach().requires_grad_()
+    kept = set()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.add(t.untyped_storage().data_ptr()) or t,
+                                                  lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            if recompute:
+                y = block._fused_forward(x, None)
+            else:  # the same block keeping h: as under activation checkpointing, where the block keeps nothing
+                block.gradient_checkpointing = True
+                try:
+                    y = block._fused_forward(x, None)
+                finally:
+                    block.gradient_checkpointing = False
+    grads = torch.autograd.grad(y, [x, *block.parameters()], torch.ones_like(y), allow_unused=True)
+    return y, grads, len(kept)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("layer", ["rglru", "mlp"])
+def test_recomputed_normalised_input_gives_the_same_gradients_and_is_not_kept(autocast, layer):
+    model = PoolformerForCausalLM(hub_config("sc09", fused_rglru=True)).train()
+    block = [m for m in model.modules() if isinstance(m, PoolformerResidualBlock)][0 if layer == "rglru" else 1]
+    x = torch.randn(2, 50, block.norm.normalized_shape[0])
+    y0, grads0, kept0 = _block_grads(block, x, False, autocast)
+    y1, grads1, kept1 = _block_grads(block, x, True, autocast)
+    assert torch.equal(y1, y0)
+    for got, want in zip(grads1, grads0):
+        assert (got is None) == (want is None) and (got is None or torch.equal(got, want))  # the same ops: bitwise
+    assert kept0 - kept1 == 1  # h (the recipe's input, x, is kept by the norm anyway)
+
+
+def test_recomputed_normalised_input_refuses_a_changed_input_and_passes_other_tensors_on():
+    model = PoolformerForCausalLM(hub_config("sc09", fused_rglru=True)).train()
+    block = next(m for m in model.modules() if isinstance(m, PoolformerResidualBlock))
+    x = torch.randn(2, 50, block.norm.normalized_shape[0], requires_grad=True)
+    packed, unpacked = [], []  # hooks around the block (as torch.autograd.graph.save_on_cpu's) see every other tensor
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(1) or t, lambda t: unpacked.append(1) or t):
+        y = block._fused_forward(x * 1.0, None)
+    y.sum().backward()
+    assert x.grad is not None and len(packed) == len(unpacked) > 0
+    a = x.detach().clone().requires_grad_()
+    b = a * 1.0
+    y = block._fused_forward(b, None)
+    with torch.no_grad():
+        b.add_(1.0)  # the input the recipe reads changed after the forward pass
+    with pytest.raises(RuntimeError, match="modified"):
+        y.sum().backward()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # In the model: fused_rglru=True (the fused RG-LRU and these blocks) against fused_rglru=False (the composite)
 # ---------------------------------------------------------------------------------------------------------------------
 
