@@ -149,11 +149,17 @@ def numba_kernels():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Triton kernel (GPUs): one program scans BLOCK_N channels of one batch row through time, BLOCK_T steps at a time: a
-# tile of decays and inputs is combined with `tl.associative_scan` ((a1, u1) then (a2, u2) = (a1 a2, a2 u1 + u2)), the
-# carry from the previous tile is applied, and the tile's last state is the next carry. Arithmetic is fp32 for
-# fp32/bf16/fp16 inputs (fp64 stays fp64). Complex tensors are read as interleaved (re, im) pairs. With REVERSE it
-# walks from the last step, and with SHIFT_CONJ it uses conj(a_{t+1}) as the decay of step t: the gradient.
+# Triton kernels (GPUs): a program scans BLOCK_N channels of one batch row through one stretch of time, BLOCK_T steps
+# at a time: a tile of decays and inputs is combined with `tl.associative_scan` ((a1, u1) then (a2, u2) = (a1 a2,
+# a2 u1 + u2)), the carry from the previous tile is applied, and the tile's last state is the next carry. Arithmetic is
+# fp32 for fp32/bf16/fp16 inputs (fp64 stays fp64). Complex tensors are read as interleaved (re, im) pairs. With
+# REVERSE it walks from the last step, and with SHIFT_CONJ it uses conj(a_{t+1}) as the decay of step t: the gradient.
+#
+# Time is cut into chunks when batch x channel blocks alone would leave the GPU's multiprocessors idle (a program's
+# tiles run one after another: latency, not bandwidth, bounds a few long programs). A first kernel reduces each chunk
+# to its total decay and its last state from zero; the scan kernel's program for chunk c then starts from h0 carried
+# through chunks 0 .. c-1 (c small products) and scans its chunk. That reads a and u twice instead of once, for
+# C times as many programs.
 # ---------------------------------------------------------------------------------------------------------------------
 
 try:
@@ -174,38 +180,93 @@ if triton is not None:
                 ar2 * ur1 - ai2 * ui1 + ur2, ar2 * ui1 + ai2 * ur1 + ui2)
 
     @triton.jit
-    def _scan_kernel(a_ptr, u_ptr, h0_ptr, out_ptr, last_ptr, T, N,
+    def _load_tile(a_ptr, u_ptr, row, n, n_mask, step, end, T, width,
+                   COMPLEX: tl.constexpr, REVERSE: tl.constexpr, SHIFT_CONJ: tl.constexpr, ACC: tl.constexpr):
+        """The decays and inputs of walk steps `step` (< `end`) as (ar, ai, ur, ui), the identity (a = 1, u = 0)
+        outside, so that a tile's last row is the last real state; and where step t's outputs go."""
+        pairs = 2 if COMPLEX else 1
+        t = T - 1 - step if REVERSE else step  # the time index each tile row holds
+        valid = (step < end)[:, None] & n_mask[None, :]
+        t_a = t + 1 if SHIFT_CONJ else t  # the decay applied at step t
+        a_valid = valid & (t_a < T)[:, None]
+        base = row * T * width + pairs * n[None, :]
+        a_off = base + t_a[:, None] * width
+        u_off = base + t[:, None] * width
+        ar = tl.load(a_ptr + a_off, mask=a_valid, other=1.0).to(ACC)
+        ar = tl.where(valid, ar, 1.0)
+        ur = tl.load(u_ptr + u_off, mask=valid, other=0.0).to(ACC)
+        ai = tl.zeros_like(ar)
+        ui = tl.zeros_like(ur)
+        if COMPLEX:
+            ai = tl.load(a_ptr + a_off + 1, mask=a_valid, other=0.0).to(ACC)
+            if SHIFT_CONJ:
+                ai = -ai
+            ui = tl.load(u_ptr + u_off + 1, mask=valid, other=0.0).to(ACC)
+        return ar, ai, ur, ui, valid, u_off
+
+    @triton.jit
+    def _scan_summary_kernel(a_ptr, u_ptr, sum_ptr, T, N, CHUNK, CHUNKS,
+                             COMPLEX: tl.constexpr, REVERSE: tl.constexpr, SHIFT_CONJ: tl.constexpr,
+                             FP64: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Chunk c of walk steps [c CHUNK, (c + 1) CHUNK) -> sum[b, c] = (its decays' product (re, im), its last state
+        from zero (re, im)): (B, CHUNKS, 4, N) in the arithmetic's dtype."""
+        ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
+        row, c = tl.program_id(0), tl.program_id(2)
+        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = n < N
+        width = 2 * N if COMPLEX else N
+        first, end = c * CHUNK, tl.minimum(c * CHUNK + CHUNK, T)
+        dec_re = tl.full((BLOCK_N,), 1.0, ACC)
+        dec_im = tl.zeros((BLOCK_N,), ACC)
+        h_re = tl.zeros((BLOCK_N,), ACC)
+        h_im = tl.zeros((BLOCK_N,), ACC)
+        last_row = tl.arange(0, BLOCK_T)[:, None] == BLOCK_T - 1
+        for start in range(first, end, BLOCK_T):
+            ar, ai, ur, ui, _, _ = _load_tile(a_ptr, u_ptr, row, n, n_mask, start + tl.arange(0, BLOCK_T), end, T,
+                                              width, COMPLEX, REVERSE, SHIFT_CONJ, ACC)
+            if COMPLEX:
+                ar, ai, ur, ui = tl.associative_scan((ar, ai, ur, ui), 0, _combine_complex)
+            else:
+                ar, ur = tl.associative_scan((ar, ur), 0, _combine)
+            tar, tai = tl.sum(tl.where(last_row, ar, 0.0), axis=0), tl.sum(tl.where(last_row, ai, 0.0), axis=0)
+            tur, tui = tl.sum(tl.where(last_row, ur, 0.0), axis=0), tl.sum(tl.where(last_row, ui, 0.0), axis=0)
+            # (dec, h) then the tile (ta, tu): h <- ta h + tu, dec <- ta dec
+            h_re, h_im = tar * h_re - tai * h_im + tur, tar * h_im + tai * h_re + tui
+            dec_re, dec_im = tar * dec_re - tai * dec_im, tar * dec_im + tai * dec_re
+        out = sum_ptr + (row * CHUNKS + c) * 4 * N + n
+        tl.store(out, dec_re, mask=n_mask)
+        tl.store(out + N, dec_im, mask=n_mask)
+        tl.store(out + 2 * N, h_re, mask=n_mask)
+        tl.store(out + 3 * N, h_im, mask=n_mask)
+
+    @triton.jit
+    def _scan_kernel(a_ptr, u_ptr, h0_ptr, out_ptr, last_ptr, sum_ptr, T, N, CHUNK, CHUNKS,
                      COMPLEX: tl.constexpr, REVERSE: tl.constexpr, SHIFT_CONJ: tl.constexpr, FP64: tl.constexpr,
                      BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
-        """a, u, out: (B, T, N) (times 2 for complex pairs), h0 and last: (B, N) (x2), all contiguous."""
-        row = tl.program_id(0)
+        """a, u, out: (B, T, N) (times 2 for complex pairs), h0 and last: (B, N) (x2), all contiguous; with CHUNKS > 1
+        program (b, ., c) scans walk steps [c CHUNK, (c + 1) CHUNK) from the state `_scan_summary_kernel`'s sums
+        carry h0 to."""
+        ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
+        row, c = tl.program_id(0), tl.program_id(2)
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         width = 2 * N if COMPLEX else N  # floats per time step
         n_mask = n < N
         pairs = 2 if COMPLEX else 1
-        acc = tl.float64 if FP64 else tl.float32  # the arithmetic's precision
-        carry_re = tl.load(h0_ptr + row * width + pairs * n, mask=n_mask, other=0.0).to(acc)
+        carry_re = tl.load(h0_ptr + row * width + pairs * n, mask=n_mask, other=0.0).to(ACC)
+        carry_im = tl.zeros_like(carry_re)
         if COMPLEX:
-            carry_im = tl.load(h0_ptr + row * width + 2 * n + 1, mask=n_mask, other=0.0).to(acc)
+            carry_im = tl.load(h0_ptr + row * width + 2 * n + 1, mask=n_mask, other=0.0).to(ACC)
+        for k in range(0, c):  # h0 through the chunks before this one
+            sums = sum_ptr + (row * CHUNKS + k) * 4 * N + n
+            dr, di = tl.load(sums, mask=n_mask, other=1.0), tl.load(sums + N, mask=n_mask, other=0.0)
+            hr, hi = tl.load(sums + 2 * N, mask=n_mask, other=0.0), tl.load(sums + 3 * N, mask=n_mask, other=0.0)
+            carry_re, carry_im = dr * carry_re - di * carry_im + hr, dr * carry_im + di * carry_re + hi
+        first, end = c * CHUNK, tl.minimum(c * CHUNK + CHUNK, T)
         last_row = tl.arange(0, BLOCK_T)[:, None] == BLOCK_T - 1
-        for start in range(0, T, BLOCK_T):
-            step = start + tl.arange(0, BLOCK_T)
-            t = T - 1 - step if REVERSE else step  # the time index each tile row holds
-            valid = (step < T)[:, None] & n_mask[None, :]
-            t_a = t + 1 if SHIFT_CONJ else t  # the decay applied at step t
-            a_valid = valid & (t_a < T)[:, None]
-            base = row * T * width + pairs * n[None, :]
-            a_off = base + t_a[:, None] * width
-            u_off = base + t[:, None] * width
-            # outside the sequence: a = 1, u = 0 (the identity), so the tile's last row is the last real state
-            ar = tl.load(a_ptr + a_off, mask=a_valid, other=1.0).to(acc)
-            ar = tl.where(valid, ar, 1.0)
-            ur = tl.load(u_ptr + u_off, mask=valid, other=0.0).to(acc)
+        for start in range(first, end, BLOCK_T):
+            ar, ai, ur, ui, valid, u_off = _load_tile(a_ptr, u_ptr, row, n, n_mask, start + tl.arange(0, BLOCK_T),
+                                                      end, T, width, COMPLEX, REVERSE, SHIFT_CONJ, ACC)
             if COMPLEX:
-                ai = tl.load(a_ptr + a_off + 1, mask=a_valid, other=0.0).to(acc)
-                if SHIFT_CONJ:
-                    ai = -ai
-                ui = tl.load(u_ptr + u_off + 1, mask=valid, other=0.0).to(acc)
                 ar, ai, ur, ui = tl.associative_scan((ar, ai, ur, ui), 0, _combine_complex)
                 h_re = ar * carry_re[None, :] - ai * carry_im[None, :] + ur
                 h_im = ar * carry_im[None, :] + ai * carry_re[None, :] + ui
@@ -218,9 +279,10 @@ if triton is not None:
                 h_re = ar * carry_re[None, :] + ur
                 tl.store(out_ptr + u_off, h_re.to(out_ptr.dtype.element_ty), mask=valid)
                 carry_re = tl.sum(tl.where(last_row, h_re, 0.0), axis=0)
-        tl.store(last_ptr + row * width + pairs * n, carry_re.to(last_ptr.dtype.element_ty), mask=n_mask)
-        if COMPLEX:
-            tl.store(last_ptr + row * width + 2 * n + 1, carry_im.to(last_ptr.dtype.element_ty), mask=n_mask)
+        if c == CHUNKS - 1:
+            tl.store(last_ptr + row * width + pairs * n, carry_re.to(last_ptr.dtype.element_ty), mask=n_mask)
+            if COMPLEX:
+                tl.store(last_ptr + row * width + 2 * n + 1, carry_im.to(last_ptr.dtype.element_ty), mask=n_mask)
 
 
 @functools.lru_cache(maxsize=None)
@@ -233,27 +295,37 @@ def _as_floats(x: torch.Tensor) -> torch.Tensor:
 
 
 def triton_scan(a: torch.Tensor, u: torch.Tensor, h0: torch.Tensor, reverse: bool = False, shift_conj: bool = False,
-                block_t: int = 64, block_n: Optional[int] = None) -> tuple:
+                block_t: int = 64, block_n: Optional[int] = None, time_chunks: Optional[int] = None) -> tuple:
     """(h, h_last) for (B, T, N) a, u and (B, N) h0, real or complex. `reverse=True, shift_conj=True` runs the
     gradient recurrence g_t = x_t + conj(a_{t+1}) g_{t+1} (with `u` = x) from the end.
 
-    `block_n` channels per program; by default 32, halved (down to 4: one 32-byte memory sector of complex64 pairs
-    per time step) on a GPU until there are enough programs to fill it, since programs only split batch and channels,
-    never time."""
+    `block_n` channels per program (32 by default: 256 contiguous bytes of complex64 pairs per time step) and
+    `time_chunks` stretches of time scanned in parallel: by default 1 on a CPU; on a GPU as many as fill it (four
+    programs per multiprocessor), each at least 8 tiles long, when batch x channel blocks do not, and then narrower
+    channel blocks (down to 4) if that is still too few."""
     batch, steps, units = u.shape
-    if block_n is None:
+    target = 4 * _multiprocessors(u.device) if u.is_cuda else 1
+    if time_chunks is None:
+        time_chunks = max(1, min(triton.cdiv(target, batch * triton.cdiv(units, block_n or 32)), steps // (8 * block_t)))
+    if block_n is None:  # still too few programs (a short sequence): narrower blocks, down to one 32-byte sector
         block_n = 32
-        while u.is_cuda and block_n > 4 and batch * triton.cdiv(units, block_n) < 4 * _multiprocessors(u.device):
+        while block_n > 4 and time_chunks * batch * triton.cdiv(units, block_n) < target:
             block_n //= 2
+    chunk = triton.cdiv(triton.cdiv(max(steps, 1), time_chunks), block_t) * block_t  # whole tiles per chunk
+    time_chunks = triton.cdiv(max(steps, 1), chunk)
     # contiguous outputs, so that the float views the kernel writes through are the outputs themselves
     out = torch.empty_like(u, memory_format=torch.contiguous_format)
     last = torch.empty_like(h0, memory_format=torch.contiguous_format)
     a_f, u_f, h0_f = _as_floats(a), _as_floats(u), _as_floats(h0)
     out_f, last_f = _as_floats(out), _as_floats(last)
-    grid = (batch, triton.cdiv(units, block_n))
-    _scan_kernel[grid](a_f, u_f, h0_f, out_f, last_f, steps, units, COMPLEX=u.is_complex(), REVERSE=reverse,
-                       SHIFT_CONJ=shift_conj, FP64=u.dtype in (torch.float64, torch.complex128), BLOCK_T=block_t,
-                       BLOCK_N=block_n)
+    fp64 = u.dtype in (torch.float64, torch.complex128)
+    sums = torch.empty(batch, time_chunks, 4, units, dtype=torch.float64 if fp64 else torch.float32, device=u.device)
+    grid = (batch, triton.cdiv(units, block_n), time_chunks)
+    meta = dict(COMPLEX=u.is_complex(), REVERSE=reverse, SHIFT_CONJ=shift_conj, FP64=fp64, BLOCK_T=block_t,
+                BLOCK_N=block_n)
+    if time_chunks > 1:
+        _scan_summary_kernel[grid](a_f, u_f, sums, steps, units, chunk, time_chunks, **meta)
+    _scan_kernel[grid](a_f, u_f, h0_f, out_f, last_f, sums, steps, units, chunk, time_chunks, **meta)
     return out, last
 
 

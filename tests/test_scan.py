@@ -116,6 +116,34 @@ def test_triton_scan_equals_sequential(dtype, batch, length, units, with_h0):
     torch.testing.assert_close(last, out[:, -1], rtol=0, atol=0)  # the final state, for prefill and checkpointing
 
 
+def _slow_decays(dtype, batch, length, units):
+    """Decays with |a| in [0.99, 1): the carry across a time chunk still matters hundreds of steps later."""
+    real = dtype.to_real() if dtype.is_complex else dtype
+    magnitude = 0.99 + 0.01 * torch.rand(batch, length, units, dtype=real)
+    a = torch.polar(magnitude, torch.rand_like(magnitude) * 0.2) if dtype.is_complex else magnitude
+    return a, torch.randn(batch, length, units, dtype=dtype), 10 * torch.randn(batch, units, dtype=dtype)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.complex64, torch.float64])
+def test_triton_scan_in_time_chunks_equals_sequential(dtype):
+    # three chunks of 64 steps (the last one partial), each scanned from the state the chunks before carry to it
+    time_chunks = 3
+    a, u, h0 = _slow_decays(dtype, 2, 150, 5)
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    want = sequential_scan(a, u, h0)
+    out, last = triton_scan(a, u, h0, block_t=16, block_n=4, time_chunks=time_chunks)
+    torch.testing.assert_close(out, want, rtol=tol, atol=tol * want.abs().max().item())
+    torch.testing.assert_close(last, out[:, -1], rtol=0, atol=0)
+    # the gradient recurrence g_t = x_t + conj(a_{t+1}) g_{t+1}, run from the end: the forward scan of the flipped
+    # sequence with the decays shifted by one step (1 past the end)
+    shifted = torch.cat([a[:, 1:].conj(), torch.ones_like(a[:, :1])], dim=1)
+    want = sequential_scan(shifted.flip(1), u.flip(1), h0).flip(1)
+    out, last = triton_scan(a, u, h0, reverse=True, shift_conj=True, block_t=16, block_n=4, time_chunks=time_chunks)
+    torch.testing.assert_close(out, want, rtol=tol, atol=tol * want.abs().max().item())
+    torch.testing.assert_close(last, out[:, 0], rtol=0, atol=0)
+
+
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.complex64])
 def test_triton_scan_gradients_equal_sequential(dtype):
