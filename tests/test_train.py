@@ -263,11 +263,14 @@ def test_bf16_mixed_precision_run(cache_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_compiled_training_under_accelerate_dynamo_backend(cache_dir, tmp_path):
-    """`accelerate launch --dynamo_backend inductor` compiles the training forward (the scan an opaque op in it)."""
+@pytest.mark.parametrize("regional", [False, True])
+def test_compiled_training_under_accelerate_dynamo_backend(cache_dir, tmp_path, regional):
+    """`accelerate launch --dynamo_backend inductor` compiles the training forward (the scan an opaque op in it);
+    with `--dynamo_use_regional_compilation` too (a residual stack is no ModuleList, which that would replace)."""
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-           "--mixed_precision", "bf16", "--dynamo_backend", "inductor", TRAIN, "--cache_dir", str(cache_dir),
+           "--mixed_precision", "bf16", "--dynamo_backend", "inductor",
+           *(["--dynamo_use_regional_compilation"] if regional else []), TRAIN, "--cache_dir", str(cache_dir),
            "--output_dir", str(out), "--max_steps", "4", "--eval_every", "4", "--max_eval_batches", "2", *FAST]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, env=env())
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
