@@ -151,45 +151,50 @@ def _load_chunk(x, x16, b, start, stop, xt, bits):
 
 def _chunk_chain(xt, wi, bi, wr, br, sp, theta, lo, c, is_complex, gi, gr, q, ar, ai, tmp, bits):
     """The gates, decays and input scales of units lo.. over a chunk, as (unit, step) arrays: gi, gr the gates,
-    q = sqrt(1 - |a|^2), ar + i ai = a (ai untouched for a real recurrence); tmp, bits scratch of their size."""
+    q = sqrt(1 - |a|^2), ar + i ai = a (ai zero for a real recurrence); tmp (2, units, steps) and bits scratch. No
+    helper writes over its input: LLVM then cannot rule out an overlap and runs the loop scalar."""
     size, steps = gi.shape
     _, per_in, per_out = wi.shape
     one = sp.dtype.type(1.0)
+    pre_i, pre_r = tmp[0], tmp[1]
     for m in range(size):  # the negated pre-activations, each a dot product of per_in inputs over the steps
         n = lo + m
         j, o = n // per_out, n % per_out
+        row_i, row_r, b_i, b_r = pre_i[m], pre_r[m], -bi[n], -br[n]
         for k in range(steps):
-            gi[m, k], gr[m, k] = -bi[n], -br[n]
+            row_i[k], row_r[k] = b_i, b_r
         for i in range(per_in):
             vi, vr, xi = wi[j, i, o], wr[j, i, o], xt[j * per_in + i]
             for k in range(steps):
-                gi[m, k] -= vi * xi[k]
-                gr[m, k] -= vr * xi[k]
-    flat_i, flat_r, flat_q, flat_a = gi.reshape(gi.size), gr.reshape(gi.size), q.reshape(gi.size), ar.reshape(gi.size)
-    _vexp(flat_i, flat_i, bits)
-    _vexp(flat_r, flat_r, bits)
-    for k in range(flat_i.size):
+                row_i[k] -= vi * xi[k]
+                row_r[k] -= vr * xi[k]
+    total = size * steps
+    flat_i, flat_r, flat_q, flat_a, flat_b = (gi.reshape(total), gr.reshape(total), q.reshape(total),
+                                              ar.reshape(total), ai.reshape(total))
+    flat_0, flat_1 = pre_i.reshape(total), pre_r.reshape(total)
+    _vexp(flat_0, flat_i, bits)
+    _vexp(flat_1, flat_r, bits)
+    for k in range(total):
         flat_i[k] = one / (one + flat_i[k])
         flat_r[k] = one / (one + flat_r[k])
     for m in range(size):
         d = sp.dtype.type(-c * sp[lo + m])
         for k in range(steps):
-            ar[m, k] = d * gr[m, k]  # log|a|
-            q[m, k] = ar[m, k] + ar[m, k]
-    _vexp(flat_a, flat_a, bits)
-    _vexpm1(flat_q, flat_q, bits)
-    for k in range(flat_q.size):
+            pre_i[m, k] = d * gr[m, k]  # log|a|
+            pre_r[m, k] = pre_i[m, k] + pre_i[m, k]
+    _vexp(flat_0, flat_a, bits)
+    _vexpm1(flat_1, flat_q, bits)
+    for k in range(total):
         flat_q[k] = np.sqrt(-flat_q[k])
     if is_complex:
         for m in range(size):
             th = theta[lo + m]
             for k in range(steps):
-                ai[m, k] = gr[m, k] * th
-        flat_i, flat_t = ai.reshape(ai.size), tmp.reshape(ai.size)
-        _vsincos(flat_i, flat_i, flat_t)
-        for k in range(flat_a.size):
-            flat_i[k] *= flat_a[k]
-            flat_a[k] *= flat_t[k]
+                pre_i[m, k] = gr[m, k] * th
+        _vsincos(flat_0, flat_b, flat_1)
+        for k in range(total):
+            flat_b[k] *= flat_a[k]
+            flat_a[k] *= flat_1[k]
 
 
 @functools.lru_cache(maxsize=None)
@@ -227,7 +232,7 @@ def numba_rglru_kernels():
             him = h0[b, units + lo : units + hi].copy() if is_complex else hr.copy()
             xt, bits = np.empty((width, 64), sp.dtype), np.empty(width, np.int32)
             gi, gr, q = np.empty((size, 64), sp.dtype), np.empty((size, 64), sp.dtype), np.empty((size, 64), sp.dtype)
-            ar, ai, tmp = np.zeros((size, 64), sp.dtype), np.zeros((size, 64), sp.dtype), np.empty((size, 64), sp.dtype)
+            ar, ai, tmp = np.empty((size, 64), sp.dtype), np.zeros((size, 64), sp.dtype), np.empty((2, size, 64), sp.dtype)
             scratch = np.empty(size * 64, np.int32)
             f32 = np.empty(1, np.float32)
             i32 = f32.view(np.int32)
@@ -284,7 +289,7 @@ def numba_rglru_kernels():
             hp_r, hp_i = np.empty((64, size), sp.dtype), np.empty((64, size), sp.dtype)
             xt, bits = np.empty((width, 64), sp.dtype), np.empty(width, np.int32)
             gi_, gr_, sq = np.empty((size, 64), sp.dtype), np.empty((size, 64), sp.dtype), np.empty((size, 64), sp.dtype)
-            a_r, a_i, tmp = np.zeros((size, 64), sp.dtype), np.zeros((size, 64), sp.dtype), np.empty((size, 64), sp.dtype)
+            a_r, a_i, tmp = np.empty((size, 64), sp.dtype), np.zeros((size, 64), sp.dtype), np.empty((2, size, 64), sp.dtype)
             scratch = np.empty(size * 64, np.int32)
             # the chunk's rows of dL/dout at the arithmetic's precision
             gs = np.empty((64, width), sp.dtype)
