@@ -274,97 +274,94 @@ def numba_rglru_kernels():
     @numba.njit(parallel=True, cache=True)
     def backward(x, x16, wi, bi, wr, br, sp, theta, ckpt, grad_out, grad_out16, grad_last, c, max_grad, is_complex,
                  block, grad_x, grad_pre, grad_sp, grad_theta, grad_h0):
-        bf16_grad = grad_out16.size > 0
         batch, steps, width = grad_x.shape
         units = sp.shape[0]
         blocks = (units + block - 1) // block
         chunks = ckpt.shape[1]
         one = sp.dtype.type(1.0)
         floor = one / max_grad
+        zero, two, c_ = sp.dtype.type(0.0), sp.dtype.type(2.0), sp.dtype.type(c)
         for job in numba.prange(batch * blocks):
             b, lo = job // blocks, (job % blocks) * block
             hi = min(units, lo + block)
             size = hi - lo
-            # per chunk step: the previous state, and (`_chunk_chain`) the gates, q and the decay, (unit, step)
-            hp_r, hp_i = np.empty((64, size), sp.dtype), np.empty((64, size), sp.dtype)
-            xt, bits = np.empty((width, 64), sp.dtype), np.empty(width, np.int32)
-            gi_, gr_, sq = np.empty((size, 64), sp.dtype), np.empty((size, 64), sp.dtype), np.empty((size, 64), sp.dtype)
+            # (unit, step) scratch of a chunk: `_chunk_chain`'s gates, q and decay, the previous state h_{t-1},
+            # the gradient g_t, and the results before they are scattered to (step, unit) rows
+            xt, gt, bits = np.empty((width, 64), sp.dtype), np.empty((width, 64), sp.dtype), np.empty(width, np.int32)
+            g_i, g_r, sq = np.empty((size, 64), sp.dtype), np.empty((size, 64), sp.dtype), np.empty((size, 64), sp.dtype)
             a_r, a_i, tmp = np.empty((size, 64), sp.dtype), np.zeros((size, 64), sp.dtype), np.empty((2, size, 64), sp.dtype)
             scratch = np.empty(size * 64, np.int32)
-            # the chunk's rows of dL/dout at the arithmetic's precision
-            gs = np.empty((64, width), sp.dtype)
+            hp_r, hp_i = np.empty((size, 64), sp.dtype), np.empty((size, 64), sp.dtype)
+            gg_r, gg_i = np.empty((size, 64), sp.dtype), np.empty((size, 64), sp.dtype)
+            zeros = np.zeros(64, sp.dtype)  # the imaginary parts of x and dL/dh in a real recurrence
+            gx_r, gx_i = np.empty((size, 64), sp.dtype), np.empty((size, 64), sp.dtype)
+            gp_i, gp_r = np.empty((size, 64), sp.dtype), np.empty((size, 64), sp.dtype)
             # the gradient carry g_{t+1} and the decay a_{t+1}: at the last step, dL/dh_last and 1
             gc_r = grad_last[b, lo:hi].copy()
-            gc_i = grad_last[b, units + lo : units + hi].copy() if is_complex else gc_r.copy()
+            gc_i = grad_last[b, units + lo : units + hi].copy() if is_complex else np.zeros(size, sp.dtype)
             an_r, an_i = np.ones(size, sp.dtype), np.zeros(size, sp.dtype)
             d_sp, d_th = np.zeros(size, sp.dtype), np.zeros(size, sp.dtype)
             for chunk in range(chunks - 1, -1, -1):
                 start = chunk * 64
                 stop = min(steps, start + 64)
-                for t in range(start, stop):
-                    k = t - start
-                    if bf16_grad:
-                        for i in range(width):
-                            bits[i] = np.int32(grad_out16[b, t, i]) << 16
-                        gs[k] = bits.view(np.float32)
-                    else:
-                        gs[k] = grad_out[b, t]
+                steps_in = stop - start
+                _load_chunk(grad_out, grad_out16, b, start, stop, gt, bits)
                 # re-run the forward over the chunk from its checkpoint
                 _load_chunk(x, x16, b, start, stop, xt, bits)
-                _chunk_chain(xt, wi, bi, wr, br, sp, theta, lo, c, is_complex, gi_, gr_, sq, a_r, a_i, tmp, scratch)
-                hr = ckpt[b, chunk, lo:hi].copy()
-                him = ckpt[b, chunk, units + lo : units + hi].copy() if is_complex else hr.copy()
-                for t in range(start, stop):
-                    k = t - start
-                    for n in range(lo, hi):
-                        m = n - lo
-                        hp_r[k, m], hp_i[k, m] = hr[m], him[m]
-                        s = sq[m, k] * gi_[m, k]
-                        if is_complex:
-                            ar, ai = a_r[m, k], a_i[m, k]
-                            nr = ar * hr[m] - ai * him[m] + s * xt[n, k]
-                            ni = ar * him[m] + ai * hr[m] + s * xt[units + n, k]
-                            hr[m], him[m] = nr, ni
-                        else:
-                            hr[m] = a_r[m, k] * hr[m] + s * xt[n, k]
-                for t in range(stop - 1, start - 1, -1):  # then the gradient recurrence back through it
-                    k = t - start
-                    gt = gs[k]
-                    gx, gp = grad_x[b, t], grad_pre[b, t]
-                    for n in range(lo, hi):
-                        m = n - lo
-                        gi, gr, q, ar = gi_[m, k], gr_[m, k], sq[m, k], a_r[m, k]
-                        if is_complex:
-                            # g_t = dL/dh_t + conj(a_{t+1}) g_{t+1}
-                            cr, ci = gc_r[m], gc_i[m]
-                            gre = gt[n] + an_r[m] * cr + an_i[m] * ci
-                            gim = gt[units + n] + an_r[m] * ci - an_i[m] * cr
-                            ai = a_i[m, k]
-                            # dL/da_t = g_t conj(h_{t-1}); |a| and arg a through a = |a| e^{i arg a}
-                            ga_r = gre * hp_r[k, m] + gim * hp_i[k, m]
-                            ga_i = gim * hp_r[k, m] - gre * hp_i[k, m]
-                            d_log = ga_r * ar + ga_i * ai
-                            d_arg = ga_i * ar - ga_r * ai
-                            d_scale = gre * xt[n, k] + gim * xt[units + n, k]
-                            gx[n], gx[units + n] = q * gi * gre, q * gi * gim
-                            gc_r[m], gc_i[m] = gre, gim
-                            an_r[m], an_i[m] = ar, ai
-                        else:
-                            gre = gt[n] + an_r[m] * gc_r[m]
-                            d_log = gre * hp_r[k, m] * ar
-                            d_arg = 0.0
-                            d_scale = gre * xt[n, k]
-                            gx[n] = q * gi * gre
-                            gc_r[m] = gre
-                            an_r[m] = ar
+                _chunk_chain(xt, wi, bi, wr, br, sp, theta, lo, c, is_complex, g_i, g_r, sq, a_r, a_i, tmp, scratch)
+                for m in range(size):  # per unit (a real one with zero imaginary parts and phases)
+                    n = lo + m
+                    x_r, x_i = xt[n], xt[units + n] if is_complex else zeros
+                    d_r, d_i = gt[n], gt[units + n] if is_complex else zeros
+                    hr = ckpt[b, chunk, n]
+                    him = ckpt[b, chunk, units + n] if is_complex else zero
+                    for k in range(steps_in):
+                        hp_r[m, k], hp_i[m, k] = hr, him
+                        s = sq[m, k] * g_i[m, k]
+                        ar, ai = a_r[m, k], a_i[m, k]
+                        hr, him = ar * hr - ai * him + s * x_r[k], ar * him + ai * hr + s * x_i[k]
+                    # then the gradient back through it: g_t = dL/dh_t + conj(a_{t+1}) g_{t+1}
+                    cr, ci, nr, ni = gc_r[m], gc_i[m], an_r[m], an_i[m]
+                    for k in range(steps_in - 1, -1, -1):
+                        cr, ci = d_r[k] + nr * cr + ni * ci, d_i[k] + nr * ci - ni * cr
+                        gg_r[m, k], gg_i[m, k] = cr, ci
+                        nr, ni = a_r[m, k], a_i[m, k]
+                    gc_r[m], gc_i[m], an_r[m], an_i[m] = cr, ci, nr, ni
+                # the chain rule at every step, vectorised over the steps
+                for m in range(size):
+                    n = lo + m
+                    d_sp_n, d_th_n = -c_ * sp[n], theta[n]
+                    acc_sp, acc_th = tmp[0, m], tmp[1, m]
+                    xr, xi = xt[n], xt[units + n] if is_complex else zeros
+                    for k in range(steps_in):
+                        gre, gim = gg_r[m, k], gg_i[m, k]
+                        ar, ai, gi, gr, q = a_r[m, k], a_i[m, k], g_i[m, k], g_r[m, k], sq[m, k]
+                        # dL/da_t = g_t conj(h_{t-1}); |a| and arg a through a = |a| e^{i arg a}
+                        ga_r = gre * hp_r[m, k] + gim * hp_i[m, k]
+                        ga_i = gim * hp_r[m, k] - gre * hp_i[m, k]
+                        d_log = ga_r * ar + ga_i * ai
+                        d_arg = ga_i * ar - ga_r * ai
+                        d_scale = gre * xr[k] + gim * xi[k]
+                        gx_r[m, k], gx_i[m, k] = q * gi * gre, q * gi * gim
                         # q = sqrt(1 - |a|^2) with d q / d(1 - |a|^2) capped; d(1 - |a|^2) / d log|a| = -2 |a|^2
-                        d_q = d_scale * gi / max(2 * q, floor)  # the composite's sqrt(4 q^2).clamp_min(1 / max_grad)
-                        d_log -= 2 * d_q * (ar * ar + (a_i[m, k] * a_i[m, k] if is_complex else 0.0))
-                        d_sp[m] += d_log * (-c * gr)
-                        d_th[m] += d_arg * gr
-                        d_gr = d_log * (-c * sp[n]) + (d_arg * theta[n] if is_complex else 0.0)
-                        gp[n] = d_scale * q * gi * (one - gi)
-                        gp[units + n] = d_gr * gr * (one - gr)
+                        d_q = d_scale * gi / max(two * q, floor)  # the composite's sqrt(4 q^2).clamp_min(1 / max_grad)
+                        d_log -= two * d_q * (ar * ar + ai * ai)
+                        acc_sp[k] = d_log * gr
+                        acc_th[k] = d_arg * gr
+                        d_gr = d_log * d_sp_n + d_arg * d_th_n
+                        gp_i[m, k] = d_scale * q * gi * (one - gi)
+                        gp_r[m, k] = d_gr * gr * (one - gr)
+                    for k in range(steps_in):
+                        d_sp[m] += acc_sp[k]
+                        d_th[m] += acc_th[k]
+                for k in range(steps_in):  # scattered to the rows
+                    t = start + k
+                    for m in range(size):
+                        n = lo + m
+                        grad_x[b, t, n], grad_pre[b, t, n], grad_pre[b, t, units + n] = gx_r[m, k], gp_i[m, k], gp_r[m, k]
+                        if is_complex:
+                            grad_x[b, t, units + n] = gx_i[m, k]
+            d_sp *= -c_
             grad_sp[b, lo:hi] = d_sp
             grad_theta[b, lo:hi] = d_th
             # dL/dh0 = conj(a_0) g_0
