@@ -69,11 +69,14 @@ def numba_gate_kernels():
         for job in numba.prange((n + chunk - 1) // chunk):
             lo = job * chunk
             m = min(n, lo + chunk) - lo
-            if bf16:  # widen the bit patterns into float32 scratch (b's dtype is float32 then)
+            if bf16:  # widen the bit patterns into float32 scratch (b's dtype is float32 then), a loop per array
+                # over slices: indexing the whole arrays from lo left LLVM's overlap checks failing, the loops scalar
                 bits, gbits = np.empty(m, np.int32), np.empty(m, np.int32)
+                b_in, g_in = b16[lo : lo + m], g16[lo : lo + m]
                 for k in range(m):
-                    bits[k] = np.int32(b16[lo + k]) << 16
-                    gbits[k] = np.int32(g16[lo + k]) << 16
+                    bits[k] = np.int32(b_in[k]) << 16
+                for k in range(m):
+                    gbits[k] = np.int32(g_in[k]) << 16
                 bv, gv, ov = bits.view(b.dtype), gbits.view(b.dtype), np.empty(m, b.dtype)
             else:
                 bv, gv, ov = b[lo : lo + m], g[lo : lo + m], out[lo : lo + m]
@@ -101,9 +104,9 @@ def numba_gate_kernels():
                         act = 0.5 * gk * (1.0 + math.erf(gk * rsqrt2))
                     ov[k] = bv[k] * act
             if bf16:  # round to nearest even on the float32 bits, as torch does
-                w = ov.view(np.int32)
+                w, o16 = ov.view(np.int32), out16[lo : lo + m]
                 for k in range(m):
-                    out16[lo + k] = np.int16((w[k] + 0x7FFF + ((w[k] >> 16) & 1)) >> 16)
+                    o16[k] = np.int16((w[k] + 0x7FFF + ((w[k] >> 16) & 1)) >> 16)
 
     @numba.njit(parallel=True, cache=True)
     def backward(gp, gp16, b, b16, g, g16, out, out16, gb, gb16, gg, gg16, tanh):
@@ -114,10 +117,13 @@ def numba_gate_kernels():
             m = min(n, lo + chunk) - lo
             if bf16:
                 dbits, bits, gbits = np.empty(m, np.int32), np.empty(m, np.int32), np.empty(m, np.int32)
+                d_in, b_in, g_in = gp16[lo : lo + m], b16[lo : lo + m], g16[lo : lo + m]
                 for k in range(m):
-                    dbits[k] = np.int32(gp16[lo + k]) << 16
-                    bits[k] = np.int32(b16[lo + k]) << 16
-                    gbits[k] = np.int32(g16[lo + k]) << 16
+                    dbits[k] = np.int32(d_in[k]) << 16
+                for k in range(m):
+                    bits[k] = np.int32(b_in[k]) << 16
+                for k in range(m):
+                    gbits[k] = np.int32(g_in[k]) << 16
                 dv, bv, gv = dbits.view(b.dtype), bits.view(b.dtype), gbits.view(b.dtype)
                 ov, gbv, ggv = np.empty(m, b.dtype), np.empty(m, b.dtype), np.empty(m, b.dtype)
             else:
@@ -154,11 +160,10 @@ def numba_gate_kernels():
                         d_act = 0.5 * (1.0 + e) + gk * math.exp(-0.5 * gk * gk) * rsqrt2pi
                     ov[k], gbv[k], ggv[k] = bk * act, dk * act, dk * bk * d_act
             if bf16:
-                wo, wb, wg = ov.view(np.int32), gbv.view(np.int32), ggv.view(np.int32)
-                for k in range(m):
-                    out16[lo + k] = np.int16((wo[k] + 0x7FFF + ((wo[k] >> 16) & 1)) >> 16)
-                    gb16[lo + k] = np.int16((wb[k] + 0x7FFF + ((wb[k] >> 16) & 1)) >> 16)
-                    gg16[lo + k] = np.int16((wg[k] + 0x7FFF + ((wg[k] >> 16) & 1)) >> 16)
+                for w, o16 in ((ov.view(np.int32), out16[lo : lo + m]), (gbv.view(np.int32), gb16[lo : lo + m]),
+                               (ggv.view(np.int32), gg16[lo : lo + m])):
+                    for k in range(m):
+                        o16[k] = np.int16((w[k] + 0x7FFF + ((w[k] >> 16) & 1)) >> 16)
 
     return forward, backward
 
