@@ -36,6 +36,7 @@ import functools
 import os
 from typing import Optional
 
+import numpy as np
 import torch
 
 from .scan import define_autograd_op
@@ -50,15 +51,170 @@ CHECKPOINT = 64  # steps between the states kept for the backward's re-scan
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+# The elementwise chain of a chunk, shared by both kernels: plain arithmetic over contiguous (units, steps) scratch,
+# which LLVM vectorises over the steps, where a libm call per element (exp, expm1, cos, sin) keeps a loop scalar (the
+# kernels took three times as long). In float32: exp as Cephes' expf (a polynomial times 2^j made from exponent bits,
+# within 1e-7 relative), expm1 from the same reduction without the cancellation at 0, cos and sin as Cephes' cosf and
+# sinf after a reduction by pi/2 in three parts (within 1e-7 for phases up to 1e4). Float64 (gradcheck) calls libm.
+# The helpers are compiled by `numba_rglru_kernels`.
+_EXP_BOUND, _LOG2E, _LN2_HI, _LN2_LO = 87.0, 1.44269504088896341, 0.693359375, -2.12194440e-4
+_EXP_POLY = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1)
+_TWO_OVER_PI, _PIO2 = 0.63661977236758134, (1.5703125, 4.837512969970703125e-4, 7.54978995489188216e-8)
+_SIN_POLY, _COS_POLY = (-1.9515295891e-4, 8.3321608736e-3, -1.6666654611e-1), (
+    2.443315711809948e-5, -1.388731625493765e-3, 4.166664568298827e-2)
+
+
+def _exp_reduce(x, poly, bits, minus_one):
+    """poly = exp(r) (or exp(r) - 1 with `minus_one`), bits = 2^j's float32 bits, x = j ln 2 + r, |r| <= ln(2) / 2."""
+    f32 = np.float32
+    e0, e1, e2, e3, e4, e5 = f32(_EXP_POLY[0]), f32(_EXP_POLY[1]), f32(_EXP_POLY[2]), f32(_EXP_POLY[3]), f32(
+        _EXP_POLY[4]), f32(_EXP_POLY[5])
+    bound, log2e, hi, lo, half = f32(_EXP_BOUND), f32(_LOG2E), f32(_LN2_HI), f32(_LN2_LO), f32(0.5)
+    one = f32(0.0) if minus_one else f32(1.0)
+    for k in range(x.size):
+        v = min(max(x[k], -bound), bound)
+        j = np.floor(v * log2e + half)
+        r = v - j * hi - j * lo
+        poly[k] = (((((e0 * r + e1) * r + e2) * r + e3) * r + e4) * r + e5) * (r * r) + r + one
+        bits[k] = (np.int32(j) + 127) << 23
+
+
+def _vexp(x, out, bits):
+    """out = exp(x) over flat arrays; bits: int32 scratch of their size. out must not be x: where arrays may overlap
+    LLVM keeps the loop scalar."""
+    if x.itemsize == 8:
+        for k in range(x.size):
+            out[k] = np.exp(x[k])
+        return
+    _exp_reduce(x, out, bits, False)
+    scale = bits.view(np.float32)
+    for k in range(x.size):
+        out[k] *= scale[k]
+
+
+def _vexpm1(x, out, bits):
+    """out = exp(x) - 1 over flat arrays: 2^j (exp(r) - 1) + 2^j - 1, exactly exp(r) - 1 where j = 0."""
+    if x.itemsize == 8:
+        for k in range(x.size):
+            out[k] = np.expm1(x[k])
+        return
+    _exp_reduce(x, out, bits, True)
+    scale = bits.view(np.float32)
+    for k in range(x.size):
+        out[k] = out[k] * scale[k] + (scale[k] - np.float32(1.0))
+
+
+def _vsincos(x, sin, cos):
+    """sin(x), cos(x) over flat arrays (none the same): x = q pi/2 + r, |r| <= pi/4, the quadrant q mod 4 choosing
+    which polynomial and sign each takes."""
+    if x.itemsize == 8:
+        for k in range(x.size):
+            v = x[k]
+            sin[k], cos[k] = np.sin(v), np.cos(v)
+        return
+    f32 = np.float32
+    s0, s1, s2 = f32(_SIN_POLY[0]), f32(_SIN_POLY[1]), f32(_SIN_POLY[2])
+    c0, c1, c2 = f32(_COS_POLY[0]), f32(_COS_POLY[1]), f32(_COS_POLY[2])
+    p1, p2, p3 = f32(_PIO2[0]), f32(_PIO2[1]), f32(_PIO2[2])
+    two_over_pi, half, one, two, three, four = f32(_TWO_OVER_PI), f32(0.5), f32(1.0), f32(2.0), f32(3.0), f32(4.0)
+    for k in range(x.size):
+        v = x[k]
+        q = np.floor(v * two_over_pi + half)
+        r = ((v - q * p1) - q * p2) - q * p3
+        z = r * r
+        ps = ((s0 * z + s1) * z + s2) * z * r + r
+        pc = ((c0 * z + c1) * z + c2) * z * z - half * z + one
+        quadrant = q - four * np.floor(q / four)  # 0, 1, 2, 3
+        odd = (quadrant == one) | (quadrant == three)
+        sv = pc if odd else ps
+        cv = ps if odd else pc
+        sin[k] = -sv if quadrant >= two else sv
+        cos[k] = -cv if (quadrant == one) | (quadrant == two) else cv
+
+
+def _load_chunk(x, x16, b, start, stop, xt, bits):
+    """xt[:, k] = x[b, start + k] at the arithmetic's precision (bf16 widened from its bits); steps past `stop`
+    zero, so that the chain's unused columns stay finite."""
+    for k in range(xt.shape[1]):
+        t = start + k
+        if t >= stop:
+            for i in range(xt.shape[0]):
+                xt[i, k] = 0.0
+        elif x16.size > 0:
+            for i in range(xt.shape[0]):
+                bits[i] = np.int32(x16[b, t, i]) << 16
+            row = bits.view(np.float32)
+            for i in range(xt.shape[0]):
+                xt[i, k] = row[i]
+        else:
+            for i in range(xt.shape[0]):
+                xt[i, k] = x[b, t, i]
+
+
+def _chunk_chain(xt, wi, bi, wr, br, sp, theta, lo, c, is_complex, gi, gr, q, ar, ai, tmp, bits):
+    """The gates, decays and input scales of units lo.. over a chunk, as (unit, step) arrays: gi, gr the gates,
+    q = sqrt(1 - |a|^2), ar + i ai = a (ai zero for a real recurrence); tmp (2, units, steps) and bits scratch. No
+    helper writes over its input: LLVM then cannot rule out an overlap and runs the loop scalar."""
+    size, steps = gi.shape
+    _, per_in, per_out = wi.shape
+    one = sp.dtype.type(1.0)
+    pre_i, pre_r = tmp[0], tmp[1]
+    for m in range(size):  # the negated pre-activations, each a dot product of per_in inputs over the steps
+        n = lo + m
+        j, o = n // per_out, n % per_out
+        row_i, row_r, b_i, b_r = pre_i[m], pre_r[m], -bi[n], -br[n]
+        for k in range(steps):
+            row_i[k], row_r[k] = b_i, b_r
+        for i in range(per_in):
+            vi, vr, xi = wi[j, i, o], wr[j, i, o], xt[j * per_in + i]
+            for k in range(steps):
+                row_i[k] -= vi * xi[k]
+                row_r[k] -= vr * xi[k]
+    total = size * steps
+    flat_i, flat_r, flat_q, flat_a, flat_b = (gi.reshape(total), gr.reshape(total), q.reshape(total),
+                                              ar.reshape(total), ai.reshape(total))
+    flat_0, flat_1 = pre_i.reshape(total), pre_r.reshape(total)
+    _vexp(flat_0, flat_i, bits)
+    _vexp(flat_1, flat_r, bits)
+    for k in range(total):
+        flat_i[k] = one / (one + flat_i[k])
+        flat_r[k] = one / (one + flat_r[k])
+    for m in range(size):
+        d = sp.dtype.type(-c * sp[lo + m])
+        for k in range(steps):
+            pre_i[m, k] = d * gr[m, k]  # log|a|
+            pre_r[m, k] = pre_i[m, k] + pre_i[m, k]
+    _vexp(flat_0, flat_a, bits)
+    _vexpm1(flat_1, flat_q, bits)
+    for k in range(total):
+        flat_q[k] = np.sqrt(-flat_q[k])
+    if is_complex:
+        for m in range(size):
+            th = theta[lo + m]
+            for k in range(steps):
+                pre_i[m, k] = gr[m, k] * th
+        _vsincos(flat_0, flat_b, flat_1)
+        for k in range(total):
+            flat_b[k] *= flat_a[k]
+            flat_a[k] *= flat_1[k]
+
+
 @functools.lru_cache(maxsize=None)
 def numba_rglru_kernels():
     """(forward, backward, block_size) compiled CPU kernels (cached on disk), or None without numba. A parallel job
-    runs a block of units of one batch row through time; x's row for step t is read once per job."""
+    runs a block of units of one batch row through time, a chunk of `CHECKPOINT` steps at a time: the chunk's x
+    transposed into scratch, its elementwise chain for all the block's units at once (`_chunk_chain`, vectorised over
+    the steps), then the recurrence step by step."""
+    global _exp_reduce, _vexp, _vexpm1, _vsincos, _load_chunk, _chunk_chain
     try:
         import numba
-        import numpy as np
     except ImportError:
         return None
+    # the helpers compiled as module globals, which the kernels call: numba's disk cache keys a function on its
+    # closure cells, which a compiled function would change in every process
+    jit = numba.njit(cache=True)
+    _exp_reduce, _vexp, _vexpm1, _vsincos = (jit(f) for f in (_exp_reduce, _vexp, _vexpm1, _vsincos))
+    _load_chunk, _chunk_chain = jit(_load_chunk), jit(_chunk_chain)
 
     # bf16 tensors cross as their int16 bit patterns (numba has no bf16): a bf16 is the upper half of a float32, so
     # a row is widened with a shift, and a result is rounded to nearest even on its float32 bits, as torch does
@@ -68,62 +224,51 @@ def numba_rglru_kernels():
         bf16_in, bf16_out = x16.size > 0, out16.size > 0
         batch, steps, width = x16.shape if bf16_in else x.shape
         units = sp.shape[0]
-        _, per_in, per_out = wi.shape
         blocks = (units + block - 1) // block
-        one = sp.dtype.type(1.0)
+        chunks = ckpt.shape[1]
         for job in numba.prange(batch * blocks):
             b, lo = job // blocks, (job % blocks) * block
             hi = min(units, lo + block)
+            size = hi - lo
             hr = h0[b, lo:hi].copy()
             him = h0[b, units + lo : units + hi].copy() if is_complex else hr.copy()
-            bits, row = np.empty(width, np.int32), np.empty(width, sp.dtype)
+            xt, bits = np.empty((width, 64), sp.dtype), np.empty(width, np.int32)
+            gi, gr, q = np.empty((size, 64), sp.dtype), np.empty((size, 64), sp.dtype), np.empty((size, 64), sp.dtype)
+            ar, ai, tmp = np.empty((size, 64), sp.dtype), np.zeros((size, 64), sp.dtype), np.empty((2, size, 64), sp.dtype)
+            scratch = np.empty(size * 64, np.int32)
             f32 = np.empty(1, np.float32)
             i32 = f32.view(np.int32)
-            for t in range(steps):
-                if bf16_in:
-                    for k in range(width):
-                        bits[k] = np.int32(x16[b, t, k]) << 16
-                    row[:] = bits.view(np.float32)
-                    xt = row
-                else:
-                    xt = x[b, t]
-                if t % 64 == 0:
-                    ckpt[b, t // 64, lo:hi] = hr
-                    if is_complex:
-                        ckpt[b, t // 64, units + lo : units + hi] = him
-                for n in range(lo, hi):
-                    # the gates' pre-activations: unit n's block of the block-diagonal weights (no jitted helper:
-                    # numba's disk cache misses for functions that call closures)
-                    j, o = n // per_out, n % per_out
-                    pi, pr = bi[n], br[n]
-                    for k in range(per_in):
-                        pi += xt[j * per_in + k] * wi[j, k, o]
-                        pr += xt[j * per_in + k] * wr[j, k, o]
-                    gi, gr = one / (one + np.exp(-pi)), one / (one + np.exp(-pr))
-                    log_a = -c * gr * sp[n]
-                    mag = np.exp(log_a)
-                    s = np.sqrt(-np.expm1(2 * log_a)) * gi
-                    m = n - lo
-                    if is_complex:
-                        th = gr * theta[n]
-                        ar, ai = mag * np.cos(th), mag * np.sin(th)
-                        nr = ar * hr[m] - ai * him[m] + s * xt[n]
-                        ni = ar * him[m] + ai * hr[m] + s * xt[units + n]
-                        hr[m], him[m] = nr, ni
-                    else:
-                        hr[m] = mag * hr[m] + s * xt[n]
-                    if bf16_out:
-                        f32[0] = hr[m]
-                        w = i32[0]
-                        out16[b, t, n] = np.int16((w + 0x7FFF + ((w >> 16) & 1)) >> 16)
+            for chunk in range(chunks):
+                start = chunk * 64
+                stop = min(steps, start + 64)
+                ckpt[b, chunk, lo:hi] = hr
+                if is_complex:
+                    ckpt[b, chunk, units + lo : units + hi] = him
+                _load_chunk(x, x16, b, start, stop, xt, bits)
+                _chunk_chain(xt, wi, bi, wr, br, sp, theta, lo, c, is_complex, gi, gr, q, ar, ai, tmp, scratch)
+                for t in range(start, stop):
+                    k = t - start
+                    for n in range(lo, hi):
+                        m = n - lo
+                        s = q[m, k] * gi[m, k]
                         if is_complex:
-                            f32[0] = him[m]
+                            nr = ar[m, k] * hr[m] - ai[m, k] * him[m] + s * xt[n, k]
+                            ni = ar[m, k] * him[m] + ai[m, k] * hr[m] + s * xt[units + n, k]
+                            hr[m], him[m] = nr, ni
+                        else:
+                            hr[m] = ar[m, k] * hr[m] + s * xt[n, k]
+                        if bf16_out:
+                            f32[0] = hr[m]
                             w = i32[0]
-                            out16[b, t, units + n] = np.int16((w + 0x7FFF + ((w >> 16) & 1)) >> 16)
-                    else:
-                        out[b, t, n] = hr[m]
-                        if is_complex:
-                            out[b, t, units + n] = him[m]
+                            out16[b, t, n] = np.int16((w + 0x7FFF + ((w >> 16) & 1)) >> 16)
+                            if is_complex:
+                                f32[0] = him[m]
+                                w = i32[0]
+                                out16[b, t, units + n] = np.int16((w + 0x7FFF + ((w >> 16) & 1)) >> 16)
+                        else:
+                            out[b, t, n] = hr[m]
+                            if is_complex:
+                                out[b, t, units + n] = him[m]
             last[b, lo:hi] = hr
             if is_complex:
                 last[b, units + lo : units + hi] = him
@@ -131,113 +276,94 @@ def numba_rglru_kernels():
     @numba.njit(parallel=True, cache=True)
     def backward(x, x16, wi, bi, wr, br, sp, theta, ckpt, grad_out, grad_out16, grad_last, c, max_grad, is_complex,
                  block, grad_x, grad_pre, grad_sp, grad_theta, grad_h0):
-        bf16_in, bf16_grad = x16.size > 0, grad_out16.size > 0
         batch, steps, width = grad_x.shape
         units = sp.shape[0]
         blocks = (units + block - 1) // block
         chunks = ckpt.shape[1]
-        _, per_in, per_out = wi.shape
         one = sp.dtype.type(1.0)
         floor = one / max_grad
+        zero, two, c_ = sp.dtype.type(0.0), sp.dtype.type(2.0), sp.dtype.type(c)
         for job in numba.prange(batch * blocks):
             b, lo = job // blocks, (job % blocks) * block
             hi = min(units, lo + block)
             size = hi - lo
-            # per chunk step: the previous state, the decay and what the chain rule needs
-            hp_r, hp_i = np.empty((64, size), sp.dtype), np.empty((64, size), sp.dtype)
-            a_r, a_i = np.empty((64, size), sp.dtype), np.empty((64, size), sp.dtype)
-            g_i, g_r, sq = np.empty((64, size), sp.dtype), np.empty((64, size), sp.dtype), np.empty((64, size), sp.dtype)
-            # the chunk's rows of x (and of dL/dout) at the arithmetic's precision
-            xs, gs = np.empty((64, width), sp.dtype), np.empty((64, width), sp.dtype)
-            bits = np.empty(width, np.int32)
+            # (unit, step) scratch of a chunk: `_chunk_chain`'s gates, q and decay, the previous state h_{t-1},
+            # the gradient g_t, and the results before they are scattered to (step, unit) rows
+            xt, gt, bits = np.empty((width, 64), sp.dtype), np.empty((width, 64), sp.dtype), np.empty(width, np.int32)
+            g_i, g_r, sq = np.empty((size, 64), sp.dtype), np.empty((size, 64), sp.dtype), np.empty((size, 64), sp.dtype)
+            a_r, a_i, tmp = np.empty((size, 64), sp.dtype), np.zeros((size, 64), sp.dtype), np.empty((2, size, 64), sp.dtype)
+            scratch = np.empty(size * 64, np.int32)
+            hp_r, hp_i = np.empty((size, 64), sp.dtype), np.empty((size, 64), sp.dtype)
+            gg_r, gg_i = np.empty((size, 64), sp.dtype), np.empty((size, 64), sp.dtype)
+            zeros = np.zeros(64, sp.dtype)  # the imaginary parts of x and dL/dh in a real recurrence
+            gx_r, gx_i = np.empty((size, 64), sp.dtype), np.empty((size, 64), sp.dtype)
+            gp_i, gp_r = np.empty((size, 64), sp.dtype), np.empty((size, 64), sp.dtype)
             # the gradient carry g_{t+1} and the decay a_{t+1}: at the last step, dL/dh_last and 1
             gc_r = grad_last[b, lo:hi].copy()
-            gc_i = grad_last[b, units + lo : units + hi].copy() if is_complex else gc_r.copy()
+            gc_i = grad_last[b, units + lo : units + hi].copy() if is_complex else np.zeros(size, sp.dtype)
             an_r, an_i = np.ones(size, sp.dtype), np.zeros(size, sp.dtype)
             d_sp, d_th = np.zeros(size, sp.dtype), np.zeros(size, sp.dtype)
             for chunk in range(chunks - 1, -1, -1):
                 start = chunk * 64
                 stop = min(steps, start + 64)
-                for t in range(start, stop):
-                    k = t - start
-                    if bf16_in:
-                        for i in range(width):
-                            bits[i] = np.int32(x16[b, t, i]) << 16
-                        xs[k] = bits.view(np.float32)
-                    else:
-                        xs[k] = x[b, t]
-                    if bf16_grad:
-                        for i in range(width):
-                            bits[i] = np.int32(grad_out16[b, t, i]) << 16
-                        gs[k] = bits.view(np.float32)
-                    else:
-                        gs[k] = grad_out[b, t]
-                hr = ckpt[b, chunk, lo:hi].copy()
-                him = ckpt[b, chunk, units + lo : units + hi].copy() if is_complex else hr.copy()
-                for t in range(start, stop):  # re-run the forward over the chunk from its checkpoint
-                    k = t - start
-                    xt = xs[k]
-                    for n in range(lo, hi):
-                        m = n - lo
-                        j, o = n // per_out, n % per_out
-                        pi, pr = bi[n], br[n]
-                        for i in range(per_in):
-                            pi += xt[j * per_in + i] * wi[j, i, o]
-                            pr += xt[j * per_in + i] * wr[j, i, o]
-                        gi, gr = one / (one + np.exp(-pi)), one / (one + np.exp(-pr))
-                        log_a = -c * gr * sp[n]
-                        mag = np.exp(log_a)
-                        q = np.sqrt(-np.expm1(2 * log_a))
-                        g_i[k, m], g_r[k, m], sq[k, m] = gi, gr, q
-                        hp_r[k, m], hp_i[k, m] = hr[m], him[m]
-                        if is_complex:
-                            th = gr * theta[n]
-                            ar, ai = mag * np.cos(th), mag * np.sin(th)
-                            a_r[k, m], a_i[k, m] = ar, ai
-                            nr = ar * hr[m] - ai * him[m] + q * gi * xt[n]
-                            ni = ar * him[m] + ai * hr[m] + q * gi * xt[units + n]
-                            hr[m], him[m] = nr, ni
-                        else:
-                            a_r[k, m] = mag
-                            hr[m] = mag * hr[m] + q * gi * xt[n]
-                for t in range(stop - 1, start - 1, -1):  # then the gradient recurrence back through it
-                    k = t - start
-                    xt, gt = xs[k], gs[k]
-                    gx, gp = grad_x[b, t], grad_pre[b, t]
-                    for n in range(lo, hi):
-                        m = n - lo
-                        gi, gr, q, ar = g_i[k, m], g_r[k, m], sq[k, m], a_r[k, m]
-                        if is_complex:
-                            # g_t = dL/dh_t + conj(a_{t+1}) g_{t+1}
-                            cr, ci = gc_r[m], gc_i[m]
-                            gre = gt[n] + an_r[m] * cr + an_i[m] * ci
-                            gim = gt[units + n] + an_r[m] * ci - an_i[m] * cr
-                            ai = a_i[k, m]
-                            # dL/da_t = g_t conj(h_{t-1}); |a| and arg a through a = |a| e^{i arg a}
-                            ga_r = gre * hp_r[k, m] + gim * hp_i[k, m]
-                            ga_i = gim * hp_r[k, m] - gre * hp_i[k, m]
-                            d_log = ga_r * ar + ga_i * ai
-                            d_arg = ga_i * ar - ga_r * ai
-                            d_scale = gre * xt[n] + gim * xt[units + n]
-                            gx[n], gx[units + n] = q * gi * gre, q * gi * gim
-                            gc_r[m], gc_i[m] = gre, gim
-                            an_r[m], an_i[m] = ar, ai
-                        else:
-                            gre = gt[n] + an_r[m] * gc_r[m]
-                            d_log = gre * hp_r[k, m] * ar
-                            d_arg = 0.0
-                            d_scale = gre * xt[n]
-                            gx[n] = q * gi * gre
-                            gc_r[m] = gre
-                            an_r[m] = ar
+                steps_in = stop - start
+                _load_chunk(grad_out, grad_out16, b, start, stop, gt, bits)
+                # re-run the forward over the chunk from its checkpoint
+                _load_chunk(x, x16, b, start, stop, xt, bits)
+                _chunk_chain(xt, wi, bi, wr, br, sp, theta, lo, c, is_complex, g_i, g_r, sq, a_r, a_i, tmp, scratch)
+                for m in range(size):  # per unit (a real one with zero imaginary parts and phases)
+                    n = lo + m
+                    x_r, x_i = xt[n], xt[units + n] if is_complex else zeros
+                    d_r, d_i = gt[n], gt[units + n] if is_complex else zeros
+                    hr = ckpt[b, chunk, n]
+                    him = ckpt[b, chunk, units + n] if is_complex else zero
+                    for k in range(steps_in):
+                        hp_r[m, k], hp_i[m, k] = hr, him
+                        s = sq[m, k] * g_i[m, k]
+                        ar, ai = a_r[m, k], a_i[m, k]
+                        hr, him = ar * hr - ai * him + s * x_r[k], ar * him + ai * hr + s * x_i[k]
+                    # then the gradient back through it: g_t = dL/dh_t + conj(a_{t+1}) g_{t+1}
+                    cr, ci, nr, ni = gc_r[m], gc_i[m], an_r[m], an_i[m]
+                    for k in range(steps_in - 1, -1, -1):
+                        cr, ci = d_r[k] + nr * cr + ni * ci, d_i[k] + nr * ci - ni * cr
+                        gg_r[m, k], gg_i[m, k] = cr, ci
+                        nr, ni = a_r[m, k], a_i[m, k]
+                    gc_r[m], gc_i[m], an_r[m], an_i[m] = cr, ci, nr, ni
+                # the chain rule at every step, vectorised over the steps
+                for m in range(size):
+                    n = lo + m
+                    d_sp_n, d_th_n = -c_ * sp[n], theta[n]
+                    acc_sp, acc_th = tmp[0, m], tmp[1, m]
+                    xr, xi = xt[n], xt[units + n] if is_complex else zeros
+                    for k in range(steps_in):
+                        gre, gim = gg_r[m, k], gg_i[m, k]
+                        ar, ai, gi, gr, q = a_r[m, k], a_i[m, k], g_i[m, k], g_r[m, k], sq[m, k]
+                        # dL/da_t = g_t conj(h_{t-1}); |a| and arg a through a = |a| e^{i arg a}
+                        ga_r = gre * hp_r[m, k] + gim * hp_i[m, k]
+                        ga_i = gim * hp_r[m, k] - gre * hp_i[m, k]
+                        d_log = ga_r * ar + ga_i * ai
+                        d_arg = ga_i * ar - ga_r * ai
+                        d_scale = gre * xr[k] + gim * xi[k]
+                        gx_r[m, k], gx_i[m, k] = q * gi * gre, q * gi * gim
                         # q = sqrt(1 - |a|^2) with d q / d(1 - |a|^2) capped; d(1 - |a|^2) / d log|a| = -2 |a|^2
-                        d_q = d_scale * gi / max(2 * q, floor)  # the composite's sqrt(4 q^2).clamp_min(1 / max_grad)
-                        d_log -= 2 * d_q * (ar * ar + (a_i[k, m] * a_i[k, m] if is_complex else 0.0))
-                        d_sp[m] += d_log * (-c * gr)
-                        d_th[m] += d_arg * gr
-                        d_gr = d_log * (-c * sp[n]) + (d_arg * theta[n] if is_complex else 0.0)
-                        gp[n] = d_scale * q * gi * (one - gi)
-                        gp[units + n] = d_gr * gr * (one - gr)
+                        d_q = d_scale * gi / max(two * q, floor)  # the composite's sqrt(4 q^2).clamp_min(1 / max_grad)
+                        d_log -= two * d_q * (ar * ar + ai * ai)
+                        acc_sp[k] = d_log * gr
+                        acc_th[k] = d_arg * gr
+                        d_gr = d_log * d_sp_n + d_arg * d_th_n
+                        gp_i[m, k] = d_scale * q * gi * (one - gi)
+                        gp_r[m, k] = d_gr * gr * (one - gr)
+                    for k in range(steps_in):
+                        d_sp[m] += acc_sp[k]
+                        d_th[m] += acc_th[k]
+                for k in range(steps_in):  # scattered to the rows
+                    t = start + k
+                    for m in range(size):
+                        n = lo + m
+                        grad_x[b, t, n], grad_pre[b, t, n], grad_pre[b, t, units + n] = gx_r[m, k], gp_i[m, k], gp_r[m, k]
+                        if is_complex:
+                            grad_x[b, t, units + n] = gx_i[m, k]
+            d_sp *= -c_
             grad_sp[b, lo:hi] = d_sp
             grad_theta[b, lo:hi] = d_th
             # dL/dh0 = conj(a_0) g_0
