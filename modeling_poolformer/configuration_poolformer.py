@@ -140,11 +140,12 @@ class PoolformerConfig(PretrainedConfig):
             Run the RG-LRU (gates, decays, input scale, scan) as one fused operator with its own backward, which
             recomputes the elementwise chain instead of saving it (`rglru.py`): a fraction of the memory and traffic
             of a training step. It runs where the scan implementation has fused kernels ("numba" on CPU, "triton" on
-            CUDA); the torch scans ("loop", "chunked") and `False` run the composite of torch ops. `None` (default):
-            fused on GPUs; on CPUs the composite, whose vectorised transcendentals are faster there than the numba
-            kernel's scalar ones. Both give the same result. When on and gradients are recorded, the residual blocks
-            with a LayerNorm and a GELU gate also run their fused gated output (`fused_block.py`), which saves only
-            b and h and recomputes the gate in the backward pass.
+            CUDA); the torch scans ("loop", "chunked") and `False` run the composite of torch ops. `None` (default)
+            and `True`: fused wherever those kernels exist, on CPUs as on GPUs (on a CPU it is also the faster of
+            the two). Both give the same result to float tolerance. When on and gradients are recorded, the residual
+            blocks with a LayerNorm and a GELU gate also run their fused gated output (`fused_block.py`), which saves
+            only b and h (not even h: it is recomputed from the block's input) and recomputes the gate in the
+            backward pass.
         activation_checkpointing (`bool`, defaults to `False`):
             Recompute each residual block in the backward pass instead of storing its activations (only its input
             is kept), so training steps on very long sequences fit in memory; `model.activation_checkpointing_enable()`

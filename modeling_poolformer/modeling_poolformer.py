@@ -181,7 +181,7 @@ class PoolformerRGLRU(nn.Module):
         h_prev = state.recurrent_states[self.layer_idx] if state is not None else None
         decoding = h_prev is not None and x.shape[1] == 1 and not torch.is_grad_enabled()
         implementation = resolve_scan_implementation(self.scan_implementation, x.device.type)
-        fused = self.fused if self.fused is not None else x.device.type == "cuda"  # None: where it is faster
+        fused = self.fused is not False  # None: wherever fused kernels exist
         if fused and not decoding and fused_rglru_available(implementation, x.device.type):
             # the output in the dtype the output projection computes in (autocast's), as the composite's cast gives
             out_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else dtype
@@ -308,7 +308,7 @@ class PoolformerResidualBlock(GradientCheckpointingLayer):
         return super().__call__(x, state)
 
     def forward(self, x: torch.Tensor, state: Optional["PoolformerResidualStackState"] = None) -> torch.Tensor:
-        fused = self.fused if self.fused is not None else x.device.type == "cuda"  # None: where it is faster
+        fused = self.fused is not False  # None: wherever fused kernels exist
         if fused and self.fusable and torch.is_grad_enabled():  # without gradients nothing is saved: no gain
             return x + self.dropout(self._fused_forward(x, state))
         h = self.norm(x)
