@@ -43,10 +43,13 @@ def analyze(model, batches):
     seen = {name: [] for name, _, _ in blocks}
     hooks = []
     for name, _, module in blocks:
-        def hook(gate, inputs, output, name=name, lru=module):
+        # |a_t| from the input projection's output x, which both the fused operator and the composite read (the
+        # fused one computes the gates inside its kernel, so no hook on the gate itself would fire)
+        def hook(proj, inputs, x, name=name, lru=module):
             rate = F.softplus(lru.recurrence_param.float())
-            seen[name].append(torch.exp(-lru.scale * torch.sigmoid(output.float()) * rate))
-        hooks.append(module.recurrence_gate.register_forward_hook(hook))
+            r = torch.sigmoid(lru.recurrence_gate(x.float()))  # the gate casts its weights to x's dtype
+            seen[name].append(torch.exp(-lru.scale * r * rate))
+        hooks.append(module.input_proj.register_forward_hook(hook))
     try:
         for batch in batches:
             model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
