@@ -92,9 +92,8 @@ def test_triton_scan_in_time_chunks_equals_sequential_on_cuda(dtype):
     a = torch.polar(magnitude, torch.rand_like(magnitude) * 0.01) if dtype.is_complex else magnitude
     u = torch.randn(4, 16000, 128, dtype=dtype, device=CUDA)
     h0 = torch.randn(4, 128, dtype=dtype, device=CUDA)
-    want = sequential_scan(a.cpu().to(torch.complex128 if dtype.is_complex else torch.float64), u.cpu().to(
-        torch.complex128 if dtype.is_complex else torch.float64), h0.cpu().to(torch.complex128 if dtype.is_complex
-                                                                               else torch.float64))
+    wide = torch.complex128 if dtype.is_complex else torch.float64
+    want = sequential_scan(*(t.cpu().to(wide) for t in (a, u, h0)))
     for chunks in (None, 1):
         out, last = triton_scan(a, u, h0, time_chunks=chunks)
         torch.testing.assert_close(out.cpu().to(want.dtype), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
