@@ -49,9 +49,9 @@ def compiled_forward(model, compile):
     return torch.compile(model) if compile else model
 
 
-def train_tokens_per_s(model, batch, length, repeats=2, compile=False):
-    """(tokens/s, step seconds, peak GB) of full training steps (forward, backward, AdamW), after a warm-up step
-    (which compiles, with `compile`: one of COMPILE_MODES; "graphs" takes two warm-up steps, the second captures)."""
+def training_step(model, batch, length, compile=False):
+    """A function running one full training step (forward under the benchmark's autocast, backward, AdamW) of
+    `model`, moved to the device, on random ids; `compile`: one of COMPILE_MODES."""
     model.to(DEVICE).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.randint(0, 256, (batch, length), device=DEVICE)
@@ -64,6 +64,13 @@ def train_tokens_per_s(model, batch, length, repeats=2, compile=False):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    return step
+
+
+def train_tokens_per_s(model, batch, length, repeats=2, compile=False):
+    """(tokens/s, step seconds, peak GB) of full training steps (forward, backward, AdamW), after a warm-up step
+    (which compiles, with `compile`: one of COMPILE_MODES; "graphs" takes two warm-up steps, the second captures)."""
+    step = training_step(model, batch, length, compile)
     reset_peak()
     t = best_of(step, repeats=repeats, warmup=2 if compile == "graphs" else 1)
     peak = peak_gb()
@@ -257,17 +264,7 @@ def profile_step(model, batch, length, top=25):
     by self time, their total, how many ran, and the step's wall time; under the benchmark's autocast."""
     from torch.profiler import ProfilerActivity, profile
 
-    model.to(DEVICE).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    ids = torch.randint(0, 256, (batch, length), device=DEVICE)
-
-    def step():
-        with AUTOCAST:
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
+    step = training_step(model, batch, length)
     step()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
     sync()

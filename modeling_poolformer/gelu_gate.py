@@ -18,22 +18,32 @@ import functools
 import math
 import os
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from . import rglru
 
 __all__ = ["gelu_gate", "gelu_gate_backward", "gate_implementation"]
 
 _K0, _K1 = math.sqrt(2.0 / math.pi), 0.044715  # the tanh approximation's constants, as torch's
 _RSQRT2, _RSQRT2PI = 1.0 / math.sqrt(2.0), 1.0 / math.sqrt(2.0 * math.pi)
-# float32 exp(x) for the numba kernels (Cephes' expf: within 1e-7 relative): x clamped to +-87, x = j ln 2 + r with
-# ln 2 split in two for an exact r, exp(r) = 1 + r + r^2 P(r)
-_EXP_CONSTANTS = (87.0, 1.44269504088896341, 0.693359375, -2.12194440e-4)  # bound, log2(e), ln 2's high and low parts
-_EXP_POLY = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1)
+_vexp = None  # float32 exp over flat arrays for the numba kernels: `rglru._vexp`, compiled by `numba_gate_kernels`
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # numba kernels (CPU) over flat arrays; bf16 crosses as int16 bit patterns, as in `rglru.py`
 # ---------------------------------------------------------------------------------------------------------------------
+
+
+def _exp_2z(g, two_k0, c1):
+    """exp(2z) of the tanh GELU, z = k0 (g + k1 g^3), over a flat float32 array (a new array)."""
+    z2, e, bits = np.empty(g.size, np.float32), np.empty(g.size, np.float32), np.empty(g.size, np.int32)
+    for k in range(g.size):
+        gk = g[k]
+        z2[k] = two_k0 * (gk + c1 * gk * gk * gk)
+    _vexp(z2, e, bits)
+    return e
 
 
 @functools.lru_cache(maxsize=None)
@@ -43,24 +53,29 @@ def numba_gate_kernels():
 
     A job's loops are arithmetic over contiguous arrays, which LLVM vectorises where a libm call would keep them
     scalar (ten times slower than torch's vectorised ops): bf16 rows are widened into and rounded out of float32
-    scratch in loops of their own, and the tanh GELU takes its exponential from `_exp_parts` in float32:
+    scratch in loops of their own, and the tanh GELU takes its exponential in float32 from the fused RG-LRU's
+    vectorised exp (`rglru._vexp`, a polynomial and exponent bits, within 1e-7 relative):
 
         act(g) = g s,  act'(g) = s + 2 g s (1 - s) k0 (1 + 3 k1 g^2),  s = (1 + tanh z) / 2 = e / (1 + e),  e = exp(2z)
 
     (1 + tanh z and 1 - tanh z without cancellation, so the negative tail is as exact as the rest). Float64 arrays
     (gradcheck) take libm's tanh, and `approximate="none"` libm's erf."""
+    global _vexp, _exp_2z
     try:
         import numba
-        import numpy as np
     except ImportError:
         return None
+    if rglru.numba_rglru_kernels() is None:
+        return None
+    # a module global, as rglru's helpers are: numba's disk cache keys a kernel on its closure cells, which a
+    # compiled function would change in every process
+    _vexp = rglru._vexp
+    _exp_2z = numba.njit(cache=True)(_exp_2z)
 
     chunk, k0, k1, rsqrt2, rsqrt2pi = 4096, _K0, _K1, _RSQRT2, _RSQRT2PI
     f32 = np.float32
     two_k0, c1, c3 = f32(2 * k0), f32(k1), f32(3 * k1)
-    bound, log2e, ln2_hi, ln2_lo = (f32(v) for v in _EXP_CONSTANTS)
-    e0, e1, e2, e3, e4, e5 = (f32(v) for v in _EXP_POLY)
-    one, half = f32(1.0), f32(0.5)
+    one = f32(1.0)
 
     @numba.njit(parallel=True, cache=True)
     def forward(b, b16, g, g16, out, out16, tanh):
@@ -80,21 +95,10 @@ def numba_gate_kernels():
                 bv, gv, ov = bits.view(b.dtype), gbits.view(b.dtype), np.empty(m, b.dtype)
             else:
                 bv, gv, ov = b[lo : lo + m], g[lo : lo + m], out[lo : lo + m]
-            if tanh and not exact:
-                # e = exp(2z) = poly(r) 2^j with 2z = j ln 2 + r, |r| <= ln(2) / 2 (Cephes' expf, clamped to
-                # +-87 where s is 0 or 1 in float32); 2^j from its exponent bits, so no libm call
-                poly, scale = np.empty(m, np.float32), np.empty(m, np.int32)
+            if tanh and not exact:  # e = exp(2z), clamped to +-87 (where s is 0 or 1 in float32) inside _vexp
+                e = _exp_2z(gv, two_k0, c1)
                 for k in range(m):
-                    gk = gv[k]
-                    x = min(max(two_k0 * (gk + c1 * gk * gk * gk), -bound), bound)
-                    j = np.floor(x * log2e + half)
-                    r = x - j * ln2_hi - j * ln2_lo
-                    poly[k] = (((((e0 * r + e1) * r + e2) * r + e3) * r + e4) * r + e5) * (r * r) + r + one
-                    scale[k] = (np.int32(j) + 127) << 23
-                pow2 = scale.view(np.float32)
-                for k in range(m):
-                    e = poly[k] * pow2[k]
-                    ov[k] = bv[k] * (gv[k] * (e / (one + e)))
+                    ov[k] = bv[k] * (gv[k] * (e[k] / (one + e[k])))
             else:
                 for k in range(m):
                     gk = gv[k]
@@ -130,20 +134,11 @@ def numba_gate_kernels():
                 dv, bv, gv = gp[lo : lo + m], b[lo : lo + m], g[lo : lo + m]
                 ov, gbv, ggv = out[lo : lo + m], gb[lo : lo + m], gg[lo : lo + m]
             if tanh and not exact:  # as the forward's
-                poly, scale = np.empty(m, np.float32), np.empty(m, np.int32)
-                for k in range(m):
-                    gk = gv[k]
-                    x = min(max(two_k0 * (gk + c1 * gk * gk * gk), -bound), bound)
-                    j = np.floor(x * log2e + half)
-                    r = x - j * ln2_hi - j * ln2_lo
-                    poly[k] = (((((e0 * r + e1) * r + e2) * r + e3) * r + e4) * r + e5) * (r * r) + r + one
-                    scale[k] = (np.int32(j) + 127) << 23
-                pow2 = scale.view(np.float32)
+                e = _exp_2z(gv, two_k0, c1)
                 for k in range(m):
                     gk, bk, dk = gv[k], bv[k], dv[k]
-                    e = poly[k] * pow2[k]
-                    rest = one / (one + e)  # 1 - s
-                    s = e * rest
+                    rest = one / (one + e[k])  # 1 - s
+                    s = e[k] * rest
                     act = gk * s
                     d_act = s + two_k0 * gk * s * rest * (one + c3 * gk * gk)
                     ov[k], gbv[k], ggv[k] = bk * act, dk * act, dk * bk * d_act
