@@ -521,53 +521,59 @@ if triton is not None:
         gx_row, gp_row = gx_ptr + b * T * W, gpre_ptr + b * T * 2 * U
         for back in range(0, CHUNKS):
             chunk = CHUNKS - 1 - back
-            h_r, h_i = _load_state(ckpt_ptr + (b * CHUNKS + chunk) * S, n, n_ok, U, COMPLEX, ACC)
             t = chunk * BLOCK_T + tl.arange(0, BLOCK_T)
             valid = (t < T)[:, None] & n_ok[None, :]
-            gi, gr, q, ar, ai, xr, xi = _step_chain(x_row, wi_ptr, wr_ptr, bi, br, sp, th, t, n, valid, T, U, W, c,
-                                                    COMPLEX, PER_IN, PER_OUT, ACC)
-            # h_{t-1}: the steps before t in this tile (the first row: none), scanned from the checkpoint
-            prev = valid & (t > chunk * BLOCK_T)[:, None]
-            pgi, pgr, pq, par, pai, pxr, pxi = _step_chain(x_row, wi_ptr, wr_ptr, bi, br, sp, th, t - 1, n, prev, T, U,
-                                                           W, c, COMPLEX, PER_IN, PER_OUT, ACC)
-            # a_{t+1}, the gradient recurrence's decay (1 after the last step)
+            go_off = t[:, None] * W + n[None, :]
+            # three stages, each scan leaving only its result live (the kernel is at the register file's limit):
+            # 1. g_t = dL/dh_t + conj(a_{t+1}) g_{t+1}, a reverse scan joined to the next tile's g through the carry,
+            #    with a_{t+1} the gradient recurrence's decay (1 after the last step)
             nxt = (t + 1 < T)[:, None] & n_ok[None, :]
             _, _, _, nar, nai, _, _ = _step_chain(x_row, wi_ptr, wr_ptr, bi, br, sp, th, t + 1, n, nxt, T, U, W, c,
                                                   COMPLEX, PER_IN, PER_OUT, ACC)
-            go_off = t[:, None] * W + n[None, :]
             gor = tl.load(go_row + go_off, mask=valid, other=0.0).to(ACC)
+            if COMPLEX:
+                goi = tl.load(go_row + go_off + U, mask=valid, other=0.0).to(ACC)
+                br_, bi_, gr_, gi_ = tl.associative_scan((nar, -nai, gor, goi), 0, _combine_complex, reverse=True)
+                g_r = gr_ + br_ * gc_r[None, :] - bi_ * gc_i[None, :]
+                g_i = gi_ + br_ * gc_i[None, :] + bi_ * gc_r[None, :]
+                gc_i = tl.sum(tl.where(first_row, g_i, 0.0), axis=0)
+            else:
+                br_, gr_ = tl.associative_scan((nar, gor), 0, _combine, reverse=True)
+                g_r = gr_ + br_ * gc_r[None, :]
+            gc_r = tl.sum(tl.where(first_row, g_r, 0.0), axis=0)
+            # 2. h_{t-1}: the steps before t in this tile (the first row: none), scanned from the tile's checkpoint
+            h_r, h_i = _load_state(ckpt_ptr + (b * CHUNKS + chunk) * S, n, n_ok, U, COMPLEX, ACC)
+            prev = valid & (t > chunk * BLOCK_T)[:, None]
+            pgi, _, pq, par, pai, pxr, pxi = _step_chain(x_row, wi_ptr, wr_ptr, bi, br, sp, th, t - 1, n, prev, T, U, W,
+                                                         c, COMPLEX, PER_IN, PER_OUT, ACC)
             if COMPLEX:
                 pur, pui = pq * pgi * pxr, pq * pgi * pxi
                 par, pai, pur, pui = tl.associative_scan((par, pai, pur, pui), 0, _combine_complex)
                 hp_r = par * h_r[None, :] - pai * h_i[None, :] + pur
                 hp_i = par * h_i[None, :] + pai * h_r[None, :] + pui
-                goi = tl.load(go_row + go_off + U, mask=valid, other=0.0).to(ACC)
-                # g_t = dL/dh_t + conj(a_{t+1}) g_{t+1}, a reverse scan joined to the next tile's g through the carry
-                br_, bi_, gr_, gi_ = tl.associative_scan((nar, -nai, gor, goi), 0, _combine_complex, reverse=True)
-                g_r = gr_ + br_ * gc_r[None, :] - bi_ * gc_i[None, :]
-                g_i = gi_ + br_ * gc_i[None, :] + bi_ * gc_r[None, :]
+            else:
+                pur = pq * pgi * pxr
+                par, pur = tl.associative_scan((par, pur), 0, _combine)
+                hp_r = par * h_r[None, :] + pur
+            # 3. step t's chain rule
+            gi, gr, q, ar, ai, xr, xi = _step_chain(x_row, wi_ptr, wr_ptr, bi, br, sp, th, t, n, valid, T, U, W, c,
+                                                    COMPLEX, PER_IN, PER_OUT, ACC)
+            if COMPLEX:
                 ga_r = g_r * hp_r + g_i * hp_i  # dL/da_t = g_t conj(h_{t-1})
                 ga_i = g_i * hp_r - g_r * hp_i
                 d_log = ga_r * ar + ga_i * ai  # through a = |a| e^{i arg a}
                 d_arg = ga_i * ar - ga_r * ai
                 d_scale = g_r * xr + g_i * xi
                 tl.store(gx_row + go_off + U, (q * gi * g_i).to(gx_ptr.dtype.element_ty), mask=valid)
-                gc_i = tl.sum(tl.where(first_row, g_i, 0.0), axis=0)
                 a0_i = tl.sum(tl.where(first_row, ai, 0.0), axis=0)
                 d_th += tl.sum(tl.where(valid, d_arg * gr, 0.0), axis=0)
                 mag2 = ar * ar + ai * ai
             else:
-                pur = pq * pgi * pxr
-                par, pur = tl.associative_scan((par, pur), 0, _combine)
-                hp_r = par * h_r[None, :] + pur
-                br_, gr_ = tl.associative_scan((nar, gor), 0, _combine, reverse=True)
-                g_r = gr_ + br_ * gc_r[None, :]
                 d_log = g_r * hp_r * ar
                 d_scale = g_r * xr
                 d_arg = tl.zeros_like(d_log)
                 mag2 = ar * ar
             tl.store(gx_row + go_off, (q * gi * g_r).to(gx_ptr.dtype.element_ty), mask=valid)
-            gc_r = tl.sum(tl.where(first_row, g_r, 0.0), axis=0)
             a0_r = tl.sum(tl.where(first_row, ar, 0.0), axis=0)
             # q = sqrt(1 - |a|^2), its derivative capped as the composite's; d(1 - |a|^2) / d log|a| = -2 |a|^2
             d_q = d_scale * gi / tl.maximum(2.0 * q, floor)
@@ -623,12 +629,22 @@ def _chunks(steps: int) -> int:
     return max(1, -(-steps // CHECKPOINT))
 
 
-def _block_n(batch: int, units: int, device: torch.device) -> int:
-    """32 units per program, halved (down to 8) on a GPU until the programs fill it."""
-    block = 32
-    while device.type == "cuda" and block > 8 and batch * triton.cdiv(units, block) < 4 * _multiprocessors(device):
-        block //= 2
-    return block
+# (units per program, warps) of a GPU launch, the widest first: four of a tile's CHECKPOINT x units (t, n) elements
+# per thread. There the backward's ~250 registers hold everything; at 16 per thread (32 units on 4 warps) ptxas
+# spills 1-3 KB per thread to local memory, and at 2 per thread the register cap (128 at 16 warps) spills as well
+# (`python -m benchmarks.kernel_build` prints each kernel's registers and spills)
+CUDA_BLOCKS = ((16, 8), (8, 4))
+
+
+def _launch_shape(batch: int, units: int, device: torch.device) -> tuple:
+    """(units per program, warps): on a GPU the widest of `CUDA_BLOCKS` whose programs fill it (four per
+    multiprocessor), else the narrowest; 32 units in Triton's interpreter, which ignores warps."""
+    if device.type != "cuda":
+        return 32, 4
+    for block, warps in CUDA_BLOCKS:
+        if batch * triton.cdiv(units, block) >= 4 * _multiprocessors(device):
+            return block, warps
+    return CUDA_BLOCKS[-1]
 
 
 @functools.lru_cache(maxsize=None)
@@ -651,10 +667,10 @@ def _kernel_inputs(x, wi, bi, wr, br, decay_param, phase_param, is_complex, impl
 
 def _triton_launch(x: torch.Tensor, wi: torch.Tensor, units: int, is_complex: bool, acc: torch.dtype) -> tuple:
     """(grid, compile-time keywords) of both Triton kernels: a program per batch row and block of units."""
-    block_n = _block_n(x.shape[0], units, x.device)
+    block_n, warps = _launch_shape(x.shape[0], units, x.device)
     return (x.shape[0], triton.cdiv(units, block_n)), dict(
         COMPLEX=is_complex, PER_IN=wi.shape[1], PER_OUT=wi.shape[2], FP64=acc == torch.float64, BLOCK_T=CHECKPOINT,
-        BLOCK_N=block_n)
+        BLOCK_N=block_n, num_warps=warps)
 
 
 def _rglru_forward(x, wi, bi, wr, br, decay_param, phase_param, h0, is_complex, scale, out_dtype, implementation):

@@ -285,6 +285,11 @@ if triton is not None:
                 tl.store(last_ptr + row * width + 2 * n + 1, carry_im.to(last_ptr.dtype.element_ty), mask=n_mask)
 
 
+# channels per program `triton_scan` picks from, the widest first (every one spill-free: at 32 complex channels the
+# kernels hold 128-206 registers per thread; `python -m benchmarks.kernel_build` prints them)
+BLOCK_N_CHOICES = (32, 16, 8, 4)
+
+
 @functools.lru_cache(maxsize=None)
 def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
@@ -306,11 +311,11 @@ def triton_scan(a: torch.Tensor, u: torch.Tensor, h0: torch.Tensor, reverse: boo
     batch, steps, units = u.shape
     target = 4 * _multiprocessors(u.device) if u.is_cuda else 1
     if time_chunks is None:
-        time_chunks = max(1, min(triton.cdiv(target, batch * triton.cdiv(units, block_n or 32)), steps // (8 * block_t)))
+        programs = batch * triton.cdiv(units, block_n or BLOCK_N_CHOICES[0])
+        time_chunks = max(1, min(triton.cdiv(target, programs), steps // (8 * block_t)))
     if block_n is None:  # still too few programs (a short sequence): narrower blocks, down to one 32-byte sector
-        block_n = 32
-        while block_n > 4 and time_chunks * batch * triton.cdiv(units, block_n) < target:
-            block_n //= 2
+        block_n = next((block for block in BLOCK_N_CHOICES if time_chunks * batch * triton.cdiv(units, block) >= target),
+                       BLOCK_N_CHOICES[-1])
     chunk = triton.cdiv(triton.cdiv(max(steps, 1), time_chunks), block_t) * block_t  # whole tiles per chunk
     time_chunks = triton.cdiv(max(steps, 1), chunk)
     # contiguous outputs, so that the float views the kernel writes through are the outputs themselves

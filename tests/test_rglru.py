@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from helpers import hub_config
 from modeling_poolformer import PoolformerForCausalLM
 from modeling_poolformer.modeling_poolformer import PoolformerRGLRU, _SqrtBoundedGrad
-from modeling_poolformer.rglru import CHECKPOINT, fused_rglru, numba_rglru_kernels, rglru_op
+from modeling_poolformer.rglru import CHECKPOINT, CUDA_BLOCKS, _launch_shape, fused_rglru, numba_rglru_kernels, rglru_op
 from modeling_poolformer.scan import sequential_scan
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (a test extra)")
@@ -260,9 +260,16 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.
 @needs_cuda
 @pytest.mark.parametrize("is_complex", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_triton_equals_cpu_numba_at_model_sizes(is_complex, dtype):
-    args = _inputs(is_complex, batch=4, length=2000 + 17, units=128 if is_complex else 256, blocks=32,
-                   dtype=torch.float32)
+@pytest.mark.parametrize("shape", CUDA_BLOCKS)
+def test_cuda_triton_equals_cpu_numba_at_model_sizes(is_complex, dtype, shape):
+    """At each launch shape a GPU picks (units per program, warps): the narrowest at batch 4, the widest at the batch
+    that fills the GPU with it."""
+    units = 128 if is_complex else 256
+    batch, length = 4, 2000 + 17
+    if shape != CUDA_BLOCKS[-1]:
+        batch, length = -(-4 * torch.cuda.get_device_properties(0).multi_processor_count // -(-units // shape[0])), 200
+    assert _launch_shape(batch, units, torch.device("cuda")) == shape
+    args = _inputs(is_complex, batch=batch, length=length, units=units, blocks=32, dtype=torch.float32)
     args[0] = args[0].detach().to(dtype).requires_grad_()
     results = []
     for device, implementation in (("cpu", "numba"), ("cuda", "triton")):
