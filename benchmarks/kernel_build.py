@@ -17,6 +17,7 @@ from local memory on every tile, which turns a latency-bound scan into a memory-
 
 import argparse
 import contextlib
+import importlib
 import io
 import json
 import os
@@ -142,18 +143,14 @@ def _occupancy(arch: int, registers: int, shared: int, warps: int) -> int:
 
 def build_launch(launch: dict, arch: int) -> dict:
     """Compile one recorded launch for sm_`arch` and read ptxas' report."""
-    import importlib
-
     from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from triton.compiler import compile as triton_compile
 
     kernel = getattr(importlib.import_module(launch["module"]), launch["kernel"])
-    signature, constants, attributes, options = {}, {}, {}, {}
-    for name, (kind, value) in launch["arguments"].items():
-        if name in LAUNCH_OPTIONS:
-            options[name] = value
+    options = {name: value for name, (_, value) in launch["arguments"].items() if name in LAUNCH_OPTIONS}
+    signature, constants, attributes = {}, {}, {}
     for index, name in enumerate(kernel.arg_names):
         kind, value = launch["arguments"][name]
         if kernel.params[index].is_constexpr:
@@ -186,7 +183,7 @@ def build_launch(launch: dict, arch: int) -> dict:
            "spill_loads": number(r"(\d+) bytes spill loads"), "stack": number(r"(\d+) bytes stack frame"),
            "shared": compiled.metadata.shared,
            "dtypes": sorted({value for kind, value in launch["arguments"].values() if kind == "pointer"}),
-           "constants": {name: value for name, value in constants.items()}}
+           "constants": constants}
     row["resident_warps"] = _occupancy(arch, row["registers"], row["shared"], warps)
     return row
 

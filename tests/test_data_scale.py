@@ -169,6 +169,10 @@ def test_two_processes_read_disjoint_items_that_cover_the_data(tmp_path):
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            str(ROOT / "tests" / "scripts" / "item_coverage.py"), str(tmp_path / "set"), str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    if proc.returncode != 0 and "terminate called without an active exception" in proc.stderr:
+        # a native thread pool aborting one process as it starts (once in about 20 runs on 2 busy cores, in no code
+        # of ours: nothing here starts a thread): run once more; any other failure, or a second abort, fails
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     # streamed: every process holds the same validation items (the single file's 2 windows); evaluated, each counts once
