@@ -39,7 +39,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .scan import define_autograd_op
+from .scan import _multiprocessors, define_autograd_op
 
 __all__ = ["CHECKPOINT", "fused_rglru", "fused_rglru_available", "numba_rglru_kernels", "rglru_op"]
 
@@ -631,7 +631,7 @@ def _chunks(steps: int) -> int:
 
 # (units per program, warps) of a GPU launch, the widest first: four of a tile's CHECKPOINT x units (t, n) elements
 # per thread. There the backward's ~250 registers hold everything; at 16 per thread (32 units on 4 warps) ptxas
-# spills 1-3 KB per thread to local memory, and at 2 per thread the register cap (128 at 16 warps) spills as well
+# spills 0.4-3.7 KB per thread to local memory, and at 2 per thread the register cap (128 at 16 warps) spills as well
 # (`python -m benchmarks.kernel_build` prints each kernel's registers and spills)
 CUDA_BLOCKS = ((16, 8), (8, 4))
 
@@ -645,11 +645,6 @@ def _launch_shape(batch: int, units: int, device: torch.device) -> tuple:
         if batch * triton.cdiv(units, block) >= 4 * _multiprocessors(device):
             return block, warps
     return CUDA_BLOCKS[-1]
-
-
-@functools.lru_cache(maxsize=None)
-def _multiprocessors(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _kernel_inputs(x, wi, bi, wr, br, decay_param, phase_param, is_complex, implementation) -> tuple:

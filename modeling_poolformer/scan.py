@@ -286,7 +286,7 @@ if triton is not None:
 
 
 # channels per program `triton_scan` picks from, the widest first (every one spill-free: at 32 complex channels the
-# kernels hold 128-206 registers per thread; `python -m benchmarks.kernel_build` prints them)
+# kernels hold up to 250 registers per thread; `python -m benchmarks.kernel_build` prints them)
 BLOCK_N_CHOICES = (32, 16, 8, 4)
 
 
