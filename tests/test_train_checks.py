@@ -1,7 +1,8 @@
 """train.py refuses what it cannot do right, and does right what it accepts: numeric flags, the learning-rate
-schedule under data parallelism, fp16 loss scaling across skipped updates, resumes that would not continue the run,
-concurrent runs, half-written checkpoints, empty evaluations."""
+schedule under data parallelism, the fused optimizer, fp16 loss scaling across skipped updates, resumes that would
+not continue the run, concurrent runs, half-written checkpoints, empty evaluations."""
 
+import copy
 import json
 import re
 import resource
@@ -57,12 +58,42 @@ def test_an_empty_evaluation_is_an_error_not_zero_bits():
         nll_bits(model, [], max_batches=None)
 
 
+def _schedule(accelerator, model, **args):
+    """train.py's optimizer and scheduler for `model`, over a 10-batch loader."""
+    from training.arguments import TrainArguments
+    from training.train import make_schedule
+
+    loader = torch.utils.data.DataLoader(list(range(10)), batch_size=1)
+    optimizer, scheduler, _, _ = make_schedule(accelerator, model, loader, TrainArguments(**args))
+    return optimizer, scheduler
+
+
+def test_the_optimizer_is_torchs_fused_adamw_and_updates_as_the_per_tensor_one():
+    from accelerate import Accelerator
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.LayerNorm(5), torch.nn.Linear(5, 3))
+    reference = copy.deepcopy(model)
+    optimizer, _ = _schedule(Accelerator(cpu=True), model, learning_rate=1e-2, weight_decay=0.1, warmup_steps=0)
+    assert optimizer.defaults["fused"] is True
+    per_tensor = torch.optim.AdamW(reference.parameters(), lr=1e-2, betas=(0.9, 0.999), weight_decay=0.1,
+                                   foreach=False)
+    for _ in range(5):
+        x = torch.randn(8, 6)
+        for m, opt in ((model, optimizer), (reference, per_tensor)):
+            m(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
 def test_skipped_fp16_updates_keep_the_loss_scaler_usable():
     # a real GradScaler (CPU autocast has none, so it is given to the accelerator before prepare): after a skipped
-    # update the scaler must still be updated, or the next unscale_ raises
+    # update the scaler must still be updated, or the next unscale_ raises; with train.py's fused optimizer, which
+    # takes the scaler's found-inf flag into its kernel
     from accelerate import Accelerator
     from torch.optim.swa_utils import AveragedModel
-    from transformers import get_scheduler
 
     from training.checkpoints import Progress
     from training.train import apply_update
@@ -70,8 +101,7 @@ def test_skipped_fp16_updates_keep_the_loss_scaler_usable():
     accelerator = Accelerator(cpu=True)
     accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     model = torch.nn.Linear(4, 1)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    scheduler = get_scheduler("constant", optimizer)
+    optimizer, scheduler = _schedule(accelerator, model, learning_rate=1e-2, warmup_steps=0)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
     class Run:
