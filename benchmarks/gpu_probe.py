@@ -2,7 +2,8 @@
 section, run in the order `--only` gives (the default's: the targets' figures first, so that a run stopped at its
 time limit has them):
 
-- scan: section 1's scan against the copy bound;
+- scan: section 1's scan against the copy bound at batch 4 and 32, and the fused RG-LRU of an sc09 layer at the
+  thesis batch against its kernels' least traffic, at each launch shape of `bench_scan.LAUNCH_SHAPES`;
 - train: section 8's thesis-batch rows (batch 32, T = 16,000, bf16 autocast), eager: the default fused path, GPT-2
   with flash attention at the same tokens per batch, the no-pooling ablation;
 - profile: one fused training step, where the time goes by kernel;
@@ -18,6 +19,8 @@ Each figure is appended to `<out>/gpu_probe.jsonl` as soon as it is measured, so
 keeps what it finished; an error is recorded in place of its figure. The sections share one inductor cache."""
 
 import argparse
+import importlib
+import importlib.util
 import json
 import time
 import traceback
@@ -25,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from .bench_scan import bench_scan
+from .bench_scan import bench_fused_rglru, bench_scan
 from .bench_train import COMPILE_MODES, _cuda_row, profile_step
 from .common import ROOT, SC09, build_model, poolformer
 
@@ -46,6 +49,7 @@ def main():
     args.out.mkdir(parents=True, exist_ok=True)
     log = (args.out / "gpu_probe.jsonl").open("a")
     device = torch.cuda.get_device_name()
+    triton_version = importlib.import_module("triton").__version__ if importlib.util.find_spec("triton") else None
 
     def record(name, measure):
         start = time.perf_counter()
@@ -53,14 +57,16 @@ def main():
             value = measure()
         except Exception as e:  # one failed figure must not cost the others
             value = {"error": repr(e)[:400], "trace": traceback.format_exc()[-1500:]}
-        line = json.dumps({"name": name, "device": device, "torch": torch.__version__, "value": value,
-                           "seconds": round(time.perf_counter() - start, 1)}, default=str)
+        line = json.dumps({"name": name, "device": device, "torch": torch.__version__, "triton": triton_version,
+                           "value": value, "seconds": round(time.perf_counter() - start, 1)}, default=str)
         print(line, flush=True)
         log.write(line + "\n")
         log.flush()
 
     def scan():
         record("scan B=4 T=16000", lambda: bench_scan(False))
+        record("scan B=32 T=16000", lambda: bench_scan(False, batch=32, reference=False, fused=False))
+        record("fused RG-LRU B=32 T=16000", lambda: bench_fused_rglru(32, 16000, sweep=True))
 
     def train_row(name, fused, compile):
         if name == "GPT-2":

@@ -1,6 +1,6 @@
 """The Triton kernels built for NVIDIA GPUs on a machine without one: registers, spills and occupancy per launch.
 
-    python -m benchmarks.kernel_build [--arch 80,89,90] [--out benchmarks/results/kernel_build.md]
+    python -m benchmarks.kernel_build [--arch 80,89,90] [--out benchmarks/results/kernel_build.md] [--triton_path DIR]
 
 Two steps, each in its own process:
 1. record: the real launchers (`fused_rglru`, `linear_scan`, `gelu_gate`, forward and backward, in every dtype the
@@ -12,7 +12,10 @@ Two steps, each in its own process:
    warps per multiprocessor that fit at once (occupancy, from the registers, shared memory and warps per program).
 
 A kernel that fails to build here fails on a GPU, and a spill here is a spill there: registers stored to and loaded
-from local memory on every tile, which turns a latency-bound scan into a memory-bound one.
+from local memory on every tile, which turns a latency-bound scan into a memory-bound one. Triton releases allocate
+registers differently, so `--triton_path` builds with another release than this environment's, installed in DIR
+(`pip install --no-deps --target DIR triton==3.6.0`: the one a GPU's torch carries); the launches are still recorded
+with this environment's interpreter.
 """
 
 import argparse
@@ -178,7 +181,9 @@ def build_launch(launch: dict, arch: int) -> dict:
         return int(found.group(1))
 
     warps = options.get("num_warps", 4)
-    row = {"arch": arch, "kernel": launch["kernel"], "warps": warps,
+    import triton
+
+    row = {"arch": arch, "kernel": launch["kernel"], "triton": triton.__version__, "warps": warps,
            "registers": number(r"Used (\d+) registers"), "spill_stores": number(r"(\d+) bytes spill stores"),
            "spill_loads": number(r"(\d+) bytes spill loads"), "stack": number(r"(\d+) bytes stack frame"),
            "shared": compiled.metadata.shared,
@@ -230,14 +235,21 @@ def recorded_launches() -> list:
     return _run_step("record", dict(_env(), TRITON_INTERPRET="1"), {})
 
 
-def kernel_build(archs=(90,), shapes=None, kernels=None, dtypes=None, launches=None) -> list:
+def kernel_build(archs=(90,), shapes=None, kernels=None, dtypes=None, launches=None, triton_path=None) -> list:
     """ptxas' report (see `build_launch`) for every launch the models make (`launches`, recorded if None) on each
     architecture in `archs`; `shapes` replaces `gpu_shapes()`, `kernels` keeps those kernels only and `dtypes` the
-    launches whose tensors are all of those Triton dtypes ("fp32", "bf16", ...)."""
+    launches whose tensors are all of those Triton dtypes ("fp32", "bf16", ...); built by the Triton installed in
+    `triton_path` if given."""
     launches = recorded_launches() if launches is None else launches
     launches = [launch for launch in launches if (kernels is None or launch["kernel"] in kernels) and (
         dtypes is None or all(value in dtypes for kind, value in launch["arguments"].values() if kind == "pointer"))]
-    return _run_step("build", _env(), {"launches": launches, "archs": list(archs), "shapes": shapes})
+    env = _env()
+    if triton_path is not None:
+        if not os.path.isfile(os.path.join(triton_path, "triton", "__init__.py")):
+            raise ValueError(f"kernel_build: triton_path {triton_path!r} holds no triton package "
+                             "(install one there with `pip install --no-deps --target DIR triton==X`)")
+        env["PYTHONPATH"] = os.pathsep.join([os.path.abspath(triton_path), env["PYTHONPATH"]])
+    return _run_step("build", env, {"launches": launches, "archs": list(archs), "shapes": shapes})
 
 
 def _variant(row: dict) -> str:
@@ -261,6 +273,8 @@ def main(argv=None):
     parser.add_argument("--arch", default="80,89,90", help="compute capabilities, e.g. 80,89,90")
     parser.add_argument("--out", default="benchmarks/results/kernel_build.md",
                         help="the table goes here too, and the rows as JSON beside it (.json)")
+    parser.add_argument("--triton_path", default=None,
+                        help="build with the Triton installed in this folder (pip install --target) instead")
     parser.add_argument("--step", choices=("record", "build"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.step == "record":
@@ -271,11 +285,11 @@ def main(argv=None):
         shapes = payload["shapes"] if payload["shapes"] is not None else gpu_shapes()
         print(json.dumps(build_all(payload["launches"], payload["archs"], shapes)))
         return
-    import triton
-
-    rows = kernel_build(tuple(int(arch) for arch in args.arch.split(",")))
+    rows = kernel_build(tuple(int(arch) for arch in args.arch.split(",")), triton_path=args.triton_path)
     spilled = [row for row in rows if (row["spill_stores"] or row["spill_loads"]) and "fp64" not in row["dtypes"]]
-    text = (f"Triton {triton.__version__}, `python -m benchmarks.kernel_build --arch {args.arch}`\n\n{table(rows)}\n\n"
+    command = f"python -m benchmarks.kernel_build --arch {args.arch}" + (
+        f" --triton_path <Triton {rows[0]['triton']}>" if args.triton_path else "")
+    text = (f"Triton {rows[0]['triton']}, `{command}`\n\n{table(rows)}\n\n"
             f"{len(rows)} kernel builds; {len(spilled)} of those in fp32/bf16/fp16 spill registers\n")
     print(text)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

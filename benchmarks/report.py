@@ -32,6 +32,20 @@ def cuda_generation_table(c) -> list:
     return lines + [""]
 
 
+def fused_rglru_table(f):
+    """Section 1's second table: the fused RG-LRU op against its kernels' least traffic, and the recurrence it
+    replaces."""
+    lines = [f"The fused RG-LRU of an sc09 layer, forward + backward (B={f['batch']}, T={f['length']}, W={f['width']}, "
+             f"{f['dtype']} in and out; bound = the kernels' least traffic (x, the output and their gradients; the gate "
+             f"pre-activations' gradients) at the copy "
+             f"bandwidth {f['bandwidth_gb_s']:.0f} GB/s = {f['bound_s'] * 1e3:.1f} ms)", "",
+             "| implementation | time (ms) | x bound |", "|---|---|---|"]
+    lines += [f"| {r['implementation']} | {r['seconds'] * 1e3:.1f} | {r['over_bound']:.2f} |" for r in f["rows"]]
+    return lines + ["", f"The layer's recurrence with its output projection: fused "
+                    f"{f['recurrence_fused_s'] * 1e3:.1f} ms, composite of torch ops {f['recurrence_composite_s'] * 1e3:.1f} "
+                    f"ms: **{f['composite_over_fused']:.2f}x**", ""]
+
+
 def markdown(results):
     m = results["machine"]
     lines = [f"Machine: {m['device']}, {m['threads']} threads, torch {m['torch']}, {m['when']}.", ""]
@@ -42,6 +56,8 @@ def markdown(results):
                   "| implementation | time (ms) | x bound |", "|---|---|---|"]
         lines += [f"| {r['implementation']} | {r['seconds'] * 1e3:.1f} | {r['over_bound']:.2f} |" for r in s["rows"]]
         lines.append("")
+        if "fused" in s:
+            lines += fused_rglru_table(s["fused"])
     if "train" in results:
         t = results["train"]
         lines += [f"**2. Training throughput, pooling vs none** (B={t['batch']}, T={t['length']}, "

@@ -5,7 +5,8 @@
 Writes `<out>/results.md` (the tables) and `<out>/results.json`; sections left out of `--only` keep the results an
 earlier run wrote there. Sections:
 1. scan: RG-LRU scan forward + backward (B=4, T=16000, 128 complex units) per implementation, against a memcpy of
-   the bytes the scan must move (read a, u, write h; read dL/dh, a, h, write dL/da, dL/du);
+   the bytes the scan must move (read a, u, write h; read dL/dh, a, h, write dL/da, dL/du); and the fused RG-LRU
+   of an sc09 layer against its kernels' least traffic, beside the composite of torch ops it replaces;
 2. train: training tokens/s of the SC09 config vs its no-pooling ablation (T=16000), eager and under
    `torch.compile` (the scan is one opaque custom op in the graph);
 3. peers: training tokens/s vs transformers' MambaForCausalLM, RecurrentGemmaForCausalLM and a GPT-2, parameter

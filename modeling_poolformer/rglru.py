@@ -396,8 +396,46 @@ except ImportError:
 if triton is not None:
     from .scan import _combine, _combine_complex
 
+    # float32 exp - 1, sin and cos from the numba kernels' polynomials (`_vexpm1`, `_vsincos`; constants below): the
+    # same numbers on both devices, within 1e-7 of float64's (phases up to 1e4; tested), and a few multiply-adds
+    # where libdevice's logf (Kahan's expm1), sinf and cosf bring a reduction for any argument with a local-memory
+    # table: the forward kernel holds 35-76 fewer registers (152 instead of 205 on sm_90 with Triton 3.9), so 12
+    # warps fit per multiprocessor instead of 8. Float64 (gradcheck) keeps libdevice.
+    _E0, _E1, _E2, _E3, _E4, _E5 = (tl.constexpr(v) for v in _EXP_POLY)
+    _LOG2E_C, _LN2_HI_C, _LN2_LO_C, _EXP_BOUND_C = (tl.constexpr(v) for v in (_LOG2E, _LN2_HI, _LN2_LO, _EXP_BOUND))
+    _P1, _P2, _P3 = (tl.constexpr(v) for v in _PIO2)
+    _S0, _S1, _S2 = (tl.constexpr(v) for v in _SIN_POLY)
+    _C0, _C1, _C2 = (tl.constexpr(v) for v in _COS_POLY)
+    _TWO_OVER_PI_C = tl.constexpr(_TWO_OVER_PI)
+
     @triton.jit
-    def _expm1(z):
+    def _expm1_f32(z):
+        """exp(z) - 1: z = j ln 2 + r, 2^j (exp(r) - 1) + 2^j - 1 with 2^j from exponent bits; exactly the
+        polynomial's exp(r) - 1 (no cancellation) where j = 0."""
+        v = tl.minimum(tl.maximum(z, -_EXP_BOUND_C), _EXP_BOUND_C)
+        j = tl.floor(v * _LOG2E_C + 0.5)
+        r = v - j * _LN2_HI_C - j * _LN2_LO_C
+        p = (((((_E0 * r + _E1) * r + _E2) * r + _E3) * r + _E4) * r + _E5) * (r * r) + r
+        scale = ((j.to(tl.int32) + 127) << 23).to(tl.float32, bitcast=True)
+        return p * scale + (scale - 1.0)
+
+    @triton.jit
+    def _sincos_f32(x):
+        """sin(x), cos(x): x = q pi/2 + r (pi/2 in three parts), |r| <= pi/4, the quadrant q mod 4 choosing which
+        polynomial and sign each takes."""
+        q = tl.floor(x * _TWO_OVER_PI_C + 0.5)
+        r = ((x - q * _P1) - q * _P2) - q * _P3
+        z = r * r
+        ps = ((_S0 * z + _S1) * z + _S2) * z * r + r
+        pc = ((_C0 * z + _C1) * z + _C2) * z * z - 0.5 * z + 1.0
+        quadrant = q - 4.0 * tl.floor(q * 0.25)  # 0, 1, 2, 3
+        odd = (quadrant == 1.0) | (quadrant == 3.0)
+        sv = tl.where(odd, pc, ps)
+        cv = tl.where(odd, ps, pc)
+        return tl.where(quadrant >= 2.0, -sv, sv), tl.where((quadrant == 1.0) | (quadrant == 2.0), -cv, cv)
+
+    @triton.jit
+    def _expm1_f64(z):
         """exp(z) - 1 without the cancellation near 0 (Kahan): (e - 1) z / log(e), e = exp(z)."""
         e = tl.exp(z)
         ratio = z / tl.log(tl.where(e == 1.0, 2.0, e))
@@ -422,12 +460,19 @@ if triton is not None:
         gr = 1.0 / (1.0 + tl.exp(-pr))
         log_a = -c * gr * sp[None, :]
         mag = tl.exp(log_a)
-        q = tl.sqrt(-_expm1(2.0 * log_a))
+        if ACC == tl.float64:
+            q = tl.sqrt(-_expm1_f64(2.0 * log_a))
+        else:
+            q = tl.sqrt(-_expm1_f32(2.0 * log_a))
         xr = tl.load(row + n[None, :], mask=valid, other=0.0).to(ACC)
         if COMPLEX:
             ang = gr * th[None, :]
-            ar = tl.where(valid, mag * tl.cos(ang), 1.0)
-            ai = tl.where(valid, mag * tl.sin(ang), 0.0)
+            if ACC == tl.float64:
+                sin, cos = tl.sin(ang), tl.cos(ang)
+            else:
+                sin, cos = _sincos_f32(ang)
+            ar = tl.where(valid, mag * cos, 1.0)
+            ai = tl.where(valid, mag * sin, 0.0)
             xi = tl.load(row + U + n[None, :], mask=valid, other=0.0).to(ACC)
         else:
             ar = tl.where(valid, mag, 1.0)
@@ -541,6 +586,10 @@ if triton is not None:
                 br_, gr_ = tl.associative_scan((nar, gor), 0, _combine, reverse=True)
                 g_r = gr_ + br_ * gc_r[None, :]
             gc_r = tl.sum(tl.where(first_row, g_r, 0.0), axis=0)
+            # a barrier between the stages keeps ptxas from interleaving them (their values live at once): 183
+            # registers instead of 246 for the complex kernel on sm_90 with Triton 3.9 (8 bytes spilled instead of
+            # 108 with 3.6); the scans synchronise the program anyway
+            tl.debug_barrier()
             # 2. h_{t-1}: the steps before t in this tile (the first row: none), scanned from the tile's checkpoint
             h_r, h_i = _load_state(ckpt_ptr + (b * CHUNKS + chunk) * S, n, n_ok, U, COMPLEX, ACC)
             prev = valid & (t > chunk * BLOCK_T)[:, None]
@@ -555,6 +604,7 @@ if triton is not None:
                 pur = pq * pgi * pxr
                 par, pur = tl.associative_scan((par, pur), 0, _combine)
                 hp_r = par * h_r[None, :] + pur
+            tl.debug_barrier()
             # 3. step t's chain rule
             gi, gr, q, ar, ai, xr, xi = _step_chain(x_row, wi_ptr, wr_ptr, bi, br, sp, th, t, n, valid, T, U, W, c,
                                                     COMPLEX, PER_IN, PER_OUT, ACC)
@@ -630,9 +680,10 @@ def _chunks(steps: int) -> int:
 
 
 # (units per program, warps) of a GPU launch, the widest first: four of a tile's CHECKPOINT x units (t, n) elements
-# per thread. There the backward's ~250 registers hold everything; at 16 per thread (32 units on 4 warps) ptxas
-# spills 0.4-3.7 KB per thread to local memory, and at 2 per thread the register cap (128 at 16 warps) spills as well
-# (`python -m benchmarks.kernel_build` prints each kernel's registers and spills)
+# per thread. There the backward's 150-200 registers hold everything; at 16 per thread (32 units on 4 warps) ptxas
+# spilled 0.4-3.7 KB per thread to local memory, and at 2 per thread the register cap (128 at 16 warps) spills as well
+# (`python -m benchmarks.kernel_build` prints each kernel's registers and spills; `benchmarks.bench_scan`'s
+# LAUNCH_SHAPES times others on a GPU)
 CUDA_BLOCKS = ((16, 8), (8, 4))
 
 

@@ -1,12 +1,15 @@
 """The benchmark's measuring instruments against a model whose answers are known by hand: the bytes a training step
-saves for the backward pass, writes and holds at once (section 8), and the profile of a step."""
+saves for the backward pass, writes and holds at once (section 8), the profile of a step, and the fused RG-LRU's
+timing against the bytes its kernels must move (section 1)."""
 
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+from benchmarks.bench_scan import LAUNCH_SHAPES, bench_fused_rglru, fused_rglru_bytes
 from benchmarks.bench_train import profile_step, step_traffic
+from benchmarks.report import fused_rglru_table
 
 
 class _Square(torch.nn.Module):
@@ -42,3 +45,29 @@ def test_profile_step_lists_the_ops_by_time():
     assert 0 < len(r["top"]) <= 3 and r["launches"] >= 5 and r["wall_s"] > 0
     times = [op["ms"] for op in r["top"]]
     assert times == sorted(times, reverse=True) and 0 < sum(op["share"] for op in r["top"]) <= 1 + 1e-9
+
+
+def test_the_fused_rglru_bytes_are_its_kernels_inputs_and_outputs():
+    # per (B, T, W) element, bf16 x: x read twice, the output written, its gradient read (2 bytes each); x's gradient
+    # and the gate pre-activations' written in fp32 (4 bytes each)
+    assert fused_rglru_bytes(2, 3, 256, 2) == 2 * 3 * 256 * (2 + 2 + 2 + 2 + 4 + 4)
+    assert fused_rglru_bytes(1, 1, 1, 4) == 24
+
+
+def test_the_fused_rglru_section_times_the_op_against_that_bound_and_the_composite():
+    r = bench_fused_rglru(1, 300)
+    assert (r["width"], r["dtype"]) == (256, "float32")  # the sc09 layer's, in the CPU's training dtype
+    assert r["bound_s"] == pytest.approx(fused_rglru_bytes(1, 300, 256, 4) / (r["bandwidth_gb_s"] * 1e9))
+    assert [row["implementation"] for row in r["rows"]] == ["fused op (numba)"]
+    for row in r["rows"]:
+        assert row["seconds"] > 0 and row["over_bound"] == pytest.approx(row["seconds"] / r["bound_s"])
+    assert r["composite_over_fused"] == pytest.approx(r["recurrence_composite_s"] / r["recurrence_fused_s"])
+    assert "| fused op (numba) |" in "\n".join(fused_rglru_table(r))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_a_gpu_the_fused_rglru_section_sweeps_the_launch_shapes():
+    r = bench_fused_rglru(2, 300, sweep=True)
+    assert [row["implementation"] for row in r["rows"]] == [
+        f"fused op, {block} units on {warps} warps" for block, warps in LAUNCH_SHAPES]

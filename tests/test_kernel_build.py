@@ -2,6 +2,7 @@
 make compiles for Hopper through Triton's CUDA backend and ptxas, none spills a register in the dtypes that train
 (fp32, bf16, fp16) at the launch shapes a GPU picks, and the build sees a spill where there is one."""
 
+import importlib
 import importlib.util
 
 import pytest
@@ -13,6 +14,11 @@ from modeling_poolformer.scan import BLOCK_N_CHOICES
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 KERNELS = {"_rglru_fwd_kernel", "_rglru_bwd_kernel", "_scan_kernel", "_scan_summary_kernel", "_gelu_gate_fwd_kernel",
            "_gelu_gate_bwd_kernel"}
+
+
+def test_a_triton_path_without_triton_is_refused_before_anything_builds(tmp_path):
+    with pytest.raises(ValueError, match="triton_path .* holds no triton package"):
+        kernel_build(launches=[], triton_path=str(tmp_path))
 
 
 def test_occupancy_counts_whole_programs_by_registers_shared_memory_and_warps():
@@ -38,6 +44,7 @@ def test_every_launch_builds_for_hopper_without_spilling_in_the_training_dtypes(
     # fp64 (the gradchecks' dtype) builds too, see `python -m benchmarks.kernel_build`; left out here for time
     rows = kernel_build(archs=(90,), dtypes={"fp32", "bf16", "fp16"}, launches=launches)
     assert {row["kernel"] for row in rows} == KERNELS
+    assert {row["triton"] for row in rows} == {importlib.import_module("triton").__version__}
     for kernel, blocks in (("_rglru_bwd_kernel", {block for block, _ in CUDA_BLOCKS}),
                            ("_scan_kernel", set(BLOCK_N_CHOICES))):
         assert {row["constants"]["BLOCK_N"] for row in rows if row["kernel"] == kernel} == blocks
@@ -58,4 +65,4 @@ def test_the_build_reports_the_spills_of_too_wide_a_tile(launches):
     rows = kernel_build(archs=(90,), shapes={"_rglru_bwd_kernel": [dict(BLOCK_N=32, num_warps=4)]},
                         kernels={"_rglru_bwd_kernel"}, dtypes={"bf16", "fp32"}, launches=launches)
     complex_rows = [row for row in rows if row["constants"]["COMPLEX"]]
-    assert len(complex_rows) == 2 and all(row["registers"] == 255 and row["spill_stores"] > 500 for row in complex_rows)
+    assert len(complex_rows) == 2 and all(row["registers"] == 255 and row["spill_stores"] > 100 for row in complex_rows)

@@ -3,13 +3,16 @@ real recurrences, a carried state, the last state's gradient), gradcheck in floa
 kernels in the interpreter, and the whole model (prefill, decoding, time-chunked checkpointing) with and without it."""
 
 import importlib.util
+from unittest import mock
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from benchmarks.bench_scan import LAUNCH_SHAPES
 from helpers import hub_config
-from modeling_poolformer import PoolformerForCausalLM
+from modeling_poolformer import PoolformerForCausalLM, rglru
 from modeling_poolformer.modeling_poolformer import PoolformerRGLRU, _SqrtBoundedGrad
 from modeling_poolformer.rglru import CHECKPOINT, CUDA_BLOCKS, _launch_shape, fused_rglru, numba_rglru_kernels, rglru_op
 from modeling_poolformer.scan import sequential_scan
@@ -172,6 +175,54 @@ def test_triton_fused_gradcheck():
                                     fast_mode=True)
 
 
+def _phases_and_exponents():
+    """float32 arguments: phases over [-10, 10] finely and up to 1e4 coarsely, and magnitudes from 1e-30 to 1 (the
+    expm1's arguments are their negatives: 2 log|a| <= 0)."""
+    return torch.cat([torch.linspace(-10, 10, 20001), torch.linspace(-1e4, 1e4, 20001), torch.logspace(-30, 0, 301),
+                      -torch.logspace(-30, 0, 301), torch.zeros(1)]).float()
+
+
+def _check_sincos_expm1(x, sin, cos, expm1):
+    xd = x.double()
+    for got, want in ((sin, xd.sin()), (cos, xd.cos())):
+        assert (got.double() - want).abs().max().item() < 1e-7
+    want = torch.expm1(-xd.abs())
+    assert ((expm1.double() - want).abs() / want.abs().clamp_min(1e-300))[x != 0].max().item() < 1e-7
+    assert (expm1[x == 0] == 0).all()
+
+
+def test_numba_float32_sincos_and_expm1_are_within_1e7():
+    numba_rglru_kernels()  # compiles the helpers into the module
+    x = _phases_and_exponents()
+    sin, cos, expm1 = (np.empty(x.numel(), np.float32) for _ in range(3))
+    rglru._vsincos(x.numpy(), sin, cos)
+    rglru._vexpm1(-x.abs().numpy(), expm1, np.empty(x.numel(), np.int32))
+    _check_sincos_expm1(x, *(torch.from_numpy(a) for a in (sin, cos, expm1)))
+
+
+if importlib.util.find_spec("triton") is not None:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _sincos_expm1_kernel(x_ptr, sin_ptr, cos_ptr, expm1_ptr, N, BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + i, mask=i < N)
+        sin, cos = rglru._sincos_f32(x)
+        tl.store(sin_ptr + i, sin, mask=i < N)
+        tl.store(cos_ptr + i, cos, mask=i < N)
+        tl.store(expm1_ptr + i, rglru._expm1_f32(-tl.abs(x)), mask=i < N)
+
+
+@needs_triton
+def test_triton_float32_sincos_and_expm1_are_within_1e7():
+    """The fused kernels' float32 sin, cos and expm1 (the numba kernels' polynomials, in place of libdevice's)."""
+    x = _phases_and_exponents().to("cuda" if torch.cuda.is_available() else "cpu")
+    outs = [torch.empty_like(x) for _ in range(3)]
+    _sincos_expm1_kernel[(triton.cdiv(x.numel(), 1024),)](x, *outs, x.numel(), BLOCK=1024)
+    _check_sincos_expm1(x.cpu(), *(o.cpu() for o in outs))
+
+
 @needs_triton
 def test_triton_bf16_output_equals_numba():
     args = _inputs(True, batch=1, length=20, units=4, blocks=2, dtype=torch.float32)
@@ -283,6 +334,28 @@ def test_cuda_triton_equals_cpu_numba_at_model_sizes(is_complex, dtype, shape):
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     for got, want in zip(results[1], results[0]):
         torch.testing.assert_close(got, want, rtol=tol, atol=tol * max(1.0, want.abs().max().item()))
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("shape", [shape for shape in LAUNCH_SHAPES if shape not in CUDA_BLOCKS])
+def test_cuda_triton_equals_cpu_numba_at_the_benchmarks_other_launch_shapes(shape):
+    """The launch shapes the benchmark tries beside `CUDA_BLOCKS` (`python -m benchmarks.gpu_probe --only scan`),
+    so that the fastest can be taken: complex bf16 x, as the thesis recipe runs it."""
+    args = _inputs(True, batch=3, length=600 + 17, units=128, blocks=32, dtype=torch.float32)
+    args[0] = args[0].detach().to(torch.bfloat16).requires_grad_()
+    results = []
+    for device, implementation in (("cpu", "numba"), ("cuda", "triton")):
+        leaves = [a.detach().to(device).requires_grad_() if a is not None else None for a in args]
+        with mock.patch.object(rglru, "CUDA_BLOCKS", (shape,)):
+            out, last = fused_rglru(*leaves, SCALE, MAX_GRAD, torch.bfloat16, implementation=implementation)
+            g = torch.Generator().manual_seed(2)
+            weights = (torch.randn(out.shape, generator=g).to(device), torch.randn(last.shape, generator=g).to(device))
+            grads = torch.autograd.grad((out.float() * weights[0]).sum() + (last * weights[1]).sum(),
+                                        [a for a in leaves if a is not None])
+        results.append([t.detach().cpu().float() for t in (out, last, *grads)])
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * max(1.0, want.abs().max().item()))
 
 
 @pytest.mark.gpu

@@ -33,7 +33,10 @@ def printed_scores(path) -> dict:
 def _close(ours: dict, theirs: dict):
     names = {"fid": "FID", "is": "Inception", "mis": "M Inception", "am": "AM"}
     for key, name in names.items():
-        assert ours[key] == pytest.approx(theirs[name], rel=1e-4, abs=1e-6), (key, ours[key], theirs[name])
+        # a set against itself has an FID of 0, which sqrtm of the singular covariance product returns as round-off
+        # (-4.9e-5 in the script's run, -5.1e-5 with scipy 1.17.1): that noise, not a score, gets 1e-5
+        small = 1e-5 if key == "fid" else 1e-6
+        assert ours[key] == pytest.approx(theirs[name], rel=1e-4, abs=small), (key, ours[key], theirs[name])
 
 
 @pytest.fixture(scope="module")
