@@ -98,8 +98,7 @@ def bench_fused_rglru(batch, length, sweep=False):
     bandwidth = 2 * src.numel() * src.element_size() / copy  # read + write
     bound = fused_rglru_bytes(batch, length, width, x.element_size()) / bandwidth
     rows = []
-    shapes = LAUNCH_SHAPES if sweep and DEVICE == "cuda" else rglru.CUDA_BLOCKS[:1] if DEVICE == "cuda" else [None]
-    for shape in shapes:
+    for shape in LAUNCH_SHAPES if sweep and DEVICE == "cuda" else [None]:  # None: the shape the op picks itself
         with mock.patch.object(rglru, "CUDA_BLOCKS", (shape,) if shape else rglru.CUDA_BLOCKS):
             t = best_of(op)
         name = f"fused op, {shape[0]} units on {shape[1]} warps" if shape else f"fused op ({implementation})"

@@ -146,6 +146,7 @@ def _occupancy(arch: int, registers: int, shared: int, warps: int) -> int:
 
 def build_launch(launch: dict, arch: int) -> dict:
     """Compile one recorded launch for sm_`arch` and read ptxas' report."""
+    from triton import __version__ as triton_version
     from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -181,9 +182,7 @@ def build_launch(launch: dict, arch: int) -> dict:
         return int(found.group(1))
 
     warps = options.get("num_warps", 4)
-    import triton
-
-    row = {"arch": arch, "kernel": launch["kernel"], "triton": triton.__version__, "warps": warps,
+    row = {"arch": arch, "kernel": launch["kernel"], "triton": triton_version, "warps": warps,
            "registers": number(r"Used (\d+) registers"), "spill_stores": number(r"(\d+) bytes spill stores"),
            "spill_loads": number(r"(\d+) bytes spill loads"), "stack": number(r"(\d+) bytes stack frame"),
            "shared": compiled.metadata.shared,

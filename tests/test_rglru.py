@@ -320,6 +320,11 @@ def test_cuda_triton_equals_cpu_numba_at_model_sizes(is_complex, dtype, shape):
     if shape != CUDA_BLOCKS[-1]:
         batch, length = -(-4 * torch.cuda.get_device_properties(0).multi_processor_count // -(-units // shape[0])), 200
     assert _launch_shape(batch, units, torch.device("cuda")) == shape
+    _cuda_triton_against_cpu_numba(is_complex, dtype, batch, length, units)
+
+
+def _cuda_triton_against_cpu_numba(is_complex, dtype, batch, length, units):
+    """The fused op's values and gradients from the Triton kernels on the GPU against the numba ones on the CPU."""
     args = _inputs(is_complex, batch=batch, length=length, units=units, blocks=32, dtype=torch.float32)
     args[0] = args[0].detach().to(dtype).requires_grad_()
     results = []
@@ -342,20 +347,8 @@ def test_cuda_triton_equals_cpu_numba_at_model_sizes(is_complex, dtype, shape):
 def test_cuda_triton_equals_cpu_numba_at_the_benchmarks_other_launch_shapes(shape):
     """The launch shapes the benchmark tries beside `CUDA_BLOCKS` (`python -m benchmarks.gpu_probe --only scan`),
     so that the fastest can be taken: complex bf16 x, as the thesis recipe runs it."""
-    args = _inputs(True, batch=3, length=600 + 17, units=128, blocks=32, dtype=torch.float32)
-    args[0] = args[0].detach().to(torch.bfloat16).requires_grad_()
-    results = []
-    for device, implementation in (("cpu", "numba"), ("cuda", "triton")):
-        leaves = [a.detach().to(device).requires_grad_() if a is not None else None for a in args]
-        with mock.patch.object(rglru, "CUDA_BLOCKS", (shape,)):
-            out, last = fused_rglru(*leaves, SCALE, MAX_GRAD, torch.bfloat16, implementation=implementation)
-            g = torch.Generator().manual_seed(2)
-            weights = (torch.randn(out.shape, generator=g).to(device), torch.randn(last.shape, generator=g).to(device))
-            grads = torch.autograd.grad((out.float() * weights[0]).sum() + (last * weights[1]).sum(),
-                                        [a for a in leaves if a is not None])
-        results.append([t.detach().cpu().float() for t in (out, last, *grads)])
-    for got, want in zip(results[1], results[0]):
-        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * max(1.0, want.abs().max().item()))
+    with mock.patch.object(rglru, "CUDA_BLOCKS", (shape,)):
+        _cuda_triton_against_cpu_numba(True, torch.bfloat16, 3, 600 + 17, 128)
 
 
 @pytest.mark.gpu
