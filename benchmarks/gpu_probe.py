@@ -19,14 +19,14 @@ Each figure is appended to `<out>/gpu_probe.jsonl` as soon as it is measured, so
 keeps what it finished; an error is recorded in place of its figure. The sections share one inductor cache."""
 
 import argparse
-import importlib
-import importlib.util
 import json
 import time
 import traceback
 from pathlib import Path
 
 import torch
+
+from modeling_poolformer import rglru
 
 from .bench_scan import bench_fused_rglru, bench_scan
 from .bench_train import COMPILE_MODES, _cuda_row, profile_step
@@ -49,7 +49,7 @@ def main():
     args.out.mkdir(parents=True, exist_ok=True)
     log = (args.out / "gpu_probe.jsonl").open("a")
     device = torch.cuda.get_device_name()
-    triton_version = importlib.import_module("triton").__version__ if importlib.util.find_spec("triton") else None
+    triton_version = getattr(rglru.triton, "__version__", None)  # None: no Triton
 
     def record(name, measure):
         start = time.perf_counter()

@@ -32,15 +32,19 @@ def cuda_generation_table(c) -> list:
     return lines + [""]
 
 
+def bound_table(rows) -> list:
+    """Section 1's table rows: each implementation's time and its multiple of the bound."""
+    return ["| implementation | time (ms) | x bound |", "|---|---|---|"] + [
+        f"| {r['implementation']} | {r['seconds'] * 1e3:.1f} | {r['over_bound']:.2f} |" for r in rows]
+
+
 def fused_rglru_table(f):
     """Section 1's second table: the fused RG-LRU op against its kernels' least traffic, and the recurrence it
     replaces."""
     lines = [f"The fused RG-LRU of an sc09 layer, forward + backward (B={f['batch']}, T={f['length']}, W={f['width']}, "
              f"{f['dtype']} in and out; bound = the kernels' least traffic (x, the output and their gradients; the gate "
              f"pre-activations' gradients) at the copy "
-             f"bandwidth {f['bandwidth_gb_s']:.0f} GB/s = {f['bound_s'] * 1e3:.1f} ms)", "",
-             "| implementation | time (ms) | x bound |", "|---|---|---|"]
-    lines += [f"| {r['implementation']} | {r['seconds'] * 1e3:.1f} | {r['over_bound']:.2f} |" for r in f["rows"]]
+             f"bandwidth {f['bandwidth_gb_s']:.0f} GB/s = {f['bound_s'] * 1e3:.1f} ms)", "", *bound_table(f["rows"])]
     return lines + ["", f"The layer's recurrence with its output projection: fused "
                     f"{f['recurrence_fused_s'] * 1e3:.1f} ms, composite of torch ops {f['recurrence_composite_s'] * 1e3:.1f} "
                     f"ms: **{f['composite_over_fused']:.2f}x**", ""]
@@ -53,9 +57,7 @@ def markdown(results):
         s = results["scan"]
         lines += [f"**1. RG-LRU scan, forward + backward** (B={s['batch']}, T={s['length']}, {s['units']} complex units, "
                   f"{s['array_mb']:.0f} MB per array; bound = memcpy of the 8 array passes = {s['bound_s'] * 1e3:.1f} ms)", "",
-                  "| implementation | time (ms) | x bound |", "|---|---|---|"]
-        lines += [f"| {r['implementation']} | {r['seconds'] * 1e3:.1f} | {r['over_bound']:.2f} |" for r in s["rows"]]
-        lines.append("")
+                  *bound_table(s["rows"]), ""]
         if "fused" in s:
             lines += fused_rglru_table(s["fused"])
     if "train" in results:
